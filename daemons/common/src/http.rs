@@ -1,0 +1,128 @@
+//! A small HTTP/1 server with graceful drain, and the response shapes every daemon uses.
+
+use std::{convert::Infallible, fmt::Display, future::Future, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{Request, Response, StatusCode, body::Incoming, header};
+use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Response body type of every handler: a full buffer or a stream (server-sent events).
+pub type Body = BoxBody<Bytes, Infallible>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+/// A JSON response.
+pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(body) => with_type(status, "application/json", body),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding response: {e}"),
+        ),
+    }
+}
+
+/// `{"status":"error","message":...}`, the error shape of every JSON endpoint.
+pub fn error(status: StatusCode, message: impl Display) -> Response<Body> {
+    let body = serde_json::json!({ "status": "error", "message": message.to_string() });
+    with_type(status, "application/json", body.to_string())
+}
+
+/// A response with a body of the given content type.
+pub fn with_type(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+/// `{"status":"healthy"}`: the process is alive and serving.
+pub fn health() -> Response<Body> {
+    json(StatusCode::OK, &serde_json::json!({ "status": "healthy" }))
+}
+
+/// Prometheus text exposition of `registry`.
+pub fn metrics(registry: &Registry) -> Response<Body> {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, registry) {
+        Ok(()) => with_type(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            text,
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}"),
+        ),
+    }
+}
+
+/// 404 or 405 for a request no route took.
+pub fn not_routed(method_allowed: bool) -> Response<Body> {
+    if method_allowed {
+        error(StatusCode::NOT_FOUND, "not found")
+    } else {
+        error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+    }
+}
+
+/// Serves HTTP/1 connections from `listener` until `shutdown` is cancelled, then stops
+/// accepting, lets every request already received finish (up to `drain`), and returns.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    shutdown: CancellationToken,
+    drain: Duration,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let response = handler(request);
+            async move { Ok::<_, Infallible>(response.await) }
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => tracing::debug!("all connections drained"),
+        () = tokio::time::sleep(drain) => tracing::warn!(?drain, "drain timed out, closing the remaining connections"),
+    }
+}

@@ -1,0 +1,102 @@
+//! Kafka settings shared by every daemon that talks to the broker.
+
+use std::time::Duration;
+
+use rdkafka::{
+    ClientConfig,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::{Client, ClientContext, DefaultClientContext},
+    error::RDKafkaErrorCode,
+};
+
+/// Topic the readings flow through.
+pub const WEATHER_TOPIC: &str = "weather";
+/// Topic the consumers send records they cannot parse to.
+pub const DEAD_LETTER_TOPIC: &str = "weather.dlq";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "localhost:9092")]
+    pub kafka_brokers: String,
+
+    /// Extra librdkafka property, KEY=VALUE; repeatable (env: comma-separated).
+    #[arg(long = "kafka-option", env = "KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_key_value)]
+    pub kafka_options: Vec<(String, String)>,
+
+    /// Partitions for topics this daemon creates when they are missing.
+    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
+    pub topic_partitions: i32,
+
+    /// Replication factor for topics this daemon creates.
+    #[arg(long, env = "KAFKA_TOPIC_REPLICATION", default_value_t = 1)]
+    pub topic_replication: i32,
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
+}
+
+impl KafkaArgs {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            kafka_brokers: brokers.into(),
+            kafka_options: Vec::new(),
+            topic_partitions: 3,
+            topic_replication: 1,
+        }
+    }
+
+    /// Base client configuration: brokers, then the operator's overrides.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.kafka_brokers);
+        for (key, value) in &self.kafka_options {
+            config.set(key, value);
+        }
+        config
+    }
+
+    /// Creates the topics that do not exist yet (brokers need not auto-create them).
+    pub async fn ensure_topics(&self, topics: &[&str]) -> anyhow::Result<()> {
+        let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
+        let new_topics: Vec<_> = topics
+            .iter()
+            .map(|t| {
+                NewTopic::new(
+                    t,
+                    self.topic_partitions,
+                    TopicReplication::Fixed(self.topic_replication),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        for result in admin.create_topics(&new_topics, &options).await? {
+            match result {
+                Ok(topic) => tracing::info!(topic, "created topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => anyhow::bail!("creating topic {topic}: {code}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the broker answers and knows `topic`. Blocks for at most `timeout`.
+pub fn topic_available<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let metadata = client
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| format!("broker unreachable: {e}"))?;
+    match metadata.topics().iter().find(|t| t.name() == topic) {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+        Some(t) => Err(format!("topic {topic}: {:?}", t.error())),
+        None => Err(format!("topic {topic} does not exist")),
+    }
+}

@@ -1,0 +1,11 @@
+//! What every weather-pipeline daemon does the same way: the [`WeatherReading`] record and its
+//! validation, tracing setup (journald or stderr), sd-notify, shutdown on SIGTERM, and a small
+//! HTTP server with graceful drain.
+
+pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
+pub mod reading;
+pub mod runtime;
+
+pub use reading::{ReadingError, WeatherReading};

@@ -1,0 +1,293 @@
+//! The one record that flows through the pipeline, its JSON form on the `weather` topic, and the
+//! validation every entry point applies.
+
+use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Longest accepted city name, in characters (the PostgreSQL column is `VARCHAR(255)`).
+pub const CITY_MAX_CHARS: usize = 255;
+/// Accepted temperature range, inclusive.
+pub const TEMPERATURE_RANGE: std::ops::RangeInclusive<f64> = -150.0..=200.0;
+
+/// One weather reading. On the wire (Kafka value) it is
+/// `{"city":"Boston","temperature":71.25,"ts":"2026-11-24T03:34:15.123Z"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeatherReading {
+    pub city: String,
+    pub temperature: f64,
+    #[serde(with = "ts_millis")]
+    pub ts: DateTime<Utc>,
+}
+
+/// Why a reading was refused. The message names the offending field so a client can fix it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReadingError {
+    #[error("city is required")]
+    MissingCity,
+    #[error("city must not be empty")]
+    EmptyCity,
+    #[error("city must be at most {CITY_MAX_CHARS} characters, got {0}")]
+    CityTooLong(usize),
+    #[error("city must not contain control characters")]
+    CityControlCharacter,
+    #[error("temperature is required")]
+    MissingTemperature,
+    #[error("temperature must be a number, got {0:?}")]
+    TemperatureNotANumber(String),
+    #[error("temperature must be a finite number")]
+    TemperatureNotFinite,
+    #[error("temperature must be between -150 and 200, got {0}")]
+    TemperatureOutOfRange(f64),
+    #[error("{0} must be given once")]
+    Repeated(&'static str),
+    #[error("invalid JSON: {0}")]
+    Json(String),
+}
+
+impl WeatherReading {
+    /// Validates `city` (trimmed) and `temperature` and stamps the reading with `ts`.
+    pub fn new(city: &str, temperature: f64, ts: DateTime<Utc>) -> Result<Self, ReadingError> {
+        Ok(Self {
+            city: validate_city(city)?,
+            temperature: validate_temperature(temperature)?,
+            ts: ts.trunc_subsecs(3),
+        })
+    }
+
+    /// Parses `city=X&temperature=Y` (the `GET /log` contract). Unknown parameters are ignored,
+    /// repeated ones refused: which of two values was meant cannot be guessed.
+    pub fn from_query(query: &str, ts: DateTime<Utc>) -> Result<Self, ReadingError> {
+        let mut city = None;
+        let mut temperature = None;
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let (slot, name) = match key.as_ref() {
+                "city" => (&mut city, "city"),
+                "temperature" => (&mut temperature, "temperature"),
+                _ => continue,
+            };
+            if slot.replace(value).is_some() {
+                return Err(ReadingError::Repeated(name));
+            }
+        }
+        let city = city.ok_or(ReadingError::MissingCity)?;
+        let temperature = parse_temperature(&temperature.ok_or(ReadingError::MissingTemperature)?)?;
+        Self::new(&city, temperature, ts)
+    }
+
+    /// Parses one `{"city": .., "temperature": ..}` object of a `POST /log` or `/logs` body.
+    pub fn from_request_json(json: &[u8], ts: DateTime<Utc>) -> Result<Self, ReadingError> {
+        #[derive(Deserialize)]
+        struct Request {
+            city: Option<String>,
+            temperature: Option<serde_json::Value>,
+        }
+        let request: Request =
+            serde_json::from_slice(json).map_err(|e| ReadingError::Json(e.to_string()))?;
+        let city = request.city.ok_or(ReadingError::MissingCity)?;
+        let temperature = match request.temperature {
+            None | Some(serde_json::Value::Null) => return Err(ReadingError::MissingTemperature),
+            Some(serde_json::Value::Number(n)) => n
+                .as_f64()
+                .ok_or_else(|| ReadingError::TemperatureNotANumber(n.to_string()))?,
+            Some(other) => return Err(ReadingError::TemperatureNotANumber(other.to_string())),
+        };
+        Self::new(&city, temperature, ts)
+    }
+
+    /// Parses and validates a Kafka record value written by the logging server.
+    pub fn from_json(json: &[u8]) -> Result<Self, ReadingError> {
+        let reading: Self =
+            serde_json::from_slice(json).map_err(|e| ReadingError::Json(e.to_string()))?;
+        Self::new(&reading.city, reading.temperature, reading.ts).and_then(|valid| {
+            // A trimmed city differs from what the producer sent: that producer is not ours.
+            if valid.city == reading.city {
+                Ok(valid)
+            } else {
+                Err(ReadingError::Json("city has surrounding whitespace".into()))
+            }
+        })
+    }
+
+    /// The Kafka record value.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing a struct of a string, a finite f64 and a timestamp cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The current time at the precision readings carry (milliseconds).
+    pub fn now() -> DateTime<Utc> {
+        Utc::now().trunc_subsecs(3)
+    }
+}
+
+/// Trims `raw` and checks it is a usable city name.
+pub fn validate_city(raw: &str) -> Result<String, ReadingError> {
+    let city = raw.trim();
+    if city.is_empty() {
+        return Err(ReadingError::EmptyCity);
+    }
+    let chars = city.chars().count();
+    if chars > CITY_MAX_CHARS {
+        return Err(ReadingError::CityTooLong(chars));
+    }
+    if city.chars().any(char::is_control) {
+        return Err(ReadingError::CityControlCharacter);
+    }
+    Ok(city.to_owned())
+}
+
+/// Parses a temperature given as text and checks its range.
+pub fn parse_temperature(raw: &str) -> Result<f64, ReadingError> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Err(ReadingError::MissingTemperature);
+    }
+    let value: f64 = raw
+        .parse()
+        .map_err(|_| ReadingError::TemperatureNotANumber(raw.chars().take(40).collect()))?;
+    validate_temperature(value)
+}
+
+/// Checks a temperature is finite and within [`TEMPERATURE_RANGE`].
+pub fn validate_temperature(value: f64) -> Result<f64, ReadingError> {
+    if !value.is_finite() {
+        return Err(ReadingError::TemperatureNotFinite);
+    }
+    if !TEMPERATURE_RANGE.contains(&value) {
+        return Err(ReadingError::TemperatureOutOfRange(value));
+    }
+    Ok(value)
+}
+
+/// RFC 3339, UTC, millisecond precision: `2026-11-24T03:34:15.123Z`.
+pub mod ts_millis {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(ts: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_ts(ts))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|ts| ts.with_timezone(&Utc))
+            .map_err(|e| D::Error::custom(format!("ts {text:?} is not RFC 3339: {e}")))
+    }
+}
+
+/// Formats a timestamp the way the pipeline writes it everywhere.
+pub fn format_ts(ts: &DateTime<Utc>) -> String {
+    ts.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-24T03:34:15.123456Z")
+            .map(|t| t.with_timezone(&Utc))
+            .expect("valid test timestamp")
+    }
+
+    #[test]
+    fn query_roundtrips_through_kafka_json() {
+        let reading = WeatherReading::from_query("city=San%20Francisco&temperature=71.25", ts())
+            .expect("valid query");
+        assert_eq!(reading.city, "San Francisco");
+        assert_eq!(reading.temperature, 71.25);
+        let json = String::from_utf8(reading.to_json()).expect("utf8");
+        assert_eq!(
+            json,
+            r#"{"city":"San Francisco","temperature":71.25,"ts":"2026-11-24T03:34:15.123Z"}"#
+        );
+        assert_eq!(WeatherReading::from_json(json.as_bytes()), Ok(reading));
+    }
+
+    #[test]
+    fn city_is_trimmed_and_checked() {
+        assert_eq!(validate_city("  Boston "), Ok("Boston".into()));
+        assert_eq!(validate_city("   "), Err(ReadingError::EmptyCity));
+        assert_eq!(
+            validate_city("Bo\u{7}ston"),
+            Err(ReadingError::CityControlCharacter)
+        );
+        assert_eq!(
+            validate_city(&"é".repeat(255)).map(|c| c.chars().count()),
+            Ok(255)
+        );
+        assert_eq!(
+            validate_city(&"x".repeat(256)),
+            Err(ReadingError::CityTooLong(256))
+        );
+    }
+
+    #[test]
+    fn temperature_must_be_a_finite_number_in_range() {
+        assert_eq!(parse_temperature("-150"), Ok(-150.0));
+        assert_eq!(parse_temperature("200"), Ok(200.0));
+        assert_eq!(
+            parse_temperature("200.01"),
+            Err(ReadingError::TemperatureOutOfRange(200.01))
+        );
+        assert_eq!(
+            parse_temperature("NaN"),
+            Err(ReadingError::TemperatureNotFinite)
+        );
+        assert_eq!(
+            parse_temperature("inf"),
+            Err(ReadingError::TemperatureNotFinite)
+        );
+        assert_eq!(parse_temperature(""), Err(ReadingError::MissingTemperature));
+        assert!(matches!(
+            parse_temperature("warm"),
+            Err(ReadingError::TemperatureNotANumber(_))
+        ));
+    }
+
+    #[test]
+    fn query_errors_name_the_field() {
+        let err = |q| {
+            WeatherReading::from_query(q, ts())
+                .expect_err(q)
+                .to_string()
+        };
+        assert_eq!(err("temperature=1"), "city is required");
+        assert_eq!(err("city=Boston"), "temperature is required");
+        assert_eq!(
+            err("city=A&city=B&temperature=1"),
+            "city must be given once"
+        );
+        assert!(err("city=Boston&temperature=abc").starts_with("temperature must be a number"));
+    }
+
+    #[test]
+    fn request_json_accepts_numbers_only() {
+        let ok = WeatherReading::from_request_json(br#"{"city":"Miami","temperature":80}"#, ts());
+        assert_eq!(ok.map(|r| r.temperature), Ok(80.0));
+        let err =
+            WeatherReading::from_request_json(br#"{"city":"Miami","temperature":"80"}"#, ts());
+        assert!(matches!(err, Err(ReadingError::TemperatureNotANumber(_))));
+        let err = WeatherReading::from_request_json(b"{not json", ts());
+        assert!(matches!(err, Err(ReadingError::Json(_))));
+    }
+
+    #[test]
+    fn kafka_json_is_strict() {
+        for bad in [
+            &br#"{"city":"Miami","temperature":80}"#[..],
+            br#"{"city":"Miami","temperature":80,"ts":"yesterday"}"#,
+            br#"{"city":" Miami","temperature":80,"ts":"2026-11-24T03:34:15.123Z"}"#,
+            br#"{"city":"Miami","temperature":999,"ts":"2026-11-24T03:34:15.123Z"}"#,
+            b"\xff\xfe",
+        ] {
+            assert!(
+                WeatherReading::from_json(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

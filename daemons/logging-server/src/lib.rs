@@ -1,0 +1,449 @@
+//! `logging-server`: accepts weather readings over HTTP, validates them, produces them to the
+//! Kafka topic `weather` (key = city) and answers 200 only once the broker acknowledged them.
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use http_body_util::{BodyExt, Limited};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+use rdkafka::{
+    error::{KafkaError, RDKafkaErrorCode},
+    producer::{
+        FutureProducer, FutureRecord, Producer,
+        future_producer::{DeliveryFuture, OwnedDeliveryResult},
+    },
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use weather_common::{
+    WeatherReading,
+    http::{self, Body},
+    kafka::{KafkaArgs, WEATHER_TOPIC, topic_available},
+    runtime,
+};
+
+#[derive(clap::Parser, Debug, Clone)]
+#[command(version, about)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "LISTEN", default_value = "0.0.0.0:9998")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Topic readings are produced to.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = WEATHER_TOPIC)]
+    pub topic: String,
+
+    /// How long the broker may take to acknowledge a reading before the request gets 503.
+    #[arg(long, env = "PRODUCE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub produce_timeout: Duration,
+
+    /// Largest accepted request body (POST /log, POST /logs), in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 16 << 20)]
+    pub max_body_bytes: usize,
+
+    /// How long requests in flight at shutdown may take to finish.
+    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl Args {
+    /// Defaults with the given brokers, for embedding and tests.
+    pub fn with_brokers(brokers: &str) -> Self {
+        <Self as clap::Parser>::parse_from(["logging-server", "--kafka-brokers", brokers])
+    }
+}
+
+/// Serves `listener` until `shutdown` is cancelled; every request accepted by then is answered.
+pub async fn run(
+    args: Args,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = args
+        .kafka
+        .client_config()
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "2")
+        .set(
+            "message.timeout.ms",
+            args.produce_timeout.as_millis().to_string(),
+        )
+        .create()
+        .context("creating the Kafka producer")?;
+    let server = Arc::new(Server {
+        producer,
+        topic: args.topic.clone(),
+        max_body_bytes: args.max_body_bytes,
+        broker_ready: AtomicBool::new(false),
+        metrics: Metrics::new(),
+    });
+    tracing::info!(listen = %listener.local_addr()?, brokers = %args.kafka.kafka_brokers, topic = %args.topic, "logging-server starting");
+
+    tokio::spawn(wait_until_ready(
+        server.clone(),
+        args.kafka.clone(),
+        shutdown.clone(),
+    ));
+    let handler = {
+        let server = server.clone();
+        move |request| {
+            let server = server.clone();
+            async move { server.handle(request).await }
+        }
+    };
+    http::serve(listener, handler, shutdown, args.drain_timeout).await;
+
+    // Every answered request was acknowledged already; this only waits for stray retries.
+    let producer = server.producer.clone();
+    tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
+        .await?
+        .context("flushing the producer")?;
+    tracing::info!("logging-server stopped");
+    Ok(())
+}
+
+/// Sends READY=1 once the broker answers and the topic exists (creating it if missing).
+async fn wait_until_ready(server: Arc<Server>, kafka: KafkaArgs, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        if let Err(e) = kafka.ensure_topics(&[&server.topic]).await {
+            tracing::debug!(error = %e, "could not create the topic");
+        }
+        match server.check_broker().await {
+            Ok(()) => break,
+            Err(e) => tracing::warn!(error = %e, "waiting for the Kafka broker"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {},
+            () = shutdown.cancelled() => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+    server.broker_ready.store(true, Ordering::Relaxed);
+    tracing::info!("broker reachable, ready");
+    runtime::notify_ready();
+}
+
+struct Server {
+    producer: FutureProducer,
+    topic: String,
+    max_body_bytes: usize,
+    broker_ready: AtomicBool,
+    metrics: Metrics,
+}
+
+/// Why readings were not stored; becomes a non-200 response.
+struct Refused {
+    status: StatusCode,
+    message: String,
+}
+
+impl Refused {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let mut response = http::error(self.status, self.message);
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl Server {
+    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let route = Route::of(request.uri().path());
+        let response = match (request.method(), route) {
+            (&Method::GET, Route::Log) => self.log_query(request.uri().query().unwrap_or("")).await,
+            (&Method::POST, Route::Log) => self.log_body(request, false).await,
+            (&Method::POST, Route::Logs) => self.log_body(request, true).await,
+            (&Method::GET, Route::Health) => http::health(),
+            (&Method::GET, Route::Ready) => self.ready().await,
+            (&Method::GET, Route::Metrics) => http::metrics(&self.metrics.registry),
+            (_, Route::Other) => http::not_routed(true),
+            _ => http::not_routed(false),
+        };
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                path: route.label(),
+                status: response.status().as_u16(),
+            })
+            .inc();
+        response
+    }
+
+    async fn log_query(&self, query: &str) -> Response<Body> {
+        let reading = match WeatherReading::from_query(query, WeatherReading::now()) {
+            Ok(reading) => reading,
+            Err(e) => return http::error(StatusCode::BAD_REQUEST, e),
+        };
+        match self.produce(std::slice::from_ref(&reading)).await {
+            Ok(()) => logged(&reading),
+            Err(refused) => refused.into_response(),
+        }
+    }
+
+    /// `POST /log` (one JSON object) or `POST /logs` (NDJSON, all or nothing).
+    async fn log_body(&self, request: Request<Incoming>, many: bool) -> Response<Body> {
+        let body = match Limited::new(request.into_body(), self.max_body_bytes)
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                let message = format!("body larger than {} bytes", self.max_body_bytes);
+                return http::error(StatusCode::PAYLOAD_TOO_LARGE, message);
+            }
+            Err(e) => return http::error(StatusCode::BAD_REQUEST, format!("reading body: {e}")),
+        };
+        let ts = WeatherReading::now();
+        if !many {
+            return match WeatherReading::from_request_json(&body, ts) {
+                Ok(reading) => match self.produce(std::slice::from_ref(&reading)).await {
+                    Ok(()) => logged(&reading),
+                    Err(refused) => refused.into_response(),
+                },
+                Err(e) => http::error(StatusCode::BAD_REQUEST, e),
+            };
+        }
+        let mut readings = Vec::new();
+        for (index, line) in body.split(|&b| b == b'\n').enumerate() {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match WeatherReading::from_request_json(line, ts) {
+                Ok(reading) => readings.push(reading),
+                Err(e) => {
+                    return http::error(StatusCode::BAD_REQUEST, format!("line {}: {e}", index + 1));
+                }
+            }
+        }
+        if readings.is_empty() {
+            return http::error(StatusCode::BAD_REQUEST, "body holds no readings");
+        }
+        match self.produce(&readings).await {
+            Ok(()) => http::json(
+                StatusCode::OK,
+                &serde_json::json!({"status": "success", "message": "Weather data logged", "count": readings.len()}),
+            ),
+            Err(refused) => refused.into_response(),
+        }
+    }
+
+    /// Produces every reading and waits for the broker's acknowledgement of each.
+    async fn produce(&self, readings: &[WeatherReading]) -> Result<(), Refused> {
+        if !self.broker_ready.load(Ordering::Relaxed) {
+            return Err(Refused::unavailable("Kafka broker not reachable yet"));
+        }
+        let started = Instant::now();
+        let mut pending: VecDeque<DeliveryFuture> = VecDeque::with_capacity(readings.len());
+        let mut acked = 0usize;
+        let mut failure = None;
+        for reading in readings {
+            let payload = reading.to_json();
+            loop {
+                let record = FutureRecord::to(&self.topic)
+                    .key(reading.city.as_bytes())
+                    .payload(&payload);
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push_back(delivery);
+                        break;
+                    }
+                    // A large batch outruns the local queue: wait for the oldest delivery, retry.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                        if !pending.is_empty() =>
+                    {
+                        if let Some(delivery) = pending.pop_front() {
+                            match delivered(delivery.await) {
+                                Ok(()) => acked += 1,
+                                Err(e) => failure = failure.or(Some(e)),
+                            }
+                        }
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        failure = Some("producer queue full".to_owned());
+                        break;
+                    }
+                    Err((e, _)) => {
+                        failure = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            if failure.is_some() {
+                break;
+            }
+        }
+        for delivery in pending {
+            match delivered(delivery.await) {
+                Ok(()) => acked += 1,
+                Err(e) => failure = failure.or(Some(e)),
+            }
+        }
+        self.metrics
+            .produce_latency
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.produced.inc_by(acked as u64);
+        match failure {
+            None => Ok(()),
+            Some(reason) if readings.len() == 1 => {
+                tracing::warn!(%reason, "reading not stored");
+                Err(Refused::unavailable(format!("not stored: {reason}")))
+            }
+            Some(reason) => {
+                tracing::warn!(%reason, acked, total = readings.len(), "batch partly stored");
+                Err(Refused::unavailable(format!(
+                    "{acked} of {} readings stored before the broker failed: {reason}",
+                    readings.len()
+                )))
+            }
+        }
+    }
+
+    async fn ready(&self) -> Response<Body> {
+        match self.check_broker().await {
+            Ok(()) => {
+                self.broker_ready.store(true, Ordering::Relaxed);
+                http::json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+            }
+            Err(e) => Refused::unavailable(e).into_response(),
+        }
+    }
+
+    async fn check_broker(&self) -> Result<(), String> {
+        let producer = self.producer.clone();
+        let topic = self.topic.clone();
+        tokio::task::spawn_blocking(move || {
+            topic_available(producer.client(), &topic, Duration::from_secs(2))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+/// The outcome of one delivery; the outer error means the producer was dropped.
+fn delivered<Canceled>(result: Result<OwnedDeliveryResult, Canceled>) -> Result<(), String> {
+    match result {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(e.to_string()),
+        Err(_) => Err("producer shut down".to_owned()),
+    }
+}
+
+fn logged(reading: &WeatherReading) -> Response<Body> {
+    http::json(
+        StatusCode::OK,
+        &serde_json::json!({"status": "success", "message": "Weather data logged", "data": reading}),
+    )
+}
+
+#[derive(Clone, Copy)]
+enum Route {
+    Log,
+    Logs,
+    Health,
+    Ready,
+    Metrics,
+    Other,
+}
+
+impl Route {
+    fn of(path: &str) -> Self {
+        match path {
+            "/log" => Self::Log,
+            "/logs" => Self::Logs,
+            "/health" => Self::Health,
+            "/ready" => Self::Ready,
+            "/metrics" => Self::Metrics,
+            _ => Self::Other,
+        }
+    }
+
+    /// Bounded label values: arbitrary request paths must not grow the metric families.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Log => "/log",
+            Self::Logs => "/logs",
+            Self::Health => "/health",
+            Self::Ready => "/ready",
+            Self::Metrics => "/metrics",
+            Self::Other => "other",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    path: &'static str,
+    status: u16,
+}
+
+struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    produce_latency: Histogram,
+    produced: Counter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("logging_server");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by path and status",
+            requests.clone(),
+        );
+        let produce_latency = Histogram::new([
+            0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ]);
+        registry.register(
+            "produce_duration_seconds",
+            "Time from produce to broker acknowledgement, per request",
+            produce_latency.clone(),
+        );
+        let produced = Counter::default();
+        registry.register(
+            "records_produced",
+            "Readings acknowledged by the broker",
+            produced.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            produce_latency,
+            produced,
+        }
+    }
+}

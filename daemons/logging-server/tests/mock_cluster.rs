@@ -1,0 +1,327 @@
+//! logging-server in-process against librdkafka's mock cluster (real Kafka protocol on a port).
+
+use std::time::Duration;
+
+use logging_server::Args;
+use rdkafka::Message;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use weather_common::WeatherReading;
+use weather_testkit::{MockKafka, consume, http_get, http_request, payloads};
+
+struct Running {
+    addr: String,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    async fn start(args: Args) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(logging_server::run(args, listener, shutdown.clone()));
+        Self {
+            addr,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..100 {
+            if http_get(&self.addr, "/ready")
+                .await
+                .is_ok_and(|r| r.status == 200)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("logging-server never became ready");
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("join").expect("clean exit");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn valid_reading_lands_once_with_city_key() {
+    let kafka = MockKafka::start(&["weather"]);
+    let server = Running::start(Args::with_brokers(&kafka.brokers())).await;
+    server.wait_ready().await;
+
+    let response = http_get(&server.addr, "/log?city=San%20Francisco&temperature=71.25")
+        .await
+        .expect("request");
+    assert_eq!(response.status, 200, "{}", response.body);
+    let body = response.json();
+    assert_eq!(body["status"], "success");
+    assert_eq!(body["message"], "Weather data logged");
+    assert_eq!(body["data"]["city"], "San Francisco");
+    assert_eq!(body["data"]["temperature"], 71.25);
+
+    let messages = tokio::task::spawn_blocking({
+        let brokers = kafka.brokers();
+        move || consume(&brokers, "weather", 1, Duration::from_secs(10))
+    })
+    .await
+    .expect("join")
+    .expect("consume");
+    assert_eq!(
+        messages.len(),
+        1,
+        "exactly one record: {:?}",
+        payloads(&messages)
+    );
+    assert_eq!(messages[0].key(), Some(&b"San Francisco"[..]));
+    let stored =
+        WeatherReading::from_json(messages[0].payload().expect("payload")).expect("valid JSON");
+    assert_eq!(stored.city, "San Francisco");
+    assert_eq!(stored.temperature, 71.25);
+    assert_eq!(
+        serde_json::to_value(&stored).expect("json"),
+        body["data"],
+        "answer matches the record"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_input_gets_400_naming_the_field_and_produces_nothing() {
+    let kafka = MockKafka::start(&["weather"]);
+    let server = Running::start(Args::with_brokers(&kafka.brokers())).await;
+    server.wait_ready().await;
+
+    let long_city = "x".repeat(256);
+    let cases: Vec<(String, &str)> = vec![
+        ("/log".into(), "city"),
+        ("/log?temperature=10".into(), "city"),
+        ("/log?city=&temperature=10".into(), "city"),
+        ("/log?city=%20%20&temperature=10".into(), "city"),
+        (format!("/log?city={long_city}&temperature=10"), "city"),
+        ("/log?city=Bos%0Aton&temperature=10".into(), "city"),
+        ("/log?city=A&city=B&temperature=10".into(), "city"),
+        ("/log?city=Boston".into(), "temperature"),
+        ("/log?city=Boston&temperature=".into(), "temperature"),
+        ("/log?city=Boston&temperature=warm".into(), "temperature"),
+        ("/log?city=Boston&temperature=NaN".into(), "temperature"),
+        ("/log?city=Boston&temperature=inf".into(), "temperature"),
+        ("/log?city=Boston&temperature=1e400".into(), "temperature"),
+        ("/log?city=Boston&temperature=200.5".into(), "temperature"),
+        ("/log?city=Boston&temperature=-151".into(), "temperature"),
+        (
+            "/log?city=Boston&temperature=1&temperature=2".into(),
+            "temperature",
+        ),
+    ];
+    for (target, field) in &cases {
+        let response = http_get(&server.addr, target).await.expect("request");
+        assert_eq!(response.status, 400, "{target}: {}", response.body);
+        let body = response.json();
+        assert_eq!(body["status"], "error", "{target}");
+        let message = body["message"].as_str().expect("message");
+        assert!(
+            message.contains(field),
+            "{target}: {message:?} should name {field}"
+        );
+    }
+
+    let bodies: [(&str, &[u8], &str); 5] = [
+        ("/log", b"{\"city\":\"Boston\"}", "temperature"),
+        (
+            "/log",
+            b"{\"city\":\"Boston\",\"temperature\":\"hot\"}",
+            "temperature",
+        ),
+        ("/log", b"not json", "JSON"),
+        (
+            "/logs",
+            b"{\"city\":\"A\",\"temperature\":1}\n{\"city\":\"B\"}\n",
+            "line 2",
+        ),
+        ("/logs", b"\n\n", "no readings"),
+    ];
+    for (path, body, expect) in bodies {
+        let response = http_request(&server.addr, "POST", path, body)
+            .await
+            .expect("request");
+        assert_eq!(
+            response.status,
+            400,
+            "{path} {:?}",
+            String::from_utf8_lossy(body)
+        );
+        assert!(
+            response.json()["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(expect),
+            "{}",
+            response.body
+        );
+    }
+
+    assert_eq!(
+        http_get(&server.addr, "/nope")
+            .await
+            .expect("request")
+            .status,
+        404
+    );
+    assert_eq!(
+        http_request(&server.addr, "DELETE", "/log", b"")
+            .await
+            .expect("request")
+            .status,
+        405
+    );
+
+    // A valid reading afterwards proves the topic was readable: only it is there.
+    let ok = http_get(&server.addr, "/log?city=Denver&temperature=50")
+        .await
+        .expect("request");
+    assert_eq!(ok.status, 200);
+    let messages = tokio::task::spawn_blocking({
+        let brokers = kafka.brokers();
+        move || consume(&brokers, "weather", 1, Duration::from_secs(10))
+    })
+    .await
+    .expect("join")
+    .expect("consume");
+    assert_eq!(payloads(&messages).len(), 1, "{:?}", payloads(&messages));
+    assert_eq!(messages[0].key(), Some(&b"Denver"[..]));
+
+    let metrics = http_get(&server.addr, "/metrics").await.expect("metrics");
+    assert!(
+        metrics
+            .body
+            .contains("logging_server_records_produced_total 1"),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics
+            .body
+            .contains(r#"logging_server_http_requests_total{path="/log",status="400"}"#),
+        "{}",
+        metrics.body
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_endpoints_store_every_line() {
+    let kafka = MockKafka::start(&["weather"]);
+    let server = Running::start(Args::with_brokers(&kafka.brokers())).await;
+    server.wait_ready().await;
+
+    let single = http_request(
+        &server.addr,
+        "POST",
+        "/log",
+        br#"{"city":"Miami","temperature":88.5}"#,
+    )
+    .await
+    .expect("post");
+    assert_eq!(single.status, 200, "{}", single.body);
+    assert_eq!(single.json()["data"]["city"], "Miami");
+
+    let ndjson: String = (0..500)
+        .map(|i| {
+            format!(
+                "{{\"city\":\"City {}\",\"temperature\":{}.5}}\r\n",
+                i % 7,
+                i % 100
+            )
+        })
+        .collect();
+    let batch = http_request(&server.addr, "POST", "/logs", ndjson.as_bytes())
+        .await
+        .expect("post");
+    assert_eq!(batch.status, 200, "{}", batch.body);
+    assert_eq!(batch.json()["count"], 500);
+
+    let messages = tokio::task::spawn_blocking({
+        let brokers = kafka.brokers();
+        move || consume(&brokers, "weather", 501, Duration::from_secs(20))
+    })
+    .await
+    .expect("join")
+    .expect("consume");
+    assert_eq!(messages.len(), 501);
+    for message in &messages {
+        let reading =
+            WeatherReading::from_json(message.payload().expect("payload")).expect("valid");
+        assert_eq!(
+            message.key(),
+            Some(reading.city.as_bytes()),
+            "key is the city"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_broker_gives_503_never_200() {
+    // Nothing listens there: the server starts, is not ready, and refuses to pretend.
+    let port = weather_testkit::free_port();
+    let server = Running::start(Args::with_brokers(&format!("127.0.0.1:{port}"))).await;
+    let response = http_get(&server.addr, "/log?city=Boston&temperature=50")
+        .await
+        .expect("request");
+    assert_eq!(response.status, 503, "{}", response.body);
+    assert_eq!(response.header("retry-after"), Some("1"));
+    assert_eq!(
+        http_get(&server.addr, "/ready")
+            .await
+            .expect("ready")
+            .status,
+        503
+    );
+    assert_eq!(
+        http_get(&server.addr, "/health")
+            .await
+            .expect("health")
+            .status,
+        200
+    );
+    server.stop().await;
+
+    // A broker that goes away after start-up: the delivery times out and the client hears 503.
+    let kafka = MockKafka::start(&["weather"]);
+    let mut args = Args::with_brokers(&kafka.brokers());
+    args.produce_timeout = Duration::from_secs(1);
+    let server = Running::start(args).await;
+    server.wait_ready().await;
+    kafka.cluster.broker_down(1).expect("broker down");
+    let response = http_get(&server.addr, "/log?city=Boston&temperature=50")
+        .await
+        .expect("request");
+    assert_eq!(response.status, 503, "{}", response.body);
+    assert!(
+        response.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not stored")
+    );
+
+    kafka.cluster.broker_up(1).expect("broker up");
+    let mut recovered = false;
+    for _ in 0..50 {
+        if http_get(&server.addr, "/log?city=Boston&temperature=51")
+            .await
+            .expect("request")
+            .status
+            == 200
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(recovered, "logging-server recovers once the broker is back");
+    server.stop().await;
+}
