@@ -65,9 +65,14 @@ impl ChildGuard {
         }
     }
 
+    /// SIGTERM: what systemd sends to stop a unit.
+    pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
     /// SIGTERM, then waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        self.signal(libc::SIGTERM);
+        self.sigterm();
         self.wait(timeout)
     }
 

@@ -63,7 +63,29 @@ impl KafkaArgs {
     /// Creates the topics that do not exist yet (brokers need not auto-create them).
     pub async fn ensure_topics(&self, topics: &[&str]) -> anyhow::Result<()> {
         let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
-        let new_topics: Vec<_> = topics
+        let admin = std::sync::Arc::new(admin);
+        let names: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+        // Ask first: some brokers (librdkafka's mock among them) do not implement CreateTopics.
+        let missing = tokio::task::spawn_blocking({
+            let admin = admin.clone();
+            move || -> anyhow::Result<Vec<String>> {
+                let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(5))?;
+                Ok(names
+                    .into_iter()
+                    .filter(|name| {
+                        !metadata
+                            .topics()
+                            .iter()
+                            .any(|t| t.name() == name && t.error().is_none())
+                    })
+                    .collect())
+            }
+        })
+        .await??;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let new_topics: Vec<_> = missing
             .iter()
             .map(|t| {
                 NewTopic::new(
@@ -73,8 +95,16 @@ impl KafkaArgs {
                 )
             })
             .collect();
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        for result in admin.create_topics(&new_topics, &options).await? {
+        let timeout = Duration::from_secs(10);
+        let options = AdminOptions::new()
+            .operation_timeout(Some(timeout))
+            .request_timeout(Some(timeout));
+        let results = tokio::time::timeout(timeout * 2, admin.create_topics(&new_topics, &options))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("creating topics {missing:?}: no answer from the broker")
+            })??;
+        for result in results {
             match result {
                 Ok(topic) => tracing::info!(topic, "created topic"),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -244,7 +244,10 @@ impl Server {
             match WeatherReading::from_request_json(line, ts) {
                 Ok(reading) => readings.push(reading),
                 Err(e) => {
-                    return http::error(StatusCode::BAD_REQUEST, format!("line {}: {e}", index + 1));
+                    return http::error(
+                        StatusCode::BAD_REQUEST,
+                        format!("line {}: {e}", index + 1),
+                    );
                 }
             }
         }

@@ -1,0 +1,80 @@
+//! logging-server against a real out-of-process Kafka-protocol broker (tansu).
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use logging_server::Args;
+use rdkafka::Message;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::sync::CancellationToken;
+use weather_common::WeatherReading;
+use weather_testkit::{Tansu, consume, http_get};
+
+const READINGS: usize = 10_000;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_readings_produced_and_consumed_back() {
+    let tansu = Tansu::start().expect("tansu");
+    // The broker starts empty: the server must create the topic itself.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(logging_server::run(
+        Args::with_brokers(&tansu.brokers),
+        listener,
+        shutdown.clone(),
+    ));
+    let mut ready = false;
+    for _ in 0..150 {
+        if http_get(&addr, "/ready")
+            .await
+            .is_ok_and(|r| r.status == 200)
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ready, "logging-server never became ready against tansu");
+
+    let permits = Arc::new(Semaphore::new(32));
+    let requests: Vec<_> = (0..READINGS)
+        .map(|i| {
+            let addr = addr.clone();
+            let permits = permits.clone();
+            tokio::spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let target = format!(
+                    "/log?city=City%20{}&temperature={}",
+                    i % 10,
+                    i as f64 / 100.0
+                );
+                http_get(&addr, &target).await
+            })
+        })
+        .collect();
+    for request in requests {
+        let response = request.await.expect("join").expect("response");
+        assert_eq!(response.status, 200, "{}", response.body);
+    }
+
+    let brokers = tansu.brokers.clone();
+    let messages = tokio::task::spawn_blocking(move || {
+        consume(&brokers, "weather", READINGS, Duration::from_secs(120))
+    })
+    .await
+    .expect("join")
+    .expect("consume");
+    let mut seen = BTreeSet::new();
+    for message in &messages {
+        let reading =
+            WeatherReading::from_json(message.payload().unwrap_or_default()).expect("valid record");
+        assert_eq!(message.key(), Some(reading.city.as_bytes()));
+        let hundredths = (reading.temperature * 100.0).round() as usize;
+        assert_eq!(reading.city, format!("City {}", hundredths % 10));
+        assert!(seen.insert(hundredths), "duplicate reading {hundredths}");
+    }
+    assert_eq!(messages.len(), READINGS);
+    assert_eq!(seen, (0..READINGS).collect());
+    shutdown.cancel();
+    server.await.expect("join").expect("clean exit");
+}
