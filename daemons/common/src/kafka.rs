@@ -130,3 +130,75 @@ pub fn topic_available<C: ClientContext>(
         None => Err(format!("topic {topic} does not exist")),
     }
 }
+
+/// Sends records a consumer cannot use to [`DEAD_LETTER_TOPIC`], unchanged, with headers saying
+/// why and where they came from: `error`, `source` (the daemon), `original.topic`,
+/// `original.partition`, `original.offset`.
+pub struct DeadLetters {
+    producer: rdkafka::producer::FutureProducer,
+    topic: String,
+    source: &'static str,
+}
+
+impl DeadLetters {
+    pub fn new(kafka: &KafkaArgs, topic: &str, source: &'static str) -> anyhow::Result<Self> {
+        let producer = kafka
+            .client_config()
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "30000")
+            .create()?;
+        Ok(Self {
+            producer,
+            topic: topic.to_owned(),
+            source,
+        })
+    }
+
+    /// Produces the dead letter and waits for the broker's acknowledgement, so the caller may
+    /// commit past the original record afterwards.
+    pub async fn send<M: rdkafka::Message>(&self, message: &M, error: &str) -> anyhow::Result<()> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "error",
+                value: Some(error),
+            })
+            .insert(Header {
+                key: "source",
+                value: Some(self.source),
+            })
+            .insert(Header {
+                key: "original.topic",
+                value: Some(message.topic()),
+            })
+            .insert(Header {
+                key: "original.partition",
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: "original.offset",
+                value: Some(&offset),
+            });
+        let mut record =
+            rdkafka::producer::FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let Some(payload) = message.payload() {
+            record = record.payload(payload);
+        }
+        self.producer
+            .send(record, rdkafka::util::Timeout::Never)
+            .await
+            .map_err(|(e, _)| {
+                anyhow::anyhow!(
+                    "dead-lettering {}/{partition}@{offset}: {e}",
+                    message.topic()
+                )
+            })?;
+        Ok(())
+    }
+}

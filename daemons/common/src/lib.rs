@@ -7,5 +7,7 @@ pub mod http;
 pub mod kafka;
 pub mod reading;
 pub mod runtime;
+#[cfg(feature = "postgres")]
+pub mod schema;
 
 pub use reading::{ReadingError, WeatherReading};

@@ -1,0 +1,46 @@
+//! The PostgreSQL schema, from the migrations in `sql/`, applied in order at start-up.
+
+/// `(version, SQL)` in the order they apply. Each is idempotent on its own as well.
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    ("001_weather", include_str!("../../../sql/001_weather.sql")),
+    (
+        "002_aggregator_state",
+        include_str!("../../../sql/002_aggregator_state.sql"),
+    ),
+];
+
+/// Arbitrary constant naming the migration lock, so concurrent daemons migrate one at a time.
+const MIGRATION_LOCK: i64 = 0x7765_6174_6865_7201;
+
+/// Applies the migrations not applied yet, each recorded in `schema_migrations`.
+pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version TEXT PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )",
+    )
+    .await?;
+    for (version, sql) in MIGRATIONS {
+        let applied = tx
+            .query_opt(
+                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                &[version],
+            )
+            .await?
+            .is_some();
+        if !applied {
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await?;
+            tracing::info!(version, "applied migration");
+        }
+    }
+    tx.commit().await
+}

@@ -1,0 +1,171 @@
+//! PostgreSQL side: window rows, offsets and open windows, committed in one transaction.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use tokio_postgres::{Client, NoTls};
+
+use crate::window::{Agg, Batch, PartitionState};
+
+/// Names the single-writer lock: one active aggregator per database, others stand by.
+const WRITER_LOCK: i64 = 0x7765_6174_6865_7202;
+
+/// Channel the dashboard listens on; notified in the transaction that changed rows.
+pub const NOTIFY_CHANNEL: &str = "weather_updates";
+
+pub struct Store {
+    client: Client,
+    topic: String,
+}
+
+impl Store {
+    /// Connects, applies the migrations and sets the session to UTC (`TIMESTAMP` columns hold UTC).
+    pub async fn connect(url: &str, topic: &str) -> anyhow::Result<Self> {
+        let (mut client, connection) = tokio_postgres::connect(url, NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "PostgreSQL connection lost");
+            }
+        });
+        client.batch_execute("SET TIME ZONE 'UTC'").await?;
+        weather_common::schema::migrate(&mut client).await?;
+        Ok(Self {
+            client,
+            topic: topic.to_owned(),
+        })
+    }
+
+    /// Takes the writer lock if free. It is held by the session: a lost connection frees it.
+    pub async fn try_lock(&self) -> anyhow::Result<bool> {
+        let row = self
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// The state of the last commit: offsets, event-time high marks and open windows.
+    pub async fn load(&self) -> anyhow::Result<BTreeMap<i32, PartitionState>> {
+        let mut partitions = BTreeMap::new();
+        for row in self
+            .client
+            .query(
+                "SELECT partition, next_offset, max_event_time FROM aggregator_offsets WHERE topic = $1",
+                &[&self.topic],
+            )
+            .await?
+        {
+            partitions.insert(row.get(0), PartitionState::new(row.get(1), row.get(2)));
+        }
+        for row in self
+            .client
+            .query(
+                "SELECT partition, city, window_start, window_end, temperature_sum, record_count
+                 FROM aggregator_open_windows WHERE topic = $1",
+                &[&self.topic],
+            )
+            .await?
+        {
+            let partition: i32 = row.get(0);
+            let start: NaiveDateTime = row.get(2);
+            let end: NaiveDateTime = row.get(3);
+            let agg = Agg {
+                sum: row.get(4),
+                count: row.get(5),
+            };
+            partitions
+                .entry(partition)
+                .or_insert_with(|| PartitionState::new(0, None))
+                .open
+                .insert((start.and_utc(), row.get(1)), (end.and_utc(), agg));
+        }
+        Ok(partitions)
+    }
+
+    /// Adds the deltas to `weather`, replaces the open windows and offsets of the changed
+    /// partitions, and notifies the dashboard, all in one transaction.
+    pub async fn commit(&mut self, batch: &Batch) -> anyhow::Result<()> {
+        let tx = self.client.transaction().await?;
+        if !batch.deltas.is_empty() {
+            let city: Vec<&str> = batch.deltas.iter().map(|r| r.city.as_str()).collect();
+            let start: Vec<NaiveDateTime> =
+                batch.deltas.iter().map(|r| r.start.naive_utc()).collect();
+            let end: Vec<NaiveDateTime> = batch.deltas.iter().map(|r| r.end.naive_utc()).collect();
+            let count: Vec<i64> = batch.deltas.iter().map(|r| r.agg.count).collect();
+            let sum: Vec<f64> = batch.deltas.iter().map(|r| r.agg.sum).collect();
+            tx.execute(
+                "INSERT INTO weather AS w
+                     (city, window_start, window_end, record_count, temperature_sum, avg_temperature, last_updated)
+                 SELECT city, ws, we, n, s, s / n, now() AT TIME ZONE 'UTC'
+                 FROM UNNEST($1::varchar[], $2::timestamp[], $3::timestamp[], $4::int8[], $5::float8[])
+                     AS d(city, ws, we, n, s)
+                 ON CONFLICT (city, window_start) DO UPDATE SET
+                     record_count = COALESCE(w.record_count, 0) + EXCLUDED.record_count,
+                     temperature_sum = COALESCE(w.temperature_sum, w.avg_temperature * w.record_count, 0)
+                         + EXCLUDED.temperature_sum,
+                     avg_temperature = (COALESCE(w.temperature_sum, w.avg_temperature * w.record_count, 0)
+                         + EXCLUDED.temperature_sum) / (COALESCE(w.record_count, 0) + EXCLUDED.record_count),
+                     window_end = EXCLUDED.window_end,
+                     last_updated = EXCLUDED.last_updated",
+                &[&city, &start, &end, &count, &sum],
+            )
+            .await?;
+        }
+        if !batch.partitions.is_empty() {
+            let ids: Vec<i32> = batch.partitions.iter().map(|p| p.partition).collect();
+            let offsets: Vec<i64> = batch.partitions.iter().map(|p| p.next_offset).collect();
+            let max_ts: Vec<Option<DateTime<Utc>>> =
+                batch.partitions.iter().map(|p| p.max_event_time).collect();
+            tx.execute(
+                "DELETE FROM aggregator_open_windows WHERE topic = $1 AND partition = ANY($2)",
+                &[&self.topic, &ids],
+            )
+            .await?;
+            let open = batch
+                .partitions
+                .iter()
+                .flat_map(|p| p.open.iter().map(move |w| (p.partition, w)));
+            let (mut partition, mut city, mut start, mut end, mut sum, mut count) = (
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            );
+            for (p, window) in open {
+                partition.push(p);
+                city.push(window.city.as_str());
+                start.push(window.start.naive_utc());
+                end.push(window.end.naive_utc());
+                sum.push(window.agg.sum);
+                count.push(window.agg.count);
+            }
+            if !partition.is_empty() {
+                tx.execute(
+                    "INSERT INTO aggregator_open_windows
+                         (topic, partition, city, window_start, window_end, temperature_sum, record_count)
+                     SELECT $1, * FROM UNNEST($2::int4[], $3::varchar[], $4::timestamp[], $5::timestamp[],
+                                              $6::float8[], $7::int8[])",
+                    &[&self.topic, &partition, &city, &start, &end, &sum, &count],
+                )
+                .await?;
+            }
+            tx.execute(
+                "INSERT INTO aggregator_offsets (topic, partition, next_offset, max_event_time)
+                 SELECT $1, * FROM UNNEST($2::int4[], $3::int8[], $4::timestamptz[])
+                 ON CONFLICT (topic, partition) DO UPDATE SET
+                     next_offset = EXCLUDED.next_offset, max_event_time = EXCLUDED.max_event_time",
+                &[&self.topic, &ids, &offsets, &max_ts],
+            )
+            .await?;
+        }
+        if !batch.deltas.is_empty() {
+            let payload = batch.deltas.len().to_string();
+            tx.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &payload])
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
