@@ -18,6 +18,24 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed()
 }
 
+/// A streaming body fed by a channel (server-sent events); ends when the sender is dropped.
+pub fn channel_body(receiver: tokio::sync::mpsc::Receiver<Bytes>) -> Body {
+    struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+    impl hyper::body::Body for ChannelBody {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|bytes| Ok(hyper::body::Frame::data(bytes))))
+        }
+    }
+    BodyExt::boxed(ChannelBody(receiver))
+}
+
 /// A JSON response.
 pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {

@@ -1,0 +1,216 @@
+//! The dashboard against a private PostgreSQL cluster with known rows.
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use dashboard::Args;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use weather_testkit::{Postgres, connect, http_get, http_request};
+
+pub struct Running {
+    pub addr: String,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+pub async fn start_dashboard(database_url: &str) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let args = <Args as clap::Parser>::parse_from(["dashboard", "--database-url", database_url]);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(dashboard::run(args, listener, shutdown.clone()));
+    Running {
+        addr,
+        shutdown,
+        task,
+    }
+}
+
+/// A database with the schema applied.
+pub async fn database(postgres: &Postgres) -> (String, tokio_postgres::Client) {
+    let url = postgres
+        .create_database("weather")
+        .await
+        .expect("create database");
+    let mut client = connect(&url).await.expect("connect");
+    weather_common::schema::migrate(&mut client)
+        .await
+        .expect("migrate");
+    (url, client)
+}
+
+pub async fn insert(
+    client: &tokio_postgres::Client,
+    city: &str,
+    start: DateTime<Utc>,
+    avg: f64,
+    count: i64,
+) {
+    client
+        .execute(
+            "INSERT INTO weather (city, avg_temperature, window_start, window_end, record_count, temperature_sum, last_updated)
+             VALUES ($1, $2, $3, $4, $5, $6, now() AT TIME ZONE 'UTC')",
+            &[&city, &avg, &start.naive_utc(), &(start + TimeDelta::seconds(5)).naive_utc(), &count, &(avg * count as f64)],
+        )
+        .await
+        .expect("insert");
+}
+
+/// A recent window start, aligned to 5 s.
+pub fn recent(seconds_ago: i64) -> DateTime<Utc> {
+    let t = Utc::now().timestamp() - seconds_ago;
+    DateTime::from_timestamp(t - t.rem_euclid(5), 0).expect("ts")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_returns_exact_rows_filters_by_since_and_refuses_bad_input() {
+    let postgres = Postgres::start().expect("PostgreSQL");
+    let (url, client) = database(&postgres).await;
+    let t0 = recent(60);
+    insert(&client, "Boston", t0, 50.5, 3).await;
+    insert(&client, "Boston", t0 + TimeDelta::seconds(5), 51.25, 2).await;
+    insert(&client, "Miami", t0 + TimeDelta::seconds(5), 80.0, 1).await;
+    // Outside the one-hour history: not returned.
+    insert(&client, "Miami", t0 - TimeDelta::hours(2), 1.0, 1).await;
+
+    let dashboard = start_dashboard(&url).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let response = http_get(&dashboard.addr, "/api/weather")
+        .await
+        .expect("api");
+    assert_eq!(response.status, 200, "{}", response.body);
+    let ts = |t: DateTime<Utc>| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
+    let expected = serde_json::json!({
+        "cities": ["Boston", "Miami"],
+        "data": {
+            "Boston": [
+                {"time": ts(t0), "temperature": 50.5},
+                {"time": ts(t0 + TimeDelta::seconds(5)), "temperature": 51.25},
+            ],
+            "Miami": [{"time": ts(t0 + TimeDelta::seconds(5)), "temperature": 80.0}],
+        }
+    });
+    assert_eq!(response.json(), expected);
+
+    let since = http_get(
+        &dashboard.addr,
+        &format!("/api/weather/latest?since={}", ts(t0)),
+    )
+    .await
+    .expect("latest");
+    assert_eq!(since.status, 200);
+    assert_eq!(
+        since.json(),
+        serde_json::json!({
+            "cities": ["Boston", "Miami"],
+            "data": {
+                "Boston": [{"time": ts(t0 + TimeDelta::seconds(5)), "temperature": 51.25}],
+                "Miami": [{"time": ts(t0 + TimeDelta::seconds(5)), "temperature": 80.0}],
+            }
+        })
+    );
+    let none = http_get(
+        &dashboard.addr,
+        &format!(
+            "/api/weather/latest?since={}",
+            ts(t0 + TimeDelta::seconds(5))
+        ),
+    )
+    .await
+    .expect("latest");
+    assert_eq!(none.json(), serde_json::json!({"cities": [], "data": {}}));
+
+    for bad in [
+        "/api/weather/latest",
+        "/api/weather/latest?since=yesterday",
+        "/api/weather/latest?since=2026-13-01T00:00:00Z",
+    ] {
+        let response = http_get(&dashboard.addr, bad).await.expect("request");
+        assert_eq!(response.status, 400, "{bad}");
+        assert!(
+            response.json()["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("since"),
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        http_get(&dashboard.addr, "/health")
+            .await
+            .expect("health")
+            .json()["status"],
+        "healthy"
+    );
+    assert_eq!(
+        http_get(&dashboard.addr, "/nope")
+            .await
+            .expect("404")
+            .status,
+        404
+    );
+    assert_eq!(
+        http_request(&dashboard.addr, "POST", "/api/weather", b"")
+            .await
+            .expect("405")
+            .status,
+        405
+    );
+
+    let page = http_get(&dashboard.addr, "/").await.expect("page");
+    assert_eq!(page.status, 200);
+    assert_eq!(
+        page.body.matches("<figure").count(),
+        10,
+        "the ten demo cities, Boston and Miami among them"
+    );
+    assert!(
+        !page.body.contains("http://") && !page.body.contains("https://"),
+        "nothing loaded from elsewhere"
+    );
+    dashboard.shutdown.cancel();
+    dashboard.task.await.expect("join").expect("clean exit");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malicious_city_names_render_as_text() {
+    let postgres = Postgres::start().expect("PostgreSQL");
+    let (url, client) = database(&postgres).await;
+    let evil = "<script>alert(1)</script>";
+    insert(&client, evil, recent(30), 70.0, 1).await;
+    let dashboard = start_dashboard(&url).await;
+    let mut page = String::new();
+    for _ in 0..50 {
+        page = http_get(&dashboard.addr, "/").await.expect("page").body;
+        if page.contains("&lt;script&gt;") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "escaped in the page"
+    );
+    assert!(!page.contains(evil), "never raw");
+    let fragments = http_get(&dashboard.addr, "/fragments")
+        .await
+        .expect("fragments")
+        .json();
+    assert!(
+        !fragments["charts"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(evil),
+        "escaped in pushed updates"
+    );
+    assert_eq!(
+        http_get(&dashboard.addr, "/api/weather")
+            .await
+            .expect("api")
+            .json()["cities"][0],
+        evil,
+        "JSON keeps the name"
+    );
+    dashboard.shutdown.cancel();
+}
