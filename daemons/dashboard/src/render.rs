@@ -25,10 +25,10 @@ pub const MAX_CHARTS: usize = 60;
 
 const WIDTH: f64 = 600.0;
 const HEIGHT: f64 = 220.0;
-const LEFT: f64 = 44.0;
+const LEFT: f64 = 60.0;
 const RIGHT: f64 = 16.0;
 const TOP: f64 = 14.0;
-const BOTTOM: f64 = 28.0;
+const BOTTOM: f64 = 36.0;
 
 pub fn page(snapshot: &Snapshot, stale_after_ms: u64) -> Markup {
     html! {
@@ -148,6 +148,7 @@ fn svg(points: &[Point]) -> Markup {
     let y_ticks: Vec<f64> = (0..=3)
         .map(|i| lo + (hi - lo) * f64::from(i) / 3.0)
         .collect();
+    let prec = if hi - lo < 6.0 { 1 } else { 0 };
     let x_ticks: Vec<DateTime<Utc>> = if points.len() == 1 {
         vec![t0]
     } else {
@@ -163,11 +164,13 @@ fn svg(points: &[Point]) -> Markup {
         svg viewBox=(format!("0 0 {WIDTH} {HEIGHT}")) role="img" aria-label="temperature over time" {
             @for v in &y_ticks {
                 line.grid x1=(LEFT) x2=(WIDTH - RIGHT) y1=(format!("{:.1}", y(*v))) y2=(format!("{:.1}", y(*v))) {}
-                text.axis x=(LEFT - 6.0) y=(format!("{:.1}", y(*v) + 4.0)) text-anchor="end" { (format!("{v:.0}")) }
+                text.axis x=(LEFT - 8.0) y=(format!("{:.1}", y(*v) + 6.0)) text-anchor="end" { (format!("{v:.prec$}")) }
             }
-            @for t in &x_ticks {
+            @for (i, t) in x_ticks.iter().enumerate() {
                 @let tx = if points.len() == 1 { WIDTH / 2.0 } else { x(*t) };
-                text.axis x=(format!("{tx:.1}")) y=(HEIGHT - 8.0) text-anchor="middle" { (t.format("%H:%M:%S")) }
+                // Outer labels hug the plot's edges instead of overflowing them.
+                @let anchor = if x_ticks.len() == 1 { "middle" } else if i == 0 { "start" } else if i + 1 == x_ticks.len() { "end" } else { "middle" };
+                text.axis x=(format!("{tx:.1}")) y=(HEIGHT - 8.0) text-anchor=(anchor) { (t.format("%H:%M:%S")) }
             }
             polyline.series points=(line) {}
             circle.lastpoint cx=(format!("{last_x:.1}")) cy=(format!("{:.1}", y(last.temperature))) r="4" {}
@@ -194,7 +197,7 @@ header h1 { margin: 0; font-size: 1.5rem; }
 .chart svg { width: 100%; height: auto; display: block; }
 .chart .empty { color: var(--muted); margin: 2rem 0; text-align: center; }
 .grid { stroke: #2c3742; stroke-width: 1; }
-.axis { fill: var(--muted); font-size: 11px; }
+.axis { fill: var(--muted); font-size: 18px; }
 .series { fill: none; stroke: var(--accent); stroke-width: 2; }
 .lastpoint { fill: var(--accent); }
 .more { color: var(--muted); }
