@@ -202,3 +202,111 @@ impl DeadLetters {
         Ok(())
     }
 }
+
+/// Partition count of `topic`, once the broker answers and the topic exists (the topics in
+/// `create` are created when missing). Retries with backoff; `None` on shutdown.
+pub async fn wait_for_partitions<C>(
+    kafka: &KafkaArgs,
+    consumer: &std::sync::Arc<C>,
+    topic: &str,
+    create: &[&str],
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<i32>
+where
+    C: rdkafka::consumer::Consumer + Send + Sync + 'static,
+{
+    let mut backoff = crate::runtime::Backoff::default();
+    loop {
+        if let Err(e) = kafka.ensure_topics(create).await {
+            tracing::debug!(error = %e, "could not create the topics");
+        }
+        let (consumer, name) = (consumer.clone(), topic.to_owned());
+        let found =
+            tokio::task::spawn_blocking(move || partition_count(consumer.as_ref(), &name)).await;
+        match found {
+            Ok(Ok(n)) if n > 0 => return Some(n),
+            Ok(Ok(_)) => tracing::warn!(topic, "waiting for the topic to exist"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "waiting for the Kafka broker"),
+            Err(e) => tracing::warn!(error = %e, "metadata task failed"),
+        }
+        if !backoff.wait(shutdown).await {
+            return None;
+        }
+    }
+}
+
+/// Partitions of `topic` (0 when it does not exist). Blocks for up to 5 s.
+pub fn partition_count<C: rdkafka::consumer::Consumer>(
+    consumer: &C,
+    topic: &str,
+) -> anyhow::Result<i32> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map_or(0, |t| t.partitions().len() as i32))
+}
+
+/// Assigns partitions `0..partitions` of `topic`, each at `next_offset(partition)`, or at the
+/// beginning when it has none: the consumer reads exactly from what the sink committed.
+pub fn assign_at<C: rdkafka::consumer::Consumer>(
+    consumer: &C,
+    topic: &str,
+    partitions: i32,
+    next_offset: impl Fn(i32) -> Option<i64>,
+) -> anyhow::Result<()> {
+    use rdkafka::{Offset, TopicPartitionList};
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        let offset = next_offset(partition).map_or(Offset::Beginning, Offset::Offset);
+        assignment.add_partition_offset(topic, partition, offset)?;
+    }
+    consumer.assign(&assignment)?;
+    Ok(())
+}
+
+/// Commits `offsets` (partition → next offset) to the consumer group, for lag monitoring
+/// only: the sink's own store holds the position that counts.
+pub fn commit_for_monitoring<C: rdkafka::consumer::Consumer>(
+    consumer: &C,
+    topic: &str,
+    offsets: impl IntoIterator<Item = (i32, i64)>,
+) {
+    use rdkafka::{Offset, TopicPartitionList, consumer::CommitMode};
+    let mut list = TopicPartitionList::new();
+    for (partition, next_offset) in offsets {
+        if list
+            .add_partition_offset(topic, partition, Offset::Offset(next_offset))
+            .is_err()
+        {
+            return;
+        }
+    }
+    if list.count() > 0 {
+        if let Err(e) = consumer.commit(&list, CommitMode::Async) {
+            tracing::debug!(error = %e, "group offset commit failed");
+        }
+    }
+}
+
+/// Measures lag (high watermark − next offset) per partition off the consume path, as it asks
+/// the broker, and hands each to `report`.
+pub fn spawn_lag_update<C>(
+    consumer: std::sync::Arc<C>,
+    topic: String,
+    positions: Vec<(i32, i64)>,
+    report: impl Fn(i32, i64) + Send + 'static,
+) where
+    C: rdkafka::consumer::Consumer + Send + Sync + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        for (partition, next_offset) in positions {
+            if let Ok((_, high)) =
+                consumer.fetch_watermarks(&topic, partition, Duration::from_secs(1))
+            {
+                report(partition, (high - next_offset).max(0));
+            }
+        }
+    });
+}

@@ -100,3 +100,24 @@ pub fn shutdown_token() -> std::io::Result<CancellationToken> {
     });
     Ok(token)
 }
+
+/// Exponential backoff between recovery attempts (200 ms doubling to 6.4 s).
+#[derive(Debug, Default)]
+pub struct Backoff(u32);
+
+impl Backoff {
+    /// Starts at the given step, for waits that should not begin short.
+    pub fn from_step(step: u32) -> Self {
+        Self(step)
+    }
+
+    /// Sleeps for the next delay; false when `shutdown` came first.
+    pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        let delay = Duration::from_millis(200) * 2u32.pow(self.0.min(5));
+        self.0 += 1;
+        tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            () = shutdown.cancelled() => false,
+        }
+    }
+}

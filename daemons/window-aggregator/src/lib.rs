@@ -11,7 +11,6 @@ pub mod store;
 pub mod window;
 
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -25,22 +24,22 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use rdkafka::{
-    Message, Offset, TopicPartitionList,
-    consumer::{CommitMode, Consumer, StreamConsumer},
-};
+use rdkafka::{Message, consumer::StreamConsumer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use weather_common::{
     WeatherReading,
     http::{self, Body},
-    kafka::{DEAD_LETTER_TOPIC, DeadLetters, KafkaArgs, WEATHER_TOPIC},
-    runtime,
+    kafka::{
+        DEAD_LETTER_TOPIC, DeadLetters, KafkaArgs, WEATHER_TOPIC, assign_at, commit_for_monitoring,
+        partition_count, spawn_lag_update, wait_for_partitions,
+    },
+    runtime::{self, Backoff},
 };
 
 use crate::{
     store::Store,
-    window::{Aggregator, Outcome, PartitionState, WindowConfig},
+    window::{Aggregator, Outcome, WindowConfig},
 };
 
 #[derive(clap::Parser, Debug, Clone)]
@@ -145,7 +144,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let mut ready = false;
     let mut backoff = Backoff::default();
     loop {
-        let Some(partitions) = topic_partitions(&args, &consumer, &shutdown).await else {
+        let topics = [args.topic.as_str(), args.dead_letter_topic.as_str()];
+        let Some(partitions) =
+            wait_for_partitions(&args.kafka, &consumer, &args.topic, &topics, &shutdown).await
+        else {
             break;
         };
         let Some(store) = connect(&args, &shutdown).await else {
@@ -161,7 +163,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                 break;
             }
         };
-        assign(&consumer, &args.topic, partitions, &state)?;
+        assign_at(consumer.as_ref(), &args.topic, partitions, |p| {
+            state.get(&p).map(|s| s.next_offset)
+        })?;
         if !ready {
             ready = true;
             runtime::notify_ready();
@@ -194,61 +198,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Exponential backoff between recovery attempts; `wait` returns false on shutdown.
-#[derive(Default)]
-struct Backoff(u32);
-
-impl Backoff {
-    async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
-        let delay = Duration::from_millis(200) * 2u32.pow(self.0.min(5));
-        self.0 += 1;
-        tokio::select! {
-            () = tokio::time::sleep(delay) => true,
-            () = shutdown.cancelled() => false,
-        }
-    }
-}
-
-/// Partition count of the topic (creating the topics if missing); `None` on shutdown.
-async fn topic_partitions(
-    args: &Args,
-    consumer: &Arc<StreamConsumer>,
-    shutdown: &CancellationToken,
-) -> Option<i32> {
-    let mut backoff = Backoff::default();
-    loop {
-        if let Err(e) = args
-            .kafka
-            .ensure_topics(&[&args.topic, &args.dead_letter_topic])
-            .await
-        {
-            tracing::debug!(error = %e, "could not create the topics");
-        }
-        let consumer = consumer.clone();
-        let topic = args.topic.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
-            anyhow::Ok(
-                metadata
-                    .topics()
-                    .iter()
-                    .find(|t| t.name() == topic && t.error().is_none())
-                    .map_or(0, |t| t.partitions().len() as i32),
-            )
-        })
-        .await;
-        match found {
-            Ok(Ok(n)) if n > 0 => return Some(n),
-            Ok(Ok(_)) => tracing::warn!(topic = %args.topic, "waiting for the topic to exist"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "waiting for the Kafka broker"),
-            Err(e) => tracing::warn!(error = %e, "metadata task failed"),
-        }
-        if !backoff.wait(shutdown).await {
-            return None;
-        }
-    }
-}
-
 /// Connects, migrates and takes the writer lock, retrying; `None` on shutdown.
 async fn connect(args: &Args, shutdown: &CancellationToken) -> Option<Store> {
     let mut backoff = Backoff::default();
@@ -271,7 +220,7 @@ async fn connect(args: &Args, shutdown: &CancellationToken) -> Option<Store> {
                         "another window-aggregator writes to this database; standing by"
                     );
                 }
-                backoff = Backoff(2);
+                backoff = Backoff::from_step(2);
             }
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "PostgreSQL unavailable"),
         }
@@ -279,24 +228,6 @@ async fn connect(args: &Args, shutdown: &CancellationToken) -> Option<Store> {
             return None;
         }
     }
-}
-
-/// Assigns every partition at the offset of the last commit (the beginning when none).
-fn assign(
-    consumer: &StreamConsumer,
-    topic: &str,
-    partitions: i32,
-    state: &BTreeMap<i32, PartitionState>,
-) -> anyhow::Result<()> {
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..partitions {
-        let offset = state
-            .get(&partition)
-            .map_or(Offset::Beginning, |s| Offset::Offset(s.next_offset));
-        assignment.add_partition_offset(topic, partition, offset)?;
-    }
-    consumer.assign(&assignment)?;
-    Ok(())
 }
 
 struct Worker<'a> {
@@ -425,62 +356,42 @@ impl Worker<'_> {
             tracing::warn!(count = self.dropped_since_commit, max_lateness = ?self.args.max_lateness, "dropped readings whose window had closed too long ago");
             self.dropped_since_commit = 0;
         }
-        // Group offsets serve lag monitoring only; the database holds the truth.
-        let mut offsets = TopicPartitionList::new();
-        for snapshot in &batch.partitions {
-            offsets.add_partition_offset(
-                &self.args.topic,
-                snapshot.partition,
-                Offset::Offset(snapshot.next_offset),
-            )?;
-        }
-        if offsets.count() > 0 {
-            if let Err(e) = self.consumer.commit(&offsets, CommitMode::Async) {
-                tracing::debug!(error = %e, "group offset commit failed");
-            }
-        }
+        commit_for_monitoring(
+            self.consumer.as_ref(),
+            &self.args.topic,
+            batch
+                .partitions
+                .iter()
+                .map(|p| (p.partition, p.next_offset)),
+        );
         Ok(())
     }
 
-    /// Lag = high watermark - next offset, measured off the consume path (it asks the broker).
     fn update_lag(&self) {
-        let positions: Vec<(i32, i64)> = self
+        let positions = self
             .aggregator
             .partitions
             .iter()
             .map(|(p, s)| (*p, s.next_offset))
             .collect();
-        let consumer = self.consumer.clone();
-        let topic = self.args.topic.clone();
         let lag = self.metrics.lag.clone();
-        tokio::task::spawn_blocking(move || {
-            for (partition, next_offset) in positions {
-                if let Ok((_, high)) =
-                    consumer.fetch_watermarks(&topic, partition, Duration::from_secs(1))
-                {
-                    lag.get_or_create(&PartitionLabel { partition })
-                        .set((high - next_offset).max(0));
-                }
-            }
-        });
+        spawn_lag_update(
+            self.consumer.clone(),
+            self.args.topic.clone(),
+            positions,
+            move |partition, value| {
+                lag.get_or_create(&PartitionLabel { partition }).set(value);
+            },
+        );
     }
 
     /// Partitions added to the topic while running are assigned from their beginning.
     async fn check_new_partitions(&mut self) -> anyhow::Result<()> {
         let consumer = self.consumer.clone();
         let topic = self.args.topic.clone();
-        let count = tokio::task::spawn_blocking(move || {
-            consumer
-                .fetch_metadata(Some(&topic), Duration::from_secs(5))
-                .ok()
-                .and_then(|m| {
-                    m.topics()
-                        .iter()
-                        .find(|t| t.name() == topic)
-                        .map(|t| t.partitions().len() as i32)
-                })
-        })
-        .await?;
+        let count =
+            tokio::task::spawn_blocking(move || partition_count(consumer.as_ref(), &topic).ok())
+                .await?;
         if let Some(count) = count.filter(|&n| n > self.partitions) {
             tracing::info!(
                 from = self.partitions,
@@ -489,12 +400,10 @@ impl Worker<'_> {
             );
             self.commit().await?;
             self.partitions = count;
-            assign(
-                self.consumer,
-                &self.args.topic,
-                count,
-                &self.aggregator.partitions,
-            )?;
+            let partitions = &self.aggregator.partitions;
+            assign_at(self.consumer.as_ref(), &self.args.topic, count, |p| {
+                partitions.get(&p).map(|s| s.next_offset)
+            })?;
         }
         Ok(())
     }
