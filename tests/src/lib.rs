@@ -40,6 +40,7 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 pub struct ChildGuard {
     pub child: Child,
     pub name: String,
+    notify: Option<NotifySocket>,
 }
 
 impl ChildGuard {
@@ -50,7 +51,20 @@ impl ChildGuard {
         Ok(Self {
             child,
             name: name.to_owned(),
+            notify: None,
         })
+    }
+
+    /// Spawns a daemon with its own `NOTIFY_SOCKET`, as systemd would, and waits for
+    /// `READY=1`. The socket lives as long as the guard, so later `STOPPING=1` arrives too.
+    pub fn spawn_ready(name: &str, command: &mut Command, timeout: Duration) -> anyhow::Result<Self> {
+        let notify = NotifySocket::bind()?;
+        let mut guard = Self::spawn(name, command.env("NOTIFY_SOCKET", notify.path()))?;
+        notify
+            .wait_for("READY=1", timeout)
+            .with_context(|| format!("{name} never became ready"))?;
+        guard.notify = Some(notify);
+        Ok(guard)
     }
 
     pub fn pid(&self) -> i32 {
@@ -159,9 +173,7 @@ impl NotifySocket {
                         return Ok(seen);
                     }
                 }
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -178,9 +190,7 @@ impl MockKafka {
     pub fn start(topics: &[&str]) -> Self {
         let cluster = MockCluster::new(1).expect("starting the mock Kafka cluster");
         for topic in topics {
-            cluster
-                .create_topic(topic, 3, 1)
-                .expect("creating a mock topic");
+            cluster.create_topic(topic, 3, 1).expect("creating a mock topic");
         }
         Self { cluster }
     }
@@ -204,12 +214,7 @@ pub fn fast_consumer_config(brokers: &str) -> ClientConfig {
 
 /// Reads `topic` from the beginning of every partition until `count` messages arrived or
 /// `timeout` passed (no consumer group offsets involved); returns what it read.
-pub fn consume(
-    brokers: &str,
-    topic: &str,
-    count: usize,
-    timeout: Duration,
-) -> anyhow::Result<Vec<OwnedMessage>> {
+pub fn consume(brokers: &str, topic: &str, count: usize, timeout: Duration) -> anyhow::Result<Vec<OwnedMessage>> {
     let consumer: BaseConsumer = fast_consumer_config(brokers).create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let partitions = metadata
@@ -254,23 +259,14 @@ impl Tansu {
         let child = ChildGuard::spawn(
             "tansu",
             Command::new(binary)
-                .args([
-                    "broker",
-                    "--listener-url",
-                    &url,
-                    "--advertised-listener-url",
-                    &url,
-                ])
+                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
                 .args(["--storage-engine", "memory://tansu/"])
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null()),
         )?;
         let brokers = format!("127.0.0.1:{port}");
         wait_for_port(&brokers, Duration::from_secs(30))?;
-        Ok(Self {
-            brokers,
-            _child: child,
-        })
+        Ok(Self { brokers, _child: child })
     }
 }
 
@@ -318,12 +314,7 @@ impl HttpResponse {
 
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`), read to the end. Kept
 /// byte-level on purpose: tests send malformed input a client library would refuse to build.
-pub async fn http_request(
-    addr: &str,
-    method: &str,
-    target: &str,
-    body: &[u8],
-) -> anyhow::Result<HttpResponse> {
+pub async fn http_request(addr: &str, method: &str, target: &str, body: &[u8]) -> anyhow::Result<HttpResponse> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let head = format!(
@@ -341,10 +332,7 @@ pub async fn http_request(
             break i;
         }
         let n = stream.read(&mut chunk).await?;
-        anyhow::ensure!(
-            n > 0,
-            "connection closed before the end of the response head"
-        );
+        anyhow::ensure!(n > 0, "connection closed before the end of the response head");
         raw.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
@@ -376,11 +364,7 @@ pub async fn http_request(
         }
     }
     let body = String::from_utf8_lossy(&body).into_owned();
-    Ok(HttpResponse {
-        status,
-        headers,
-        body,
-    })
+    Ok(HttpResponse { status, headers, body })
 }
 
 /// GET shorthand for [`http_request`].
@@ -407,11 +391,7 @@ impl Postgres {
         if run_as_postgres {
             let uid = command_output(Command::new("id").args(["-u", "postgres"]))?;
             let gid = command_output(Command::new("id").args(["-g", "postgres"]))?;
-            std::os::unix::fs::chown(
-                dir.path(),
-                Some(uid.trim().parse()?),
-                Some(gid.trim().parse()?),
-            )?;
+            std::os::unix::fs::chown(dir.path(), Some(uid.trim().parse()?), Some(gid.trim().parse()?))?;
         }
         let data = dir.path().join("data");
         let postgres = Self {
@@ -468,11 +448,7 @@ impl Postgres {
             .args(["-w", "-t", "60", "start"])
             .stdout(Stdio::null())
             .status()?;
-        anyhow::ensure!(
-            status.success(),
-            "pg_ctl start failed: {status}: {}",
-            self.log()
-        );
+        anyhow::ensure!(status.success(), "pg_ctl start failed: {status}: {}", self.log());
         Ok(())
     }
 
@@ -502,9 +478,7 @@ impl Postgres {
     /// Creates database `name` and returns its URL.
     pub async fn create_database(&self, name: &str) -> anyhow::Result<String> {
         let client = connect(&self.url("postgres")).await?;
-        client
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .await?;
+        client.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await?;
         Ok(self.url(name))
     }
 }
@@ -576,9 +550,7 @@ pub fn produce(brokers: &str, topic: &str, records: &[(Vec<u8>, Vec<u8>)]) -> an
             match producer.send(record) {
                 Ok(()) => break,
                 Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
                     back,
                 )) => {
                     record = back;
@@ -589,19 +561,12 @@ pub fn produce(brokers: &str, topic: &str, records: &[(Vec<u8>, Vec<u8>)]) -> an
         }
     }
     producer.flush(Duration::from_secs(60))?;
-    anyhow::ensure!(
-        producer.in_flight_count() == 0,
-        "records left unacknowledged"
-    );
+    anyhow::ensure!(producer.in_flight_count() == 0, "records left unacknowledged");
     Ok(())
 }
 
 /// [`produce`] for readings, keyed by city as the logging-server does.
-pub fn produce_readings(
-    brokers: &str,
-    topic: &str,
-    readings: &[weather_common::WeatherReading],
-) -> anyhow::Result<()> {
+pub fn produce_readings(brokers: &str, topic: &str, readings: &[weather_common::WeatherReading]) -> anyhow::Result<()> {
     let records: Vec<_> = readings
         .iter()
         .map(|r| (r.city.as_bytes().to_vec(), r.to_json()))
@@ -621,8 +586,7 @@ impl Browser {
     pub async fn start() -> anyhow::Result<Self> {
         let driver = find_tool("CHROMEDRIVER", "chromedriver")
             .context("chromedriver not found: apt-get install chromium-driver")?;
-        let chromium = find_tool("CHROMIUM", "chromium")
-            .context("chromium not found: apt-get install chromium")?;
+        let chromium = find_tool("CHROMIUM", "chromium").context("chromium not found: apt-get install chromium")?;
         let port = free_port();
         let child = ChildGuard::spawn(
             "chromedriver",
@@ -643,13 +607,7 @@ impl Browser {
                 format!("--user-data-dir={}", profile.path().display()),
             ]
         }}}});
-        let response = http_request(
-            &driver_addr,
-            "POST",
-            "/session",
-            capabilities.to_string().as_bytes(),
-        )
-        .await?;
+        let response = http_request(&driver_addr, "POST", "/session", capabilities.to_string().as_bytes()).await?;
         let session = response.json()["value"]["sessionId"]
             .as_str()
             .with_context(|| format!("no WebDriver session: {}", response.body))?
@@ -662,12 +620,7 @@ impl Browser {
         })
     }
 
-    async fn command(
-        &self,
-        method: &str,
-        path: &str,
-        body: serde_json::Value,
-    ) -> anyhow::Result<serde_json::Value> {
+    async fn command(&self, method: &str, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
         let target = format!("/session/{}{path}", self.session);
         let body = if body.is_null() {
             Vec::new()
@@ -675,11 +628,7 @@ impl Browser {
             body.to_string().into_bytes()
         };
         let response = http_request(&self.driver_addr, method, &target, &body).await?;
-        anyhow::ensure!(
-            response.status == 200,
-            "WebDriver {method} {path}: {}",
-            response.body
-        );
+        anyhow::ensure!(response.status == 200, "WebDriver {method} {path}: {}", response.body);
         Ok(response.json()["value"].take())
     }
 
@@ -702,11 +651,9 @@ impl Browser {
     /// Saves a PNG of the viewport.
     pub async fn screenshot(&self, path: &Path) -> anyhow::Result<()> {
         use base64::Engine;
-        let value = self
-            .command("GET", "/screenshot", serde_json::Value::Null)
-            .await?;
-        let png = base64::engine::general_purpose::STANDARD
-            .decode(value.as_str().context("screenshot not a string")?)?;
+        let value = self.command("GET", "/screenshot", serde_json::Value::Null).await?;
+        let png =
+            base64::engine::general_purpose::STANDARD.decode(value.as_str().context("screenshot not a string")?)?;
         std::fs::write(path, png)?;
         Ok(())
     }
@@ -727,4 +674,61 @@ impl Drop for Browser {
             }
         }
     }
+}
+
+/// An S3-compatible server (moto, from PyPI) with the bucket `warehouse`; any key pair works.
+pub struct S3Server {
+    pub endpoint: String,
+    _child: ChildGuard,
+}
+
+impl S3Server {
+    pub async fn start() -> anyhow::Result<Self> {
+        let binary =
+            find_tool("MOTO_SERVER", "moto_server").context("moto_server not found: pip install 'moto[server]'")?;
+        let port = free_port();
+        let child = ChildGuard::spawn(
+            "moto_server",
+            Command::new(binary)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )?;
+        let addr = format!("127.0.0.1:{port}");
+        wait_for_port(&addr, Duration::from_secs(60))?;
+        let created = http_request(&addr, "PUT", "/warehouse", b"").await?;
+        anyhow::ensure!(
+            created.status == 200,
+            "creating the bucket: {} {}",
+            created.status,
+            created.body
+        );
+        Ok(Self {
+            endpoint: format!("http://{addr}"),
+            _child: child,
+        })
+    }
+}
+
+/// Runs `tests/pyiceberg_check.py`, an independent reader of the table, and returns what it
+/// found (JSON).
+pub fn pyiceberg_check(
+    catalog_url: &str,
+    catalog_name: &str,
+    s3_endpoint: &str,
+    table: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("pyiceberg_check.py");
+    let python = find_tool("PYTHON", "python3").context("python3 not found")?;
+    let output = Command::new(python)
+        .arg(script)
+        .args([catalog_url, catalog_name, s3_endpoint, table])
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "pyiceberg_check failed: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
 }

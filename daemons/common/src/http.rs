@@ -40,10 +40,7 @@ pub fn channel_body(receiver: tokio::sync::mpsc::Receiver<Bytes>) -> Body {
 pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
         Ok(body) => with_type(status, "application/json", body),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding response: {e}"),
-        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding response: {e}")),
     }
 }
 
@@ -54,17 +51,12 @@ pub fn error(status: StatusCode, message: impl Display) -> Response<Body> {
 }
 
 /// A response with a body of the given content type.
-pub fn with_type(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
+pub fn with_type(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut response = Response::new(full(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
     response
 }
 
@@ -82,10 +74,7 @@ pub fn metrics(registry: &Registry) -> Response<Body> {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             text,
         ),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding metrics: {e}"),
-        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}")),
     }
 }
 
@@ -100,12 +89,8 @@ pub fn not_routed(method_allowed: bool) -> Response<Body> {
 
 /// Serves HTTP/1 connections from `listener` until `shutdown` is cancelled, then stops
 /// accepting, lets every request already received finish (up to `drain`), and returns.
-pub async fn serve<H, F>(
-    listener: TcpListener,
-    handler: H,
-    shutdown: CancellationToken,
-    drain: Duration,
-) where
+pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: CancellationToken, drain: Duration)
+where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -129,8 +114,7 @@ pub async fn serve<H, F>(
             let response = handler(request);
             async move { Ok::<_, Infallible>(response.await) }
         });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), service);
+        let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -143,4 +127,24 @@ pub async fn serve<H, F>(
         () = graceful.shutdown() => tracing::debug!("all connections drained"),
         () = tokio::time::sleep(drain) => tracing::warn!(?drain, "drain timed out, closing the remaining connections"),
     }
+}
+
+/// Handler of a consumer daemon's small HTTP port: `/health` and `/metrics`.
+pub fn admin_handler(
+    registry: std::sync::Arc<Registry>,
+) -> impl Fn(Request<Incoming>) -> std::future::Ready<Response<Body>> + Clone + Send + Sync + 'static {
+    move |request| {
+        std::future::ready(match (request.method(), request.uri().path()) {
+            (&hyper::Method::GET, "/health") => health(),
+            (&hyper::Method::GET, "/metrics") => metrics(&registry),
+            (_, "/health" | "/metrics") => not_routed(false),
+            _ => not_routed(true),
+        })
+    }
+}
+
+/// Metric label of per-partition gauges such as lag.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct PartitionLabel {
+    pub partition: i32,
 }

@@ -101,9 +101,7 @@ impl KafkaArgs {
             .request_timeout(Some(timeout));
         let results = tokio::time::timeout(timeout * 2, admin.create_topics(&new_topics, &options))
             .await
-            .map_err(|_| {
-                anyhow::anyhow!("creating topics {missing:?}: no answer from the broker")
-            })??;
+            .map_err(|_| anyhow::anyhow!("creating topics {missing:?}: no answer from the broker"))??;
         for result in results {
             match result {
                 Ok(topic) => tracing::info!(topic, "created topic"),
@@ -116,11 +114,7 @@ impl KafkaArgs {
 }
 
 /// Whether the broker answers and knows `topic`. Blocks for at most `timeout`.
-pub fn topic_available<C: ClientContext>(
-    client: &Client<C>,
-    topic: &str,
-    timeout: Duration,
-) -> Result<(), String> {
+pub fn topic_available<C: ClientContext>(client: &Client<C>, topic: &str, timeout: Duration) -> Result<(), String> {
     let metadata = client
         .fetch_metadata(Some(topic), timeout)
         .map_err(|e| format!("broker unreachable: {e}"))?;
@@ -182,8 +176,7 @@ impl DeadLetters {
                 key: "original.offset",
                 value: Some(&offset),
             });
-        let mut record =
-            rdkafka::producer::FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
+        let mut record = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
         if let Some(key) = message.key() {
             record = record.key(key);
         }
@@ -193,12 +186,7 @@ impl DeadLetters {
         self.producer
             .send(record, rdkafka::util::Timeout::Never)
             .await
-            .map_err(|(e, _)| {
-                anyhow::anyhow!(
-                    "dead-lettering {}/{partition}@{offset}: {e}",
-                    message.topic()
-                )
-            })?;
+            .map_err(|(e, _)| anyhow::anyhow!("dead-lettering {}/{partition}@{offset}: {e}", message.topic()))?;
         Ok(())
     }
 }
@@ -221,8 +209,7 @@ where
             tracing::debug!(error = %e, "could not create the topics");
         }
         let (consumer, name) = (consumer.clone(), topic.to_owned());
-        let found =
-            tokio::task::spawn_blocking(move || partition_count(consumer.as_ref(), &name)).await;
+        let found = tokio::task::spawn_blocking(move || partition_count(consumer.as_ref(), &name)).await;
         match found {
             Ok(Ok(n)) if n > 0 => return Some(n),
             Ok(Ok(_)) => tracing::warn!(topic, "waiting for the topic to exist"),
@@ -236,10 +223,7 @@ where
 }
 
 /// Partitions of `topic` (0 when it does not exist). Blocks for up to 5 s.
-pub fn partition_count<C: rdkafka::consumer::Consumer>(
-    consumer: &C,
-    topic: &str,
-) -> anyhow::Result<i32> {
+pub fn partition_count<C: rdkafka::consumer::Consumer>(consumer: &C, topic: &str) -> anyhow::Result<i32> {
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
     Ok(metadata
         .topics()
@@ -302,9 +286,7 @@ pub fn spawn_lag_update<C>(
 {
     tokio::task::spawn_blocking(move || {
         for (partition, next_offset) in positions {
-            if let Ok((_, high)) =
-                consumer.fetch_watermarks(&topic, partition, Duration::from_secs(1))
-            {
+            if let Ok((_, high)) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(1)) {
                 report(partition, (high - next_offset).max(0));
             }
         }

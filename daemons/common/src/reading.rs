@@ -39,6 +39,10 @@ pub enum ReadingError {
     TemperatureNotFinite,
     #[error("temperature must be between -150 and 200, got {0}")]
     TemperatureOutOfRange(f64),
+    #[error("ts is required")]
+    MissingTimestamp,
+    #[error("ts must be an RFC 3339 timestamp: {0}")]
+    InvalidTimestamp(String),
     #[error("{0} must be given once")]
     Repeated(&'static str),
     #[error("invalid JSON: {0}")]
@@ -77,36 +81,45 @@ impl WeatherReading {
 
     /// Parses one `{"city": .., "temperature": ..}` object of a `POST /log` or `/logs` body.
     pub fn from_request_json(json: &[u8], ts: DateTime<Utc>) -> Result<Self, ReadingError> {
-        #[derive(Deserialize)]
-        struct Request {
-            city: Option<String>,
-            temperature: Option<serde_json::Value>,
-        }
-        let request: Request =
-            serde_json::from_slice(json).map_err(|e| ReadingError::Json(e.to_string()))?;
-        let city = request.city.ok_or(ReadingError::MissingCity)?;
-        let temperature = match request.temperature {
-            None | Some(serde_json::Value::Null) => return Err(ReadingError::MissingTemperature),
-            Some(serde_json::Value::Number(n)) => n
-                .as_f64()
-                .ok_or_else(|| ReadingError::TemperatureNotANumber(n.to_string()))?,
-            Some(other) => return Err(ReadingError::TemperatureNotANumber(other.to_string())),
-        };
-        Self::new(&city, temperature, ts)
+        let object = json_object(json)?;
+        let city = string_field(&object, "city", ReadingError::MissingCity)?;
+        Self::new(city, number_field(&object)?, ts)
     }
 
     /// Parses and validates a Kafka record value written by the logging server.
     pub fn from_json(json: &[u8]) -> Result<Self, ReadingError> {
-        let reading: Self =
-            serde_json::from_slice(json).map_err(|e| ReadingError::Json(e.to_string()))?;
-        Self::new(&reading.city, reading.temperature, reading.ts).and_then(|valid| {
-            // A trimmed city differs from what the producer sent: that producer is not ours.
-            if valid.city == reading.city {
-                Ok(valid)
-            } else {
-                Err(ReadingError::Json("city has surrounding whitespace".into()))
-            }
-        })
+        // Fast path for well-formed records; the slow path only finds words for what is wrong.
+        let Ok(reading) = serde_json::from_slice::<Self>(json) else {
+            return Err(Self::diagnose(json));
+        };
+        let valid = Self::new(&reading.city, reading.temperature, reading.ts)?;
+        // A trimmed city differs from what the producer sent: that producer is not ours.
+        if valid.city != reading.city {
+            return Err(ReadingError::Json("city has surrounding whitespace".into()));
+        }
+        Ok(valid)
+    }
+
+    /// Why `json` is not a reading, naming the field.
+    fn diagnose(json: &[u8]) -> ReadingError {
+        let object = match json_object(json) {
+            Ok(object) => object,
+            Err(e) => return e,
+        };
+        if let Some(unknown) = object
+            .keys()
+            .find(|k| !["city", "temperature", "ts"].contains(&k.as_str()))
+        {
+            return ReadingError::Json(format!("unknown field {unknown:?}"));
+        }
+        let checked = string_field(&object, "city", ReadingError::MissingCity)
+            .and_then(|_| number_field(&object))
+            .and_then(|_| string_field(&object, "ts", ReadingError::MissingTimestamp))
+            .and_then(|ts| DateTime::parse_from_rfc3339(ts).map_err(|e| ReadingError::InvalidTimestamp(e.to_string())));
+        match checked {
+            Err(e) => e,
+            Ok(_) => ReadingError::Json("not a weather reading".into()),
+        }
     }
 
     /// The Kafka record value.
@@ -118,6 +131,35 @@ impl WeatherReading {
     /// The current time at the precision readings carry (milliseconds).
     pub fn now() -> DateTime<Utc> {
         Utc::now().trunc_subsecs(3)
+    }
+}
+
+fn json_object(json: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ReadingError> {
+    match serde_json::from_slice(json).map_err(|e| ReadingError::Json(e.to_string()))? {
+        serde_json::Value::Object(object) => Ok(object),
+        _ => Err(ReadingError::Json("expected a JSON object".into())),
+    }
+}
+
+fn string_field<'a>(
+    object: &'a serde_json::Map<String, serde_json::Value>,
+    name: &'static str,
+    missing: ReadingError,
+) -> Result<&'a str, ReadingError> {
+    match object.get(name) {
+        None | Some(serde_json::Value::Null) => Err(missing),
+        Some(serde_json::Value::String(text)) => Ok(text),
+        Some(other) => Err(ReadingError::Json(format!("{name} must be a string, got {other}"))),
+    }
+}
+
+fn number_field(object: &serde_json::Map<String, serde_json::Value>) -> Result<f64, ReadingError> {
+    match object.get("temperature") {
+        None | Some(serde_json::Value::Null) => Err(ReadingError::MissingTemperature),
+        Some(serde_json::Value::Number(n)) => n
+            .as_f64()
+            .ok_or_else(|| ReadingError::TemperatureNotANumber(n.to_string())),
+        Some(other) => Err(ReadingError::TemperatureNotANumber(other.to_string())),
     }
 }
 
@@ -194,8 +236,7 @@ mod tests {
 
     #[test]
     fn query_roundtrips_through_kafka_json() {
-        let reading = WeatherReading::from_query("city=San%20Francisco&temperature=71.25", ts())
-            .expect("valid query");
+        let reading = WeatherReading::from_query("city=San%20Francisco&temperature=71.25", ts()).expect("valid query");
         assert_eq!(reading.city, "San Francisco");
         assert_eq!(reading.temperature, 71.25);
         let json = String::from_utf8(reading.to_json()).expect("utf8");
@@ -210,18 +251,9 @@ mod tests {
     fn city_is_trimmed_and_checked() {
         assert_eq!(validate_city("  Boston "), Ok("Boston".into()));
         assert_eq!(validate_city("   "), Err(ReadingError::EmptyCity));
-        assert_eq!(
-            validate_city("Bo\u{7}ston"),
-            Err(ReadingError::CityControlCharacter)
-        );
-        assert_eq!(
-            validate_city(&"é".repeat(255)).map(|c| c.chars().count()),
-            Ok(255)
-        );
-        assert_eq!(
-            validate_city(&"x".repeat(256)),
-            Err(ReadingError::CityTooLong(256))
-        );
+        assert_eq!(validate_city("Bo\u{7}ston"), Err(ReadingError::CityControlCharacter));
+        assert_eq!(validate_city(&"é".repeat(255)).map(|c| c.chars().count()), Ok(255));
+        assert_eq!(validate_city(&"x".repeat(256)), Err(ReadingError::CityTooLong(256)));
     }
 
     #[test]
@@ -232,14 +264,8 @@ mod tests {
             parse_temperature("200.01"),
             Err(ReadingError::TemperatureOutOfRange(200.01))
         );
-        assert_eq!(
-            parse_temperature("NaN"),
-            Err(ReadingError::TemperatureNotFinite)
-        );
-        assert_eq!(
-            parse_temperature("inf"),
-            Err(ReadingError::TemperatureNotFinite)
-        );
+        assert_eq!(parse_temperature("NaN"), Err(ReadingError::TemperatureNotFinite));
+        assert_eq!(parse_temperature("inf"), Err(ReadingError::TemperatureNotFinite));
         assert_eq!(parse_temperature(""), Err(ReadingError::MissingTemperature));
         assert!(matches!(
             parse_temperature("warm"),
@@ -249,17 +275,10 @@ mod tests {
 
     #[test]
     fn query_errors_name_the_field() {
-        let err = |q| {
-            WeatherReading::from_query(q, ts())
-                .expect_err(q)
-                .to_string()
-        };
+        let err = |q| WeatherReading::from_query(q, ts()).expect_err(q).to_string();
         assert_eq!(err("temperature=1"), "city is required");
         assert_eq!(err("city=Boston"), "temperature is required");
-        assert_eq!(
-            err("city=A&city=B&temperature=1"),
-            "city must be given once"
-        );
+        assert_eq!(err("city=A&city=B&temperature=1"), "city must be given once");
         assert!(err("city=Boston&temperature=abc").starts_with("temperature must be a number"));
     }
 
@@ -267,11 +286,21 @@ mod tests {
     fn request_json_accepts_numbers_only() {
         let ok = WeatherReading::from_request_json(br#"{"city":"Miami","temperature":80}"#, ts());
         assert_eq!(ok.map(|r| r.temperature), Ok(80.0));
-        let err =
-            WeatherReading::from_request_json(br#"{"city":"Miami","temperature":"80"}"#, ts());
+        let err = WeatherReading::from_request_json(br#"{"city":"Miami","temperature":"80"}"#, ts());
         assert!(matches!(err, Err(ReadingError::TemperatureNotANumber(_))));
         let err = WeatherReading::from_request_json(b"{not json", ts());
         assert!(matches!(err, Err(ReadingError::Json(_))));
+    }
+
+    #[test]
+    fn kafka_json_errors_name_the_field() {
+        let err = |json: &str| WeatherReading::from_json(json.as_bytes()).expect_err(json).to_string();
+        assert!(err(r#"{"city":"A","temperature":"warm","ts":"2026-11-24T03:34:15.123Z"}"#).contains("temperature"));
+        assert!(err(r#"{"city":1,"temperature":1,"ts":"2026-11-24T03:34:15.123Z"}"#).contains("city"));
+        assert_eq!(err(r#"{"city":"A","temperature":1}"#), "ts is required");
+        assert!(err(r#"{"city":"A","temperature":1,"ts":"noon"}"#).starts_with("ts must be"));
+        assert!(err(r#"{"city":"A","temperature":1,"ts":"2026-11-24T03:34:15Z","x":1}"#).contains("\"x\""));
+        assert!(err("[1]").contains("object"));
     }
 
     #[test]

@@ -26,19 +26,13 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), tokio_po
     .await?;
     for (version, sql) in MIGRATIONS {
         let applied = tx
-            .query_opt(
-                "SELECT 1 FROM schema_migrations WHERE version = $1",
-                &[version],
-            )
+            .query_opt("SELECT 1 FROM schema_migrations WHERE version = $1", &[version])
             .await?
             .is_some();
         if !applied {
             tx.batch_execute(sql).await?;
-            tx.execute(
-                "INSERT INTO schema_migrations (version) VALUES ($1)",
-                &[version],
-            )
-            .await?;
+            tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version])
+                .await?;
             tracing::info!(version, "applied migration");
         }
     }

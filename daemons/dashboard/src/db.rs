@@ -63,9 +63,7 @@ impl Db {
         }
     }
 
-    async fn client(
-        &self,
-    ) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, tokio_postgres::Error> {
+    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, tokio_postgres::Error> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
             let (client, connection) = tokio_postgres::connect(&self.url, NoTls).await?;

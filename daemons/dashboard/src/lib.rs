@@ -71,10 +71,7 @@ impl Update {
         })
         .to_string()
         .into();
-        Self {
-            snapshot,
-            fragments,
-        }
+        Self { snapshot, fragments }
     }
 }
 
@@ -88,11 +85,7 @@ struct App {
 }
 
 /// Serves `listener` until `shutdown` is cancelled.
-pub async fn run(
-    args: Args,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, "dashboard starting");
     let (latest, _) = watch::channel(Arc::new(Update::new(Snapshot::default())));
     let app = Arc::new(App {
@@ -159,20 +152,12 @@ impl App {
     async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         let path = request.uri().path();
         let label = match path {
-            "/"
-            | "/fragments"
-            | "/events"
-            | "/api/weather"
-            | "/api/weather/latest"
-            | "/health"
-            | "/metrics" => path,
+            "/" | "/fragments" | "/events" | "/api/weather" | "/api/weather/latest" | "/health" | "/metrics" => path,
             _ => "other",
         };
         self.metrics
             .requests
-            .get_or_create(&PathLabel {
-                path: label.to_owned(),
-            })
+            .get_or_create(&PathLabel { path: label.to_owned() })
             .inc();
         if request.method() != Method::GET {
             return http::not_routed(label == "other");
@@ -181,11 +166,7 @@ impl App {
             "/" => {
                 let update = self.latest.borrow().clone();
                 let page = render::page(&update.snapshot, self.stale_after.as_millis() as u64);
-                http::with_type(
-                    StatusCode::OK,
-                    "text/html; charset=utf-8",
-                    page.into_string(),
-                )
+                http::with_type(StatusCode::OK, "text/html; charset=utf-8", page.into_string())
             }
             "/fragments" => {
                 let update = self.latest.borrow().clone();
@@ -208,8 +189,7 @@ impl App {
             Ok(snapshot) => http::json(StatusCode::OK, &api_json(&snapshot)),
             Err(e) => {
                 tracing::warn!(error = %e, "API query failed");
-                let mut response =
-                    http::error(StatusCode::SERVICE_UNAVAILABLE, "database unavailable");
+                let mut response = http::error(StatusCode::SERVICE_UNAVAILABLE, "database unavailable");
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
@@ -259,10 +239,7 @@ impl App {
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("text/event-stream"),
         );
-        headers.insert(
-            header::CACHE_CONTROL,
-            header::HeaderValue::from_static("no-cache"),
-        );
+        headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
         response
     }
 }
@@ -293,11 +270,7 @@ fn since(query: &str) -> Result<DateTime<Utc>, String> {
     };
     DateTime::parse_from_rfc3339(value.trim())
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| {
-            format!(
-                "since must be an ISO-8601 timestamp with a zone, e.g. 2026-11-24T03:34:15Z: {e}"
-            )
-        })
+        .map_err(|e| format!("since must be an ISO-8601 timestamp with a zone, e.g. 2026-11-24T03:34:15Z: {e}"))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -340,10 +313,7 @@ mod tests {
         assert!(since("since=2026-11-24T03:34:15.5%2B01:00").is_ok());
         assert!(since("").is_err());
         assert!(since("since=yesterday").is_err());
-        assert!(
-            since("since=2026-11-24T03:34:15").is_err(),
-            "no zone is ambiguous"
-        );
+        assert!(since("since=2026-11-24T03:34:15").is_err(), "no zone is ambiguous");
         assert!(since("since=2026-11-24T03:34:15Z&since=2026-11-24T03:34:16Z").is_err());
     }
 }

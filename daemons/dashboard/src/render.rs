@@ -76,15 +76,8 @@ pub fn stats(snapshot: &Snapshot) -> Markup {
 
 /// The demo cities first (even without data yet), then every other city by name.
 pub fn charts(snapshot: &Snapshot) -> Markup {
-    let others = snapshot
-        .cities
-        .keys()
-        .filter(|c| !DEMO_CITIES.contains(&c.as_str()));
-    let order: Vec<&str> = DEMO_CITIES
-        .iter()
-        .copied()
-        .chain(others.map(String::as_str))
-        .collect();
+    let others = snapshot.cities.keys().filter(|c| !DEMO_CITIES.contains(&c.as_str()));
+    let order: Vec<&str> = DEMO_CITIES.iter().copied().chain(others.map(String::as_str)).collect();
     let hidden = order.len().saturating_sub(MAX_CHARTS);
     html! {
         @for city in order.iter().take(MAX_CHARTS) {
@@ -116,38 +109,28 @@ fn chart(city: &str, points: &[Point]) -> Markup {
 
 fn svg(points: &[Point]) -> Markup {
     let (t0, t1) = (points[0].time, points[points.len() - 1].time);
-    let (mut lo, mut hi) = points
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
-            (lo.min(p.temperature), hi.max(p.temperature))
-        });
+    let (mut lo, mut hi) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+        (lo.min(p.temperature), hi.max(p.temperature))
+    });
     if hi - lo < 1.0 {
         lo -= 0.5;
         hi += 0.5;
     }
     let span_ms = (t1 - t0).num_milliseconds().max(1) as f64;
-    let x = |t: DateTime<Utc>| {
-        LEFT + (t - t0).num_milliseconds() as f64 / span_ms * (WIDTH - LEFT - RIGHT)
-    };
+    let x = |t: DateTime<Utc>| LEFT + (t - t0).num_milliseconds() as f64 / span_ms * (WIDTH - LEFT - RIGHT);
     let y = |v: f64| TOP + (hi - v) / (hi - lo) * (HEIGHT - TOP - BOTTOM);
     let line: String = points
         .iter()
         .map(|p| {
             format!(
                 "{:.1},{:.1}",
-                if points.len() == 1 {
-                    WIDTH / 2.0
-                } else {
-                    x(p.time)
-                },
+                if points.len() == 1 { WIDTH / 2.0 } else { x(p.time) },
                 y(p.temperature)
             )
         })
         .collect::<Vec<_>>()
         .join(" ");
-    let y_ticks: Vec<f64> = (0..=3)
-        .map(|i| lo + (hi - lo) * f64::from(i) / 3.0)
-        .collect();
+    let y_ticks: Vec<f64> = (0..=3).map(|i| lo + (hi - lo) * f64::from(i) / 3.0).collect();
     let prec = if hi - lo < 6.0 { 1 } else { 0 };
     let x_ticks: Vec<DateTime<Utc>> = if points.len() == 1 {
         vec![t0]
@@ -155,11 +138,7 @@ fn svg(points: &[Point]) -> Markup {
         (0..=3).map(|i| t0 + (t1 - t0) * i / 3).collect()
     };
     let last = &points[points.len() - 1];
-    let last_x = if points.len() == 1 {
-        WIDTH / 2.0
-    } else {
-        x(last.time)
-    };
+    let last_x = if points.len() == 1 { WIDTH / 2.0 } else { x(last.time) };
     html! {
         svg viewBox=(format!("0 0 {WIDTH} {HEIGHT}")) role="img" aria-label="temperature over time" {
             @for v in &y_ticks {
@@ -258,28 +237,19 @@ mod tests {
 
     #[test]
     fn city_names_are_escaped() {
-        let html = page(
-            &snapshot(&[("<script>alert(1)</script>", &[50.0, 60.0])]),
-            15_000,
-        )
-        .into_string();
+        let html = page(&snapshot(&[("<script>alert(1)</script>", &[50.0, 60.0])]), 15_000).into_string();
         assert!(!html.contains("<script>alert(1)</script>"));
         assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
     }
 
     #[test]
     fn demo_cities_always_have_a_chart_and_others_follow() {
-        let html =
-            charts(&snapshot(&[("Boston", &[50.0]), ("Albany", &[40.0, 41.0])])).into_string();
+        let html = charts(&snapshot(&[("Boston", &[50.0]), ("Albany", &[40.0, 41.0])])).into_string();
         assert_eq!(html.matches("<figure").count(), 11);
         let boston = html.find("data-city=\"Boston\"").expect("Boston");
         let albany = html.find("data-city=\"Albany\"").expect("Albany");
         assert!(boston < albany, "demo cities first");
-        assert_eq!(
-            html.matches("<svg").count(),
-            2,
-            "charts only where there is data"
-        );
+        assert_eq!(html.matches("<svg").count(), 2, "charts only where there is data");
     }
 
     #[test]

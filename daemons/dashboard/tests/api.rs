@@ -21,9 +21,7 @@ async fn api_returns_exact_rows_filters_by_since_and_refuses_bad_input() {
 
     let dashboard = start_dashboard(&url).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let response = http_get(&dashboard.addr, "/api/weather")
-        .await
-        .expect("api");
+    let response = http_get(&dashboard.addr, "/api/weather").await.expect("api");
     assert_eq!(response.status, 200, "{}", response.body);
     let ts = |t: DateTime<Utc>| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
     let expected = serde_json::json!({
@@ -38,12 +36,9 @@ async fn api_returns_exact_rows_filters_by_since_and_refuses_bad_input() {
     });
     assert_eq!(response.json(), expected);
 
-    let since = http_get(
-        &dashboard.addr,
-        &format!("/api/weather/latest?since={}", ts(t0)),
-    )
-    .await
-    .expect("latest");
+    let since = http_get(&dashboard.addr, &format!("/api/weather/latest?since={}", ts(t0)))
+        .await
+        .expect("latest");
     assert_eq!(since.status, 200);
     assert_eq!(
         since.json(),
@@ -57,10 +52,7 @@ async fn api_returns_exact_rows_filters_by_since_and_refuses_bad_input() {
     );
     let none = http_get(
         &dashboard.addr,
-        &format!(
-            "/api/weather/latest?since={}",
-            ts(t0 + TimeDelta::seconds(5))
-        ),
+        &format!("/api/weather/latest?since={}", ts(t0 + TimeDelta::seconds(5))),
     )
     .await
     .expect("latest");
@@ -82,19 +74,10 @@ async fn api_returns_exact_rows_filters_by_since_and_refuses_bad_input() {
         );
     }
     assert_eq!(
-        http_get(&dashboard.addr, "/health")
-            .await
-            .expect("health")
-            .json()["status"],
+        http_get(&dashboard.addr, "/health").await.expect("health").json()["status"],
         "healthy"
     );
-    assert_eq!(
-        http_get(&dashboard.addr, "/nope")
-            .await
-            .expect("404")
-            .status,
-        404
-    );
+    assert_eq!(http_get(&dashboard.addr, "/nope").await.expect("404").status, 404);
     assert_eq!(
         http_request(&dashboard.addr, "POST", "/api/weather", b"")
             .await
@@ -138,22 +121,13 @@ async fn malicious_city_names_render_as_text() {
         "escaped in the page"
     );
     assert!(!page.contains(evil), "never raw");
-    let fragments = http_get(&dashboard.addr, "/fragments")
-        .await
-        .expect("fragments")
-        .json();
+    let fragments = http_get(&dashboard.addr, "/fragments").await.expect("fragments").json();
     assert!(
-        !fragments["charts"]
-            .as_str()
-            .unwrap_or_default()
-            .contains(evil),
+        !fragments["charts"].as_str().unwrap_or_default().contains(evil),
         "escaped in pushed updates"
     );
     assert_eq!(
-        http_get(&dashboard.addr, "/api/weather")
-            .await
-            .expect("api")
-            .json()["cities"][0],
+        http_get(&dashboard.addr, "/api/weather").await.expect("api").json()["cities"][0],
         evil,
         "JSON keeps the name"
     );

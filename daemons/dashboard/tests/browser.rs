@@ -60,9 +60,7 @@ async fn page_shows_ten_charts_and_updates_live_without_reload() {
 
     let charts = "return document.querySelectorAll('figure.chart svg polyline').length === 10";
     assert!(
-        wait_until(&browser, charts, Duration::from_secs(10))
-            .await
-            .is_some(),
+        wait_until(&browser, charts, Duration::from_secs(10)).await.is_some(),
         "10 charts with lines"
     );
     browser
@@ -72,18 +70,12 @@ async fn page_shows_ten_charts_and_updates_live_without_reload() {
 
     // A new window for Boston plus the aggregator's notification.
     insert(&client, "Boston", t0 + TimeDelta::seconds(30), 99.5, 4).await;
-    client
-        .batch_execute("NOTIFY weather_updates")
-        .await
-        .expect("notify");
+    client.batch_execute("NOTIFY weather_updates").await.expect("notify");
     let updated = "return document.querySelector('figure[data-city=\"Boston\"] .last').textContent.includes('99.5')";
     let took = wait_until(&browser, updated, Duration::from_secs(2)).await;
     assert!(took.is_some(), "page updated within 2 s of NOTIFY");
     assert_eq!(
-        browser
-            .eval("return window.__loaded === true")
-            .await
-            .expect("eval"),
+        browser.eval("return window.__loaded === true").await.expect("eval"),
         true,
         "no reload happened"
     );
@@ -92,15 +84,10 @@ async fn page_shows_ten_charts_and_updates_live_without_reload() {
     // A hostile name arrives through the live path too: it must show as text, run nothing.
     let evil = "<img src=x onerror=\"window.__xss=1\">";
     insert(&client, evil, t0 + TimeDelta::seconds(30), 70.0, 1).await;
-    client
-        .batch_execute("NOTIFY weather_updates")
-        .await
-        .expect("notify");
+    client.batch_execute("NOTIFY weather_updates").await.expect("notify");
     let shown = "return document.querySelectorAll('figure.chart').length === 11";
     assert!(
-        wait_until(&browser, shown, Duration::from_secs(2))
-            .await
-            .is_some(),
+        wait_until(&browser, shown, Duration::from_secs(2)).await.is_some(),
         "new city appears"
     );
     let caption = browser
@@ -108,16 +95,11 @@ async fn page_shows_ten_charts_and_updates_live_without_reload() {
         .await
         .expect("eval");
     assert!(
-        caption
-            .as_array()
-            .is_some_and(|c| c.iter().any(|n| n == evil)),
+        caption.as_array().is_some_and(|c| c.iter().any(|n| n == evil)),
         "{caption}"
     );
     assert_eq!(
-        browser
-            .eval("return window.__xss === undefined")
-            .await
-            .expect("eval"),
+        browser.eval("return window.__xss === undefined").await.expect("eval"),
         true,
         "no script ran"
     );

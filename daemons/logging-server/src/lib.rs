@@ -70,21 +70,14 @@ impl Args {
 }
 
 /// Serves `listener` until `shutdown` is cancelled; every request accepted by then is answered.
-pub async fn run(
-    args: Args,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let producer: FutureProducer = args
         .kafka
         .client_config()
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "2")
-        .set(
-            "message.timeout.ms",
-            args.produce_timeout.as_millis().to_string(),
-        )
+        .set("message.timeout.ms", args.produce_timeout.as_millis().to_string())
         .create()
         .context("creating the Kafka producer")?;
     let server = Arc::new(Server {
@@ -96,11 +89,7 @@ pub async fn run(
     });
     tracing::info!(listen = %listener.local_addr()?, brokers = %args.kafka.kafka_brokers, topic = %args.topic, "logging-server starting");
 
-    tokio::spawn(wait_until_ready(
-        server.clone(),
-        args.kafka.clone(),
-        shutdown.clone(),
-    ));
+    tokio::spawn(wait_until_ready(server.clone(), args.kafka.clone(), shutdown.clone()));
     let handler = {
         let server = server.clone();
         move |request| {
@@ -214,10 +203,7 @@ impl Server {
 
     /// `POST /log` (one JSON object) or `POST /logs` (NDJSON, all or nothing).
     async fn log_body(&self, request: Request<Incoming>, many: bool) -> Response<Body> {
-        let body = match Limited::new(request.into_body(), self.max_body_bytes)
-            .collect()
-            .await
-        {
+        let body = match Limited::new(request.into_body(), self.max_body_bytes).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 let message = format!("body larger than {} bytes", self.max_body_bytes);
@@ -244,10 +230,7 @@ impl Server {
             match WeatherReading::from_request_json(line, ts) {
                 Ok(reading) => readings.push(reading),
                 Err(e) => {
-                    return http::error(
-                        StatusCode::BAD_REQUEST,
-                        format!("line {}: {e}", index + 1),
-                    );
+                    return http::error(StatusCode::BAD_REQUEST, format!("line {}: {e}", index + 1));
                 }
             }
         }
@@ -284,9 +267,7 @@ impl Server {
                         break;
                     }
                     // A large batch outruns the local queue: wait for the oldest delivery, retry.
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
-                        if !pending.is_empty() =>
-                    {
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) if !pending.is_empty() => {
                         if let Some(delivery) = pending.pop_front() {
                             match delivered(delivery.await) {
                                 Ok(()) => acked += 1,
@@ -314,9 +295,7 @@ impl Server {
                 Err(e) => failure = failure.or(Some(e)),
             }
         }
-        self.metrics
-            .produce_latency
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.produce_latency.observe(started.elapsed().as_secs_f64());
         self.metrics.produced.inc_by(acked as u64);
         match failure {
             None => Ok(()),
@@ -347,11 +326,9 @@ impl Server {
     async fn check_broker(&self) -> Result<(), String> {
         let producer = self.producer.clone();
         let topic = self.topic.clone();
-        tokio::task::spawn_blocking(move || {
-            topic_available(producer.client(), &topic, Duration::from_secs(2))
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        tokio::task::spawn_blocking(move || topic_available(producer.client(), &topic, Duration::from_secs(2)))
+            .await
+            .map_err(|e| e.to_string())?
     }
 }
 
@@ -423,14 +400,8 @@ impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("logging_server");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "http_requests",
-            "HTTP requests by path and status",
-            requests.clone(),
-        );
-        let produce_latency = Histogram::new([
-            0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-        ]);
+        registry.register("http_requests", "HTTP requests by path and status", requests.clone());
+        let produce_latency = Histogram::new([0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
         registry.register(
             "produce_duration_seconds",
             "Time from produce to broker acknowledgement, per request",

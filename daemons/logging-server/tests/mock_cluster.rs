@@ -21,19 +21,12 @@ impl Running {
         let addr = listener.local_addr().expect("addr").to_string();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(logging_server::run(args, listener, shutdown.clone()));
-        Self {
-            addr,
-            shutdown,
-            task,
-        }
+        Self { addr, shutdown, task }
     }
 
     async fn wait_ready(&self) {
         for _ in 0..100 {
-            if http_get(&self.addr, "/ready")
-                .await
-                .is_ok_and(|r| r.status == 200)
-            {
+            if http_get(&self.addr, "/ready").await.is_ok_and(|r| r.status == 200) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -70,15 +63,9 @@ async fn valid_reading_lands_once_with_city_key() {
     .await
     .expect("join")
     .expect("consume");
-    assert_eq!(
-        messages.len(),
-        1,
-        "exactly one record: {:?}",
-        payloads(&messages)
-    );
+    assert_eq!(messages.len(), 1, "exactly one record: {:?}", payloads(&messages));
     assert_eq!(messages[0].key(), Some(&b"San Francisco"[..]));
-    let stored =
-        WeatherReading::from_json(messages[0].payload().expect("payload")).expect("valid JSON");
+    let stored = WeatherReading::from_json(messages[0].payload().expect("payload")).expect("valid JSON");
     assert_eq!(stored.city, "San Francisco");
     assert_eq!(stored.temperature, 71.25);
     assert_eq!(
@@ -112,10 +99,7 @@ async fn invalid_input_gets_400_naming_the_field_and_produces_nothing() {
         ("/log?city=Boston&temperature=1e400".into(), "temperature"),
         ("/log?city=Boston&temperature=200.5".into(), "temperature"),
         ("/log?city=Boston&temperature=-151".into(), "temperature"),
-        (
-            "/log?city=Boston&temperature=1&temperature=2".into(),
-            "temperature",
-        ),
+        ("/log?city=Boston&temperature=1&temperature=2".into(), "temperature"),
     ];
     for (target, field) in &cases {
         let response = http_get(&server.addr, target).await.expect("request");
@@ -123,19 +107,12 @@ async fn invalid_input_gets_400_naming_the_field_and_produces_nothing() {
         let body = response.json();
         assert_eq!(body["status"], "error", "{target}");
         let message = body["message"].as_str().expect("message");
-        assert!(
-            message.contains(field),
-            "{target}: {message:?} should name {field}"
-        );
+        assert!(message.contains(field), "{target}: {message:?} should name {field}");
     }
 
     let bodies: [(&str, &[u8], &str); 5] = [
         ("/log", b"{\"city\":\"Boston\"}", "temperature"),
-        (
-            "/log",
-            b"{\"city\":\"Boston\",\"temperature\":\"hot\"}",
-            "temperature",
-        ),
+        ("/log", b"{\"city\":\"Boston\",\"temperature\":\"hot\"}", "temperature"),
         ("/log", b"not json", "JSON"),
         (
             "/logs",
@@ -145,32 +122,16 @@ async fn invalid_input_gets_400_naming_the_field_and_produces_nothing() {
         ("/logs", b"\n\n", "no readings"),
     ];
     for (path, body, expect) in bodies {
-        let response = http_request(&server.addr, "POST", path, body)
-            .await
-            .expect("request");
-        assert_eq!(
-            response.status,
-            400,
-            "{path} {:?}",
-            String::from_utf8_lossy(body)
-        );
+        let response = http_request(&server.addr, "POST", path, body).await.expect("request");
+        assert_eq!(response.status, 400, "{path} {:?}", String::from_utf8_lossy(body));
         assert!(
-            response.json()["message"]
-                .as_str()
-                .unwrap_or_default()
-                .contains(expect),
+            response.json()["message"].as_str().unwrap_or_default().contains(expect),
             "{}",
             response.body
         );
     }
 
-    assert_eq!(
-        http_get(&server.addr, "/nope")
-            .await
-            .expect("request")
-            .status,
-        404
-    );
+    assert_eq!(http_get(&server.addr, "/nope").await.expect("request").status, 404);
     assert_eq!(
         http_request(&server.addr, "DELETE", "/log", b"")
             .await
@@ -196,9 +157,7 @@ async fn invalid_input_gets_400_naming_the_field_and_produces_nothing() {
 
     let metrics = http_get(&server.addr, "/metrics").await.expect("metrics");
     assert!(
-        metrics
-            .body
-            .contains("logging_server_records_produced_total 1"),
+        metrics.body.contains("logging_server_records_produced_total 1"),
         "{}",
         metrics.body
     );
@@ -218,25 +177,14 @@ async fn batch_endpoints_store_every_line() {
     let server = Running::start(Args::with_brokers(&kafka.brokers())).await;
     server.wait_ready().await;
 
-    let single = http_request(
-        &server.addr,
-        "POST",
-        "/log",
-        br#"{"city":"Miami","temperature":88.5}"#,
-    )
-    .await
-    .expect("post");
+    let single = http_request(&server.addr, "POST", "/log", br#"{"city":"Miami","temperature":88.5}"#)
+        .await
+        .expect("post");
     assert_eq!(single.status, 200, "{}", single.body);
     assert_eq!(single.json()["data"]["city"], "Miami");
 
     let ndjson: String = (0..500)
-        .map(|i| {
-            format!(
-                "{{\"city\":\"City {}\",\"temperature\":{}.5}}\r\n",
-                i % 7,
-                i % 100
-            )
-        })
+        .map(|i| format!("{{\"city\":\"City {}\",\"temperature\":{}.5}}\r\n", i % 7, i % 100))
         .collect();
     let batch = http_request(&server.addr, "POST", "/logs", ndjson.as_bytes())
         .await
@@ -253,13 +201,8 @@ async fn batch_endpoints_store_every_line() {
     .expect("consume");
     assert_eq!(messages.len(), 501);
     for message in &messages {
-        let reading =
-            WeatherReading::from_json(message.payload().expect("payload")).expect("valid");
-        assert_eq!(
-            message.key(),
-            Some(reading.city.as_bytes()),
-            "key is the city"
-        );
+        let reading = WeatherReading::from_json(message.payload().expect("payload")).expect("valid");
+        assert_eq!(message.key(), Some(reading.city.as_bytes()), "key is the city");
     }
     server.stop().await;
 }
@@ -274,20 +217,8 @@ async fn unreachable_broker_gives_503_never_200() {
         .expect("request");
     assert_eq!(response.status, 503, "{}", response.body);
     assert_eq!(response.header("retry-after"), Some("1"));
-    assert_eq!(
-        http_get(&server.addr, "/ready")
-            .await
-            .expect("ready")
-            .status,
-        503
-    );
-    assert_eq!(
-        http_get(&server.addr, "/health")
-            .await
-            .expect("health")
-            .status,
-        200
-    );
+    assert_eq!(http_get(&server.addr, "/ready").await.expect("ready").status, 503);
+    assert_eq!(http_get(&server.addr, "/health").await.expect("health").status, 200);
     server.stop().await;
 
     // A broker that goes away after start-up: the delivery times out and the client hears 503.

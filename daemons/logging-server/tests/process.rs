@@ -19,9 +19,7 @@ async fn notifies_ready_and_stopping_and_drains_in_flight_requests_on_sigterm() 
             .env("RUST_LOG", "warn"),
     )
     .expect("spawn");
-    notify
-        .wait_for("READY=1", Duration::from_secs(30))
-        .expect("READY=1");
+    notify.wait_for("READY=1", Duration::from_secs(30)).expect("READY=1");
 
     // Slow acknowledgements keep the next requests in flight while SIGTERM arrives.
     kafka
@@ -52,22 +50,10 @@ async fn notifies_ready_and_stopping_and_drains_in_flight_requests_on_sigterm() 
     seen.expect("STOPPING=1 after SIGTERM");
     let status = server.wait(Duration::from_secs(30)).expect("exits");
     assert!(status.success(), "exit status {status:?}");
-    assert!(
-        std::net::TcpStream::connect(&addr).is_err(),
-        "no longer listening"
-    );
+    assert!(std::net::TcpStream::connect(&addr).is_err(), "no longer listening");
 
-    kafka
-        .cluster
-        .broker_round_trip_time(1, Duration::ZERO)
-        .expect("rtt");
-    let messages = consume(
-        &kafka.brokers(),
-        "weather",
-        cities.len(),
-        Duration::from_secs(20),
-    )
-    .expect("consume");
+    kafka.cluster.broker_round_trip_time(1, Duration::ZERO).expect("rtt");
+    let messages = consume(&kafka.brokers(), "weather", cities.len(), Duration::from_secs(20)).expect("consume");
     let stored: BTreeSet<String> = messages
         .iter()
         .map(|m| {
@@ -76,10 +62,6 @@ async fn notifies_ready_and_stopping_and_drains_in_flight_requests_on_sigterm() 
                 .city
         })
         .collect();
-    assert_eq!(
-        messages.len(),
-        cities.len(),
-        "each acknowledged reading exactly once"
-    );
+    assert_eq!(messages.len(), cities.len(), "each acknowledged reading exactly once");
     assert_eq!(stored, cities.iter().cloned().collect());
 }

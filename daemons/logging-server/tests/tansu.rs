@@ -25,10 +25,7 @@ async fn ten_thousand_readings_produced_and_consumed_back() {
     ));
     let mut ready = false;
     for _ in 0..150 {
-        if http_get(&addr, "/ready")
-            .await
-            .is_ok_and(|r| r.status == 200)
-        {
+        if http_get(&addr, "/ready").await.is_ok_and(|r| r.status == 200) {
             ready = true;
             break;
         }
@@ -43,11 +40,7 @@ async fn ten_thousand_readings_produced_and_consumed_back() {
             let permits = permits.clone();
             tokio::spawn(async move {
                 let _permit = permits.acquire_owned().await;
-                let target = format!(
-                    "/log?city=City%20{}&temperature={}",
-                    i % 10,
-                    i as f64 / 100.0
-                );
+                let target = format!("/log?city=City%20{}&temperature={}", i % 10, i as f64 / 100.0);
                 http_get(&addr, &target).await
             })
         })
@@ -58,16 +51,14 @@ async fn ten_thousand_readings_produced_and_consumed_back() {
     }
 
     let brokers = tansu.brokers.clone();
-    let messages = tokio::task::spawn_blocking(move || {
-        consume(&brokers, "weather", READINGS, Duration::from_secs(120))
-    })
-    .await
-    .expect("join")
-    .expect("consume");
+    let messages =
+        tokio::task::spawn_blocking(move || consume(&brokers, "weather", READINGS, Duration::from_secs(120)))
+            .await
+            .expect("join")
+            .expect("consume");
     let mut seen = BTreeSet::new();
     for message in &messages {
-        let reading =
-            WeatherReading::from_json(message.payload().unwrap_or_default()).expect("valid record");
+        let reading = WeatherReading::from_json(message.payload().unwrap_or_default()).expect("valid record");
         assert_eq!(message.key(), Some(reading.city.as_bytes()));
         let hundredths = (reading.temperature * 100.0).round() as usize;
         assert_eq!(reading.city, format!("City {}", hundredths % 10));

@@ -36,11 +36,7 @@ pub const CITIES: [&str; 10] = [
 #[command(version, about)]
 pub struct Args {
     /// Base URL of the logging-server.
-    #[arg(
-        long,
-        env = "LOGGING_SERVER_URL",
-        default_value = "http://localhost:9998"
-    )]
+    #[arg(long, env = "LOGGING_SERVER_URL", default_value = "http://localhost:9998")]
     pub server_url: String,
 
     /// Readings per batch.
@@ -76,9 +72,7 @@ impl Args {
     fn period(&self) -> anyhow::Result<Duration> {
         match self.rate {
             None => Ok(self.interval),
-            Some(rate) if rate.is_finite() && rate > 0.0 => {
-                Ok(Duration::from_secs_f64(self.count as f64 / rate))
-            }
+            Some(rate) if rate.is_finite() && rate > 0.0 => Ok(Duration::from_secs_f64(self.count as f64 / rate)),
             Some(rate) => anyhow::bail!("--rate must be a positive number, got {rate}"),
         }
     }
@@ -97,15 +91,8 @@ pub struct Totals {
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<Totals> {
     let period = args.period()?;
     anyhow::ensure!(args.count > 0, "--count must be at least 1");
-    let base: Uri = args
-        .server_url
-        .trim_end_matches('/')
-        .parse()
-        .context("--server-url")?;
-    anyhow::ensure!(
-        base.scheme_str() == Some("http"),
-        "--server-url must be an http:// URL"
-    );
+    let base: Uri = args.server_url.trim_end_matches('/').parse().context("--server-url")?;
+    anyhow::ensure!(base.scheme_str() == Some("http"), "--server-url must be an http:// URL");
     let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let sender = Arc::new(Sender {
         client,
@@ -241,10 +228,7 @@ mod tests {
         for fake_cities in [false, true] {
             for _ in 0..1000 {
                 let (city, temperature) = fake_reading(fake_cities);
-                assert!(
-                    weather_common::reading::validate_city(&city).is_ok(),
-                    "{city:?}"
-                );
+                assert!(weather_common::reading::validate_city(&city).is_ok(), "{city:?}");
                 assert!((0.0..=120.0).contains(&temperature));
                 assert!(((temperature * 100.0).round() - temperature * 100.0).abs() < 1e-6);
             }
@@ -253,13 +237,7 @@ mod tests {
 
     #[test]
     fn rate_sets_the_period() {
-        let args = <Args as clap::Parser>::parse_from([
-            "weather-client",
-            "--count",
-            "10",
-            "--rate",
-            "100",
-        ]);
+        let args = <Args as clap::Parser>::parse_from(["weather-client", "--count", "10", "--rate", "100"]);
         assert_eq!(args.period().ok(), Some(Duration::from_millis(100)));
         let args = <Args as clap::Parser>::parse_from(["weather-client", "--rate", "0"]);
         assert!(args.period().is_err());

@@ -21,10 +21,7 @@ async fn every_batch_arrives_in_kafka() {
         stop_server.clone(),
     ));
     for _ in 0..100 {
-        if http_get(&addr, "/ready")
-            .await
-            .is_ok_and(|r| r.status == 200)
-        {
+        if http_get(&addr, "/ready").await.is_ok_and(|r| r.status == 200) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -54,16 +51,13 @@ async fn every_batch_arrives_in_kafka() {
     );
 
     let brokers = kafka.brokers();
-    let messages = tokio::task::spawn_blocking(move || {
-        consume(&brokers, "weather", 40, Duration::from_secs(20))
-    })
-    .await
-    .expect("join")
-    .expect("consume");
+    let messages = tokio::task::spawn_blocking(move || consume(&brokers, "weather", 40, Duration::from_secs(20)))
+        .await
+        .expect("join")
+        .expect("consume");
     assert_eq!(messages.len(), 40);
     for message in &messages {
-        let reading =
-            WeatherReading::from_json(message.payload().unwrap_or_default()).expect("valid");
+        let reading = WeatherReading::from_json(message.payload().unwrap_or_default()).expect("valid");
         assert!(CITIES.contains(&reading.city.as_str()), "{}", reading.city);
         assert!((0.0..=120.0).contains(&reading.temperature));
     }

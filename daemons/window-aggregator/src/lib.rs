@@ -18,7 +18,6 @@ use std::{
 
 use anyhow::Context;
 use chrono::{TimeDelta, Utc};
-use hyper::{Method, Request, body::Incoming};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -29,10 +28,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use weather_common::{
     WeatherReading,
-    http::{self, Body},
+    http::{self, PartitionLabel},
     kafka::{
-        DEAD_LETTER_TOPIC, DeadLetters, KafkaArgs, WEATHER_TOPIC, assign_at, commit_for_monitoring,
-        partition_count, spawn_lag_update, wait_for_partitions,
+        DEAD_LETTER_TOPIC, DeadLetters, KafkaArgs, WEATHER_TOPIC, assign_at, commit_for_monitoring, partition_count,
+        spawn_lag_update, wait_for_partitions,
     },
     runtime::{self, Backoff},
 };
@@ -99,9 +98,7 @@ pub struct Args {
 
 impl Args {
     fn window_config(&self) -> anyhow::Result<WindowConfig> {
-        let delta = |d: Duration, name: &str| {
-            TimeDelta::from_std(d).with_context(|| format!("--{name} too large"))
-        };
+        let delta = |d: Duration, name: &str| TimeDelta::from_std(d).with_context(|| format!("--{name} too large"));
         let config = WindowConfig {
             size: delta(self.window, "window")?,
             allowed_lateness: delta(self.allowed_lateness, "allowed-lateness")?,
@@ -125,7 +122,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     tracing::info!(listen = %listener.local_addr()?, topic = %args.topic, window = ?args.window, "window-aggregator starting");
     let admin = tokio::spawn(http::serve(
         listener,
-        admin_handler(metrics.clone()),
+        http::admin_handler(metrics.registry.clone()),
         shutdown.clone(),
         Duration::from_secs(5),
     ));
@@ -145,8 +142,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let mut backoff = Backoff::default();
     loop {
         let topics = [args.topic.as_str(), args.dead_letter_topic.as_str()];
-        let Some(partitions) =
-            wait_for_partitions(&args.kafka, &consumer, &args.topic, &topics, &shutdown).await
+        let Some(partitions) = wait_for_partitions(&args.kafka, &consumer, &args.topic, &topics, &shutdown).await
         else {
             break;
         };
@@ -213,12 +209,8 @@ async fn connect(args: &Args, shutdown: &CancellationToken) -> Option<Store> {
             Ok(None) => {
                 if !standing_by {
                     standing_by = true;
-                    runtime::notify_status(
-                        "standing by: another window-aggregator holds the writer lock",
-                    );
-                    tracing::info!(
-                        "another window-aggregator writes to this database; standing by"
-                    );
+                    runtime::notify_status("standing by: another window-aggregator holds the writer lock");
+                    tracing::info!("another window-aggregator writes to this database; standing by");
                 }
                 backoff = Backoff::from_step(2);
             }
@@ -289,25 +281,17 @@ impl Worker<'_> {
         }
     }
 
-    async fn process(
-        &mut self,
-        message: &rdkafka::message::BorrowedMessage<'_>,
-    ) -> anyhow::Result<()> {
+    async fn process(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()> {
         let parsed = match message.payload() {
             Some(payload) => WeatherReading::from_json(payload),
-            None => Err(weather_common::ReadingError::Json(
-                "empty record value".into(),
-            )),
+            None => Err(weather_common::ReadingError::Json("empty record value".into())),
         };
         let now = Instant::now();
         let outcome = match &parsed {
-            Ok(reading) => {
-                self.aggregator
-                    .apply(message.partition(), message.offset(), Some(reading), now)
-            }
-            Err(_) => self
+            Ok(reading) => self
                 .aggregator
-                .apply(message.partition(), message.offset(), None, now),
+                .apply(message.partition(), message.offset(), Some(reading), now),
+            Err(_) => self.aggregator.apply(message.partition(), message.offset(), None, now),
         };
         if let (Outcome::Skipped, Err(e)) = (outcome, &parsed) {
             // Acknowledged by the broker before the offset past it can be committed.
@@ -337,21 +321,12 @@ impl Worker<'_> {
         }
         let batch = self.aggregator.take_batch();
         let started = Instant::now();
-        self.store
-            .commit(&batch)
-            .await
-            .context("committing to PostgreSQL")?;
-        self.metrics
-            .commit_duration
-            .observe(started.elapsed().as_secs_f64());
+        self.store.commit(&batch).await.context("committing to PostgreSQL")?;
+        self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
         self.metrics.window_rows.inc_by(batch.deltas.len() as u64);
-        self.metrics.open_windows.set(
-            self.aggregator
-                .partitions
-                .values()
-                .map(|p| p.open.len() as i64)
-                .sum(),
-        );
+        self.metrics
+            .open_windows
+            .set(self.aggregator.partitions.values().map(|p| p.open.len() as i64).sum());
         if self.dropped_since_commit > 0 {
             tracing::warn!(count = self.dropped_since_commit, max_lateness = ?self.args.max_lateness, "dropped readings whose window had closed too long ago");
             self.dropped_since_commit = 0;
@@ -359,10 +334,7 @@ impl Worker<'_> {
         commit_for_monitoring(
             self.consumer.as_ref(),
             &self.args.topic,
-            batch
-                .partitions
-                .iter()
-                .map(|p| (p.partition, p.next_offset)),
+            batch.partitions.iter().map(|p| (p.partition, p.next_offset)),
         );
         Ok(())
     }
@@ -389,15 +361,9 @@ impl Worker<'_> {
     async fn check_new_partitions(&mut self) -> anyhow::Result<()> {
         let consumer = self.consumer.clone();
         let topic = self.args.topic.clone();
-        let count =
-            tokio::task::spawn_blocking(move || partition_count(consumer.as_ref(), &topic).ok())
-                .await?;
+        let count = tokio::task::spawn_blocking(move || partition_count(consumer.as_ref(), &topic).ok()).await?;
         if let Some(count) = count.filter(|&n| n > self.partitions) {
-            tracing::info!(
-                from = self.partitions,
-                to = count,
-                "topic gained partitions"
-            );
+            tracing::info!(from = self.partitions, to = count, "topic gained partitions");
             self.commit().await?;
             self.partitions = count;
             let partitions = &self.aggregator.partitions;
@@ -421,35 +387,13 @@ impl Outcome {
     }
 }
 
-fn admin_handler(
-    metrics: Arc<Metrics>,
-) -> impl Fn(Request<Incoming>) -> std::future::Ready<hyper::Response<Body>>
-+ Clone
-+ Send
-+ Sync
-+ 'static {
-    move |request| {
-        std::future::ready(match (request.method(), request.uri().path()) {
-            (&Method::GET, "/health") => http::health(),
-            (&Method::GET, "/metrics") => http::metrics(&metrics.registry),
-            (_, "/health" | "/metrics") => http::not_routed(false),
-            _ => http::not_routed(true),
-        })
-    }
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PartitionLabel {
-    partition: i32,
-}
-
 struct Metrics {
-    registry: Registry,
+    registry: Arc<Registry>,
     records: Family<OutcomeLabel, Counter>,
     window_rows: Counter,
     commit_duration: Histogram,
@@ -473,9 +417,7 @@ impl Metrics {
             "Window rows upserted into PostgreSQL",
             window_rows.clone(),
         );
-        let commit_duration = Histogram::new([
-            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        ]);
+        let commit_duration = Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
         registry.register(
             "commit_duration_seconds",
             "PostgreSQL commit latency",
@@ -488,11 +430,7 @@ impl Metrics {
             open_windows.clone(),
         );
         let lag = Family::<PartitionLabel, Gauge>::default();
-        registry.register(
-            "lag_records",
-            "Records in the partition not consumed yet",
-            lag.clone(),
-        );
+        registry.register("lag_records", "Records in the partition not consumed yet", lag.clone());
         let restarts = Counter::default();
         registry.register(
             "recoveries",
@@ -500,7 +438,7 @@ impl Metrics {
             restarts.clone(),
         );
         Self {
-            registry,
+            registry: Arc::new(registry),
             records,
             window_rows,
             commit_duration,

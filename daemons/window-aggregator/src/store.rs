@@ -88,8 +88,7 @@ impl Store {
         let tx = self.client.transaction().await?;
         if !batch.deltas.is_empty() {
             let city: Vec<&str> = batch.deltas.iter().map(|r| r.city.as_str()).collect();
-            let start: Vec<NaiveDateTime> =
-                batch.deltas.iter().map(|r| r.start.naive_utc()).collect();
+            let start: Vec<NaiveDateTime> = batch.deltas.iter().map(|r| r.start.naive_utc()).collect();
             let end: Vec<NaiveDateTime> = batch.deltas.iter().map(|r| r.end.naive_utc()).collect();
             let count: Vec<i64> = batch.deltas.iter().map(|r| r.agg.count).collect();
             let sum: Vec<f64> = batch.deltas.iter().map(|r| r.agg.sum).collect();
@@ -114,8 +113,7 @@ impl Store {
         if !batch.partitions.is_empty() {
             let ids: Vec<i32> = batch.partitions.iter().map(|p| p.partition).collect();
             let offsets: Vec<i64> = batch.partitions.iter().map(|p| p.next_offset).collect();
-            let max_ts: Vec<Option<DateTime<Utc>>> =
-                batch.partitions.iter().map(|p| p.max_event_time).collect();
+            let max_ts: Vec<Option<DateTime<Utc>>> = batch.partitions.iter().map(|p| p.max_event_time).collect();
             tx.execute(
                 "DELETE FROM aggregator_open_windows WHERE topic = $1 AND partition = ANY($2)",
                 &[&self.topic, &ids],
@@ -125,14 +123,8 @@ impl Store {
                 .partitions
                 .iter()
                 .flat_map(|p| p.open.iter().map(move |w| (p.partition, w)));
-            let (mut partition, mut city, mut start, mut end, mut sum, mut count) = (
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-            );
+            let (mut partition, mut city, mut start, mut end, mut sum, mut count) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for (p, window) in open {
                 partition.push(p);
                 city.push(window.city.as_str());

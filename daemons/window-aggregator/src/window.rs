@@ -139,13 +139,7 @@ impl Aggregator {
 
     /// Applies the record at `offset` of `partition`; `reading` is `None` for a record that is
     /// not a reading.
-    pub fn apply(
-        &mut self,
-        partition: i32,
-        offset: i64,
-        reading: Option<&WeatherReading>,
-        now: Instant,
-    ) -> Outcome {
+    pub fn apply(&mut self, partition: i32, offset: i64, reading: Option<&WeatherReading>, now: Instant) -> Outcome {
         let window = reading.map(|r| self.window_of(r.ts));
         let config = self.config;
         let state = self
@@ -161,9 +155,7 @@ impl Aggregator {
             return Outcome::Skipped;
         };
         state.last_record = Some(now);
-        let watermark = state
-            .max_event_time
-            .map(|max| max - config.allowed_lateness);
+        let watermark = state.max_event_time.map(|max| max - config.allowed_lateness);
         let agg = Agg {
             sum: reading.temperature,
             count: 1,
@@ -180,12 +172,7 @@ impl Aggregator {
                 }
             }
             _ => {
-                state
-                    .open
-                    .entry(key)
-                    .or_insert((end, Agg::default()))
-                    .1
-                    .add(agg);
+                state.open.entry(key).or_insert((end, Agg::default())).1.add(agg);
                 Outcome::Windowed
             }
         };
@@ -200,24 +187,12 @@ impl Aggregator {
     /// Emits the windows of partitions that received nothing for `idle` and whose end is more
     /// than the allowed lateness in the past (wall clock): a quiet partition must not hold its
     /// last windows open forever.
-    pub fn close_idle(
-        &mut self,
-        wall: DateTime<Utc>,
-        now: Instant,
-        idle: std::time::Duration,
-    ) -> usize {
+    pub fn close_idle(&mut self, wall: DateTime<Utc>, now: Instant, idle: std::time::Duration) -> usize {
         let cutoff = wall - self.config.allowed_lateness;
         let mut emitted = 0;
         for (partition, state) in &mut self.partitions {
-            let quiet = state
-                .last_record
-                .is_none_or(|last| now.duration_since(last) >= idle);
-            if quiet
-                && state
-                    .open
-                    .first_key_value()
-                    .is_some_and(|(_, (end, _))| *end <= cutoff)
-            {
+            let quiet = state.last_record.is_none_or(|last| now.duration_since(last) >= idle);
+            if quiet && state.open.first_key_value().is_some_and(|(_, (end, _))| *end <= cutoff) {
                 emitted += emit_until(&mut state.open, &mut self.deltas, |end| end <= cutoff);
                 self.dirty.insert(*partition);
             }
@@ -239,12 +214,7 @@ impl Aggregator {
         let deltas = self
             .deltas
             .drain()
-            .map(|((city, start), (end, agg))| WindowRow {
-                city,
-                start,
-                end,
-                agg,
-            })
+            .map(|((city, start), (end, agg))| WindowRow { city, start, end, agg })
             .collect();
         let partitions = std::mem::take(&mut self.dirty)
             .into_iter()
@@ -281,11 +251,7 @@ fn add_delta(deltas: &mut Deltas, city: &str, start: DateTime<Utc>, end: DateTim
 }
 
 /// Moves the open windows whose end satisfies `due` (a prefix, in start order) to `deltas`.
-fn emit_until(
-    open: &mut OpenWindows,
-    deltas: &mut Deltas,
-    due: impl Fn(DateTime<Utc>) -> bool,
-) -> usize {
+fn emit_until(open: &mut OpenWindows, deltas: &mut Deltas, due: impl Fn(DateTime<Utc>) -> bool) -> usize {
     let mut emitted = 0;
     while let Some(entry) = open.first_entry() {
         if !due(entry.get().0) {
@@ -311,8 +277,7 @@ mod tests {
     }
 
     fn at(seconds: f64) -> DateTime<Utc> {
-        DateTime::from_timestamp_millis((1_800_000_000.0 * 1000.0 + seconds * 1000.0) as i64)
-            .expect("ts")
+        DateTime::from_timestamp_millis((1_800_000_000.0 * 1000.0 + seconds * 1000.0) as i64).expect("ts")
     }
 
     fn reading(city: &str, temperature: f64, seconds: f64) -> WeatherReading {
@@ -345,25 +310,13 @@ mod tests {
     fn window_closes_when_watermark_passes_its_end() {
         let mut agg = Aggregator::new(config(), BTreeMap::new());
         let now = Instant::now();
-        assert_eq!(
-            agg.apply(0, 0, Some(&reading("A", 10.0, 1.0)), now),
-            Outcome::Windowed
-        );
-        assert_eq!(
-            agg.apply(0, 1, Some(&reading("A", 20.0, 4.0)), now),
-            Outcome::Windowed
-        );
+        assert_eq!(agg.apply(0, 0, Some(&reading("A", 10.0, 1.0)), now), Outcome::Windowed);
+        assert_eq!(agg.apply(0, 1, Some(&reading("A", 20.0, 4.0)), now), Outcome::Windowed);
         // 6.9 - 2 = 4.9 < 5: still open.
-        assert_eq!(
-            agg.apply(0, 2, Some(&reading("A", 30.0, 6.9)), now),
-            Outcome::Windowed
-        );
+        assert_eq!(agg.apply(0, 2, Some(&reading("A", 30.0, 6.9)), now), Outcome::Windowed);
         assert_eq!(agg.pending_rows(), 0);
         // Out of order but the window is still open: counted in it.
-        assert_eq!(
-            agg.apply(0, 3, Some(&reading("A", 60.0, 3.0)), now),
-            Outcome::Windowed
-        );
+        assert_eq!(agg.apply(0, 3, Some(&reading("A", 60.0, 3.0)), now), Outcome::Windowed);
         agg.apply(0, 4, Some(&reading("A", 1.0, 7.0)), now);
         let batch = agg.take_batch();
         assert_eq!(rows(&batch), vec![("A".into(), 0.0, 90.0, 3)]);
@@ -373,13 +326,7 @@ mod tests {
         assert_eq!(snapshot.next_offset, 5);
         assert_eq!(snapshot.max_event_time, Some(at(7.0)));
         assert_eq!(snapshot.open.len(), 1, "window [5, 10) is still open");
-        assert_eq!(
-            snapshot.open[0].agg,
-            Agg {
-                sum: 31.0,
-                count: 2
-            }
-        );
+        assert_eq!(snapshot.open[0].agg, Agg { sum: 31.0, count: 2 });
     }
 
     #[test]
@@ -388,21 +335,12 @@ mod tests {
         let now = Instant::now();
         agg.apply(0, 0, Some(&reading("A", 10.0, 1.0)), now);
         agg.apply(0, 1, Some(&reading("A", 10.0, 30.0)), now); // watermark 28: [0,5) emitted
-        assert_eq!(
-            agg.apply(0, 2, Some(&reading("A", 50.0, 2.0)), now),
-            Outcome::Late
-        );
+        assert_eq!(agg.apply(0, 2, Some(&reading("A", 50.0, 2.0)), now), Outcome::Late);
         // A window never opened before the watermark passed it is late as well.
-        assert_eq!(
-            agg.apply(0, 3, Some(&reading("A", 7.0, 12.0)), now),
-            Outcome::Late
-        );
+        assert_eq!(agg.apply(0, 3, Some(&reading("A", 7.0, 12.0)), now), Outcome::Late);
         agg.apply(0, 4, Some(&reading("A", 10.0, 100.0)), now); // watermark 98
         // [0,5) ended 93 s before the watermark: more than a minute.
-        assert_eq!(
-            agg.apply(0, 5, Some(&reading("A", 99.0, 4.0)), now),
-            Outcome::Dropped
-        );
+        assert_eq!(agg.apply(0, 5, Some(&reading("A", 99.0, 4.0)), now), Outcome::Dropped);
         let batch = agg.take_batch();
         assert_eq!(
             rows(&batch),
@@ -421,10 +359,7 @@ mod tests {
         agg.apply(0, 0, Some(&reading("A", 1.0, 1.0)), now);
         agg.apply(1, 0, Some(&reading("B", 1.0, 100.0)), now);
         // Partition 1 racing ahead does not make partition 0's readings late.
-        assert_eq!(
-            agg.apply(0, 1, Some(&reading("A", 1.0, 2.0)), now),
-            Outcome::Windowed
-        );
+        assert_eq!(agg.apply(0, 1, Some(&reading("A", 1.0, 2.0)), now), Outcome::Windowed);
     }
 
     #[test]
@@ -433,10 +368,7 @@ mod tests {
         partitions.insert(0, PartitionState::new(10, None));
         let mut agg = Aggregator::new(config(), partitions);
         let now = Instant::now();
-        assert_eq!(
-            agg.apply(0, 9, Some(&reading("A", 1.0, 1.0)), now),
-            Outcome::Duplicate
-        );
+        assert_eq!(agg.apply(0, 9, Some(&reading("A", 1.0, 1.0)), now), Outcome::Duplicate);
         assert!(!agg.has_pending());
         assert_eq!(agg.apply(0, 10, None, now), Outcome::Skipped);
         assert_eq!(agg.take_batch().partitions[0].next_offset, 11);

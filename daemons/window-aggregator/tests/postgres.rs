@@ -9,10 +9,7 @@ use std::{
 
 use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
 use weather_common::WeatherReading;
-use weather_testkit::{
-    ChildGuard, MockKafka, NotifySocket, Postgres, connect, free_port, http_get, produce,
-    produce_readings,
-};
+use weather_testkit::{ChildGuard, MockKafka, Postgres, connect, free_port, http_get, produce, produce_readings};
 
 /// `(city, window_start)` → `(window_end, count, sum)`.
 type Windows = BTreeMap<(String, NaiveDateTime), (NaiveDateTime, i64, f64)>;
@@ -28,10 +25,7 @@ impl Harness {
     async fn start() -> Self {
         let kafka = MockKafka::start(&["weather", "weather.dlq"]);
         let postgres = Postgres::start().expect("PostgreSQL");
-        let database_url = postgres
-            .create_database("weather")
-            .await
-            .expect("create database");
+        let database_url = postgres.create_database("weather").await.expect("create database");
         Self {
             kafka,
             postgres,
@@ -42,8 +36,7 @@ impl Harness {
 
     /// Starts the daemon and waits for READY=1.
     fn aggregator(&self, extra: &[&str]) -> ChildGuard {
-        let notify = NotifySocket::bind().expect("notify socket");
-        let child = ChildGuard::spawn(
+        ChildGuard::spawn_ready(
             "window-aggregator",
             Command::new(env!("CARGO_BIN_EXE_window-aggregator"))
                 .args([
@@ -60,14 +53,10 @@ impl Harness {
                     "heartbeat.interval.ms=300",
                 ])
                 .args(extra)
-                .env("NOTIFY_SOCKET", notify.path())
                 .env("RUST_LOG", "warn"),
+            Duration::from_secs(60),
         )
-        .expect("spawn");
-        notify
-            .wait_for("READY=1", Duration::from_secs(60))
-            .expect("READY=1");
-        child
+        .expect("READY=1")
     }
 
     fn produce(&self, readings: &[WeatherReading]) {
@@ -124,10 +113,7 @@ impl Harness {
     }
 
     async fn metric(&self, name: &str) -> f64 {
-        let body = http_get(&self.metrics_addr, "/metrics")
-            .await
-            .expect("metrics")
-            .body;
+        let body = http_get(&self.metrics_addr, "/metrics").await.expect("metrics").body;
         body.lines()
             .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
             .unwrap_or_else(|| panic!("{name} not in\n{body}"))
@@ -139,9 +125,7 @@ fn same(rows: &Windows, expected: &Windows) -> bool {
         && rows
             .iter()
             .zip(expected)
-            .all(|((k1, (e1, n1, s1)), (k2, (e2, n2, s2)))| {
-                k1 == k2 && e1 == e2 && n1 == n2 && (s1 - s2).abs() < 1e-6
-            })
+            .all(|((k1, (e1, n1, s1)), (k2, (e2, n2, s2)))| k1 == k2 && e1 == e2 && n1 == n2 && (s1 - s2).abs() < 1e-6)
 }
 
 fn assert_same(rows: &Windows, expected: &Windows) {
@@ -172,12 +156,7 @@ fn base_time(minutes_ago: i64) -> DateTime<Utc> {
 
 /// Readings for `cities` over `windows` windows with varying counts per window, in event-time
 /// order (shuffled within each window), and the windows they must produce.
-fn stream(
-    base: DateTime<Utc>,
-    cities: usize,
-    windows: i64,
-    per_window: usize,
-) -> (Vec<WeatherReading>, Windows) {
+fn stream(base: DateTime<Utc>, cities: usize, windows: i64, per_window: usize) -> (Vec<WeatherReading>, Windows) {
     let mut readings = Vec::new();
     let mut expected = Windows::new();
     for w in 0..windows {
@@ -193,9 +172,11 @@ fn stream(
                     temperature,
                     ts,
                 });
-                let entry = expected
-                    .entry((format!("City {c}"), start.naive_utc()))
-                    .or_insert(((start + TimeDelta::seconds(5)).naive_utc(), 0, 0.0));
+                let entry = expected.entry((format!("City {c}"), start.naive_utc())).or_insert((
+                    (start + TimeDelta::seconds(5)).naive_utc(),
+                    0,
+                    0.0,
+                ));
                 entry.1 += 1;
                 entry.2 += temperature;
             }
@@ -229,19 +210,11 @@ async fn known_stream_gives_exactly_the_expected_windows() {
             .await,
         1.0
     );
-    let dead = weather_testkit::consume(
-        &harness.kafka.brokers(),
-        "weather.dlq",
-        1,
-        Duration::from_secs(10),
-    )
-    .expect("dlq");
+    let dead =
+        weather_testkit::consume(&harness.kafka.brokers(), "weather.dlq", 1, Duration::from_secs(10)).expect("dlq");
     assert_eq!(dead.len(), 1);
     assert_eq!(
-        aggregator
-            .terminate(Duration::from_secs(20))
-            .expect("exit")
-            .code(),
+        aggregator.terminate(Duration::from_secs(20)).expect("exit").code(),
         Some(0)
     );
 }
@@ -269,10 +242,7 @@ async fn out_of_order_and_late_readings_land_in_their_window_and_too_late_ones_a
     let _aggregator = harness.aggregator(&[]);
     let window = |s: i64, n: i64, sum: f64| {
         (
-            (
-                "Lateville".to_owned(),
-                (base + TimeDelta::seconds(s)).naive_utc(),
-            ),
+            ("Lateville".to_owned(), (base + TimeDelta::seconds(s)).naive_utc()),
             ((base + TimeDelta::seconds(s + 5)).naive_utc(), n, sum),
         )
     };
@@ -330,11 +300,7 @@ async fn kill_9_and_restart_counts_every_reading_exactly_once() {
     }
     let rows = harness.wait_for(&expected, Duration::from_secs(60)).await;
     assert_same(&rows, &expected);
-    assert_eq!(
-        harness.committed_offsets().await,
-        total,
-        "every offset committed once"
-    );
+    assert_eq!(harness.committed_offsets().await, total, "every offset committed once");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -19,33 +19,18 @@ pub async fn start_dashboard(database_url: &str) -> Running {
     let args = <Args as clap::Parser>::parse_from(["dashboard", "--database-url", database_url]);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(dashboard::run(args, listener, shutdown.clone()));
-    Running {
-        addr,
-        shutdown,
-        task,
-    }
+    Running { addr, shutdown, task }
 }
 
 /// A database with the schema applied.
 pub async fn database(postgres: &Postgres) -> (String, tokio_postgres::Client) {
-    let url = postgres
-        .create_database("weather")
-        .await
-        .expect("create database");
+    let url = postgres.create_database("weather").await.expect("create database");
     let mut client = connect(&url).await.expect("connect");
-    weather_common::schema::migrate(&mut client)
-        .await
-        .expect("migrate");
+    weather_common::schema::migrate(&mut client).await.expect("migrate");
     (url, client)
 }
 
-pub async fn insert(
-    client: &tokio_postgres::Client,
-    city: &str,
-    start: DateTime<Utc>,
-    avg: f64,
-    count: i64,
-) {
+pub async fn insert(client: &tokio_postgres::Client, city: &str, start: DateTime<Utc>, avg: f64, count: i64) {
     client
         .execute(
             "INSERT INTO weather (city, avg_temperature, window_start, window_end, record_count, temperature_sum, last_updated)

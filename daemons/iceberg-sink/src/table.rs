@@ -1,0 +1,258 @@
+//! The Iceberg side: catalog, the `weather` table, Parquet writing and commits that carry the
+//! Kafka offsets they account for.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use iceberg::{
+    Catalog, CatalogBuilder, NamespaceIdent, TableCreation, TableIdent,
+    spec::{
+        DataFile, DataFileFormat, Literal, NestedField, PartitionKey, PrimitiveType, Schema, Struct, Transform, Type,
+        UnboundPartitionSpec,
+    },
+    table::Table,
+    transaction::{ApplyTransactionAction, Transaction},
+    writer::{
+        base_writer::data_file_writer::DataFileWriterBuilder,
+        file_writer::{
+            ParquetWriterBuilder,
+            location_generator::{DefaultFileNameGenerator, DefaultLocationGenerator},
+            rolling_writer::RollingFileWriterBuilder,
+        },
+        partitioning::{PartitioningWriter, fanout_writer::FanoutWriter},
+    },
+};
+use iceberg_catalog_sql::{SqlBindStyle, SqlCatalogBuilder};
+use iceberg_storage_opendal::OpenDalResolvingStorageFactory;
+use parquet::{
+    basic::{Compression, ZstdLevel},
+    file::properties::WriterProperties,
+};
+use weather_common::WeatherReading;
+
+/// Where the Kafka position is kept: snapshot summary key `kafka.offsets.<topic>`, value a JSON
+/// object of partition → next offset to read, as the Iceberg Kafka Connect sink does.
+pub fn offsets_key(topic: &str) -> String {
+    format!("kafka.offsets.{topic}")
+}
+
+/// Next offset to read per Kafka partition.
+pub type Offsets = BTreeMap<i32, i64>;
+
+/// What the catalog needs to know; built from the daemon's flags.
+#[derive(Debug, Clone)]
+pub struct CatalogConfig {
+    /// `postgresql://…` or `sqlite://…` (the JDBC catalog layout: `iceberg_tables`,
+    /// `iceberg_namespace_properties`).
+    pub url: String,
+    pub name: String,
+    pub warehouse: String,
+    /// FileIO properties (`s3.endpoint`, `s3.access-key-id`, …).
+    pub storage: HashMap<String, String>,
+}
+
+/// The table schema: the same one Trino's init SQL and PyIceberg see.
+pub fn schema() -> iceberg::Result<Schema> {
+    Schema::builder()
+        .with_schema_id(0)
+        .with_fields(vec![
+            NestedField::required(1, "city", Type::Primitive(PrimitiveType::String)).into(),
+            NestedField::required(2, "temperature", Type::Primitive(PrimitiveType::Double)).into(),
+            NestedField::required(3, "ts", Type::Primitive(PrimitiveType::Timestamptz)).into(),
+        ])
+        .build()
+}
+
+pub struct WeatherTable {
+    catalog: Arc<dyn Catalog>,
+    ident: TableIdent,
+    pub table: Table,
+    writer_properties: WriterProperties,
+    target_file_size: usize,
+}
+
+impl WeatherTable {
+    /// Connects to the catalog and loads `namespace.table`, creating both when missing.
+    pub async fn open(
+        config: &CatalogConfig,
+        namespace: &str,
+        table: &str,
+        target_file_size: usize,
+    ) -> anyhow::Result<Self> {
+        let bind_style = if config.url.starts_with("sqlite:") {
+            SqlBindStyle::QMark
+        } else {
+            SqlBindStyle::DollarNumeric
+        };
+        let catalog = SqlCatalogBuilder::default()
+            .uri(&config.url)
+            // A trailing slash would put an empty path segment into every table location.
+            .warehouse_location(config.warehouse.trim_end_matches('/'))
+            .sql_bind_style(bind_style)
+            .props(config.storage.clone())
+            .with_storage_factory(Arc::new(OpenDalResolvingStorageFactory::new()))
+            .load(&config.name, HashMap::new())
+            .await?;
+        let catalog: Arc<dyn Catalog> = Arc::new(catalog);
+        let namespace = NamespaceIdent::new(namespace.to_owned());
+        if !catalog.namespace_exists(&namespace).await? {
+            match catalog.create_namespace(&namespace, HashMap::new()).await {
+                Ok(_) => tracing::info!(namespace = ?namespace, "created namespace"),
+                // Another process may have created it meanwhile.
+                Err(e) if catalog.namespace_exists(&namespace).await? => {
+                    tracing::debug!(error = %e, "namespace appeared")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let ident = TableIdent::new(namespace.clone(), table.to_owned());
+        let table = if catalog.table_exists(&ident).await? {
+            catalog.load_table(&ident).await?
+        } else {
+            let spec = UnboundPartitionSpec::builder()
+                .add_partition_field(3, "ts_hour", Transform::Hour)?
+                .build();
+            let creation = TableCreation::builder()
+                .name(table.to_owned())
+                .schema(schema()?)
+                .partition_spec(spec)
+                .properties([
+                    ("write.format.default".to_owned(), "parquet".to_owned()),
+                    ("write.parquet.compression-codec".to_owned(), "zstd".to_owned()),
+                ])
+                .build();
+            match catalog.create_table(&namespace, creation).await {
+                Ok(table) => {
+                    tracing::info!(table = %ident, "created table");
+                    table
+                }
+                Err(e) if catalog.table_exists(&ident).await? => {
+                    tracing::debug!(error = %e, "table appeared");
+                    catalog.load_table(&ident).await?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // The table property names ZSTD for other engines; this writer must be told itself.
+        let writer_properties = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .build();
+        Ok(Self {
+            catalog,
+            ident,
+            table,
+            writer_properties,
+            target_file_size,
+        })
+    }
+
+    pub async fn reload(&mut self) -> anyhow::Result<()> {
+        self.table = self.catalog.load_table(&self.ident).await?;
+        Ok(())
+    }
+
+    /// The offsets of the newest snapshot (walking back through parents) that recorded any.
+    pub fn committed_offsets(&self, topic: &str) -> anyhow::Result<Offsets> {
+        let key = offsets_key(topic);
+        let metadata = self.table.metadata();
+        let mut snapshot = metadata.current_snapshot().cloned();
+        while let Some(current) = snapshot {
+            if let Some(json) = current.summary().additional_properties.get(&key) {
+                let offsets: BTreeMap<String, i64> = serde_json::from_str(json)?;
+                return offsets
+                    .into_iter()
+                    .map(|(p, o)| Ok((p.parse()?, o)))
+                    .collect::<anyhow::Result<Offsets>>();
+            }
+            snapshot = current
+                .parent_snapshot_id()
+                .and_then(|id| metadata.snapshot_by_id(id).cloned());
+        }
+        Ok(Offsets::new())
+    }
+
+    pub fn current_snapshot_id(&self) -> Option<i64> {
+        self.table.metadata().current_snapshot_id()
+    }
+
+    /// Writes `readings` as Parquet, one file per `hour(ts)` partition (rolled at the target
+    /// size), and returns the data files, not yet committed.
+    pub async fn write(&self, readings: &[WeatherReading]) -> anyhow::Result<Vec<DataFile>> {
+        let metadata = self.table.metadata();
+        let schema = metadata.current_schema().clone();
+        let spec = metadata.default_partition_spec().as_ref().clone();
+        let arrow_schema = Arc::new(iceberg::arrow::schema_to_arrow_schema(&schema)?);
+        let parquet = ParquetWriterBuilder::new(self.writer_properties.clone(), schema.clone());
+        let rolling = RollingFileWriterBuilder::new(
+            parquet,
+            self.target_file_size,
+            self.table.file_io().clone(),
+            DefaultLocationGenerator::new(metadata)?,
+            DefaultFileNameGenerator::new(uuid::Uuid::new_v4().to_string(), None, DataFileFormat::Parquet),
+        );
+        let mut writer = FanoutWriter::new(DataFileWriterBuilder::new(rolling));
+
+        let mut by_hour: BTreeMap<i64, Vec<&WeatherReading>> = BTreeMap::new();
+        for reading in readings {
+            by_hour
+                .entry(reading.ts.timestamp().div_euclid(3600))
+                .or_default()
+                .push(reading);
+        }
+        let ts_type = arrow_schema.field(2).data_type().clone();
+        for (hour, rows) in by_hour {
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.city.as_str()))),
+                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.temperature))),
+                Arc::new(
+                    TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.ts.timestamp_micros()))
+                        .with_data_type(ts_type.clone()),
+                ),
+            ];
+            let batch = RecordBatch::try_new(arrow_schema.clone(), columns)?;
+            let hour = i32::try_from(hour)?;
+            let key = PartitionKey::new(
+                spec.clone(),
+                schema.clone(),
+                Struct::from_iter([Some(Literal::int(hour))]),
+            );
+            writer.write(key, batch).await?;
+        }
+        Ok(writer.close().await?)
+    }
+
+    /// Appends `files` in one snapshot whose summary records `offsets`. Fails when the table's
+    /// offsets are no longer `expected` (another writer) or the catalog refuses the commit.
+    pub async fn commit(
+        &mut self,
+        topic: &str,
+        files: Vec<DataFile>,
+        expected: &Offsets,
+        offsets: &Offsets,
+    ) -> anyhow::Result<()> {
+        self.reload().await?;
+        let found = self.committed_offsets(topic)?;
+        anyhow::ensure!(
+            &found == expected,
+            "the table's Kafka offsets moved under us ({found:?}, expected {expected:?}): another writer?"
+        );
+        let json = serde_json::to_string(
+            &offsets
+                .iter()
+                .map(|(p, o)| (p.to_string(), *o))
+                .collect::<BTreeMap<_, _>>(),
+        )?;
+        let summary = HashMap::from([(offsets_key(topic), json)]);
+        let transaction = Transaction::new(&self.table);
+        let action = transaction
+            .fast_append()
+            .add_data_files(files)
+            .set_snapshot_properties(summary);
+        let transaction = action.apply(transaction)?;
+        self.table = transaction.commit(self.catalog.as_ref()).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,54 @@
+"""Independent reader: opens the table the sink wrote through PyIceberg's SqlCatalog (the same
+catalog tables Trino's JDBC catalog uses) and prints what it finds as JSON.
+
+usage: pyiceberg_check.py CATALOG_URL CATALOG_NAME S3_ENDPOINT NAMESPACE.TABLE
+"""
+
+import json
+import sys
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pyiceberg.catalog.sql import SqlCatalog
+
+
+def main() -> None:
+    url, name, endpoint, table_name = sys.argv[1:5]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg2://" + url[len("postgresql://"):]
+    catalog = SqlCatalog(
+        name,
+        uri=url,
+        **{
+            "s3.endpoint": endpoint,
+            "s3.access-key-id": "test",
+            "s3.secret-access-key": "test",
+            "s3.region": "us-east-1",
+        },
+    )
+    table = catalog.load_table(table_name)
+    data = table.scan().to_arrow()
+    files = table.inspect.files().to_pylist()
+    compressions = set()
+    for f in files:
+        with table.io.new_input(f["file_path"]).open() as stream:
+            metadata = pq.ParquetFile(stream).metadata
+            for g in range(metadata.num_row_groups):
+                for c in range(metadata.num_columns):
+                    compressions.add(metadata.row_group(g).column(c).compression)
+    snapshot = table.current_snapshot()
+    print(json.dumps({
+        "rows": data.num_rows,
+        "distinct_ts": len(pc.unique(data["ts"])),
+        "temperature_sum": pc.sum(data["temperature"]).as_py() if data.num_rows else 0,
+        "format_version": table.format_version,
+        "partition_fields": [f"{f.transform}({table.schema().find_field(f.source_id).name})" for f in table.spec().fields],
+        "partition_hours": sorted({f["partition"]["ts_hour"] for f in files}),
+        "compressions": sorted(compressions),
+        "files": len(files),
+        "snapshot_summary": dict(snapshot.summary.additional_properties) if snapshot else {},
+    }))
+
+
+if __name__ == "__main__":
+    main()
