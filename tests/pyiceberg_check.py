@@ -19,7 +19,7 @@ def main() -> None:
     catalog = SqlCatalog(
         name,
         uri=url,
-        **{
+        **{} if not endpoint else {
             "s3.endpoint": endpoint,
             "s3.access-key-id": "test",
             "s3.secret-access-key": "test",
@@ -41,6 +41,7 @@ def main() -> None:
         "rows": data.num_rows,
         "distinct_ts": len(pc.unique(data["ts"])),
         "temperature_sum": pc.sum(data["temperature"]).as_py() if data.num_rows else 0,
+        "per_city": {c: n for c, n in zip(*[data.group_by("city").aggregate([("city", "count")])[k].to_pylist() for k in ("city", "city_count")])},
         "format_version": table.format_version,
         "partition_fields": [f"{f.transform}({table.schema().find_field(f.source_id).name})" for f in table.spec().fields],
         "partition_hours": sorted({f["partition"]["ts_hour"] for f in files}),

@@ -1,0 +1,199 @@
+//! The services the daemons stand on: PostgreSQL, a Kafka-protocol broker and object storage.
+//! Each is used when given, started from a binary found on this machine otherwise, and (for
+//! Kafka) embedded in-process as a last resort.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use tokio::process::{Child, Command};
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until something accepts connections on `addr`.
+pub async fn wait_for_port(addr: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("nothing listening on {addr} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Finds `name` on `PATH`.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A private PostgreSQL server in the state directory.
+pub struct LocalPostgres {
+    pub port: u16,
+    pub child: Child,
+}
+
+/// The directory holding `initdb` and `postgres`: `PATH`, then Debian's location.
+fn postgres_bin() -> Option<PathBuf> {
+    if let Some(initdb) = on_path("initdb") {
+        let dir = initdb.parent()?.to_path_buf();
+        if dir.join("postgres").is_file() {
+            return Some(dir);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, bin)| bin.join("postgres").is_file())
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+/// PostgreSQL refuses to run as root; as root it runs as the `postgres` user (set directly on
+/// the process, so signals reach the postmaster itself).
+fn as_postgres_user(program: &Path) -> anyhow::Result<Command> {
+    let mut command = Command::new(program);
+    if rustix::process::geteuid().is_root() {
+        let (uid, gid) = postgres_ids()?;
+        command.uid(uid).gid(gid);
+    }
+    Ok(command)
+}
+
+fn postgres_ids() -> anyhow::Result<(u32, u32)> {
+    let id = |flag: &str| -> anyhow::Result<u32> {
+        let output = std::process::Command::new("id").args([flag, "postgres"]).output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "running as root needs a postgres user to run PostgreSQL as"
+        );
+        Ok(String::from_utf8(output.stdout)?.trim().parse()?)
+    };
+    Ok((id("-u")?, id("-g")?))
+}
+
+impl LocalPostgres {
+    /// initdb (first time) and start `postgres` in `dir`, listening on 127.0.0.1 only.
+    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        let bin = postgres_bin()
+            .context("PostgreSQL not found. Install it (Debian: apt-get install postgresql) or pass --database-url")?;
+        let data = dir.join("data");
+        std::fs::create_dir_all(dir)?;
+        if rustix::process::geteuid().is_root() {
+            let (uid, gid) = postgres_ids()?;
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+        }
+        if !data.join("PG_VERSION").is_file() {
+            let status = as_postgres_user(&bin.join("initdb"))?
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"])
+                .stdout(Stdio::null())
+                .status()
+                .await?;
+            anyhow::ensure!(status.success(), "initdb failed: {status}");
+        }
+        let port = free_port()?;
+        let child = as_postgres_user(&bin.join("postgres"))?
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-k"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting postgres")?;
+        let postgres = Self { port, child };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match tokio_postgres::connect(&postgres.url("postgres"), tokio_postgres::NoTls).await {
+                Ok((client, connection)) => {
+                    tokio::spawn(connection);
+                    for db in ["weather", "iceberg"] {
+                        let exists = client
+                            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
+                            .await?;
+                        if exists.is_none() {
+                            client.batch_execute(&format!("CREATE DATABASE {db}")).await?;
+                        }
+                    }
+                    return Ok(postgres);
+                }
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => return Err(e).context("PostgreSQL did not come up"),
+            }
+        }
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+/// Where the Kafka protocol is spoken.
+pub enum Kafka {
+    External(String),
+    /// A broker process (tansu) in the state directory.
+    Process {
+        brokers: String,
+        _child: Child,
+    },
+    /// librdkafka's mock cluster inside this process: in memory, gone when the pipeline stops.
+    Embedded(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+}
+
+impl Kafka {
+    pub async fn start(given: Option<String>) -> anyhow::Result<Self> {
+        if let Some(brokers) = given {
+            return Ok(Self::External(brokers));
+        }
+        if let Some(tansu) = on_path("tansu") {
+            let port = free_port()?;
+            let url = format!("tcp://127.0.0.1:{port}");
+            let child = Command::new(tansu)
+                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                .args(["--storage-engine", "memory://tansu/"])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting tansu")?;
+            let brokers = format!("127.0.0.1:{port}");
+            wait_for_port(&brokers, Duration::from_secs(30)).await?;
+            tracing::warn!("tansu broker keeps messages in memory: they are gone when the pipeline stops");
+            return Ok(Self::Process { brokers, _child: child });
+        }
+        let cluster = rdkafka::mocking::MockCluster::new(1).context("starting the embedded Kafka broker")?;
+        for topic in ["weather", "weather.dlq"] {
+            cluster.create_topic(topic, 3, 1)?;
+        }
+        tracing::warn!(
+            "no Kafka broker given (--kafka-brokers) and none on PATH: using an in-process, in-memory broker; \
+             messages are gone when the pipeline stops"
+        );
+        Ok(Self::Embedded(cluster))
+    }
+
+    pub fn brokers(&self) -> String {
+        match self {
+            Self::External(brokers) | Self::Process { brokers, .. } => brokers.clone(),
+            Self::Embedded(cluster) => cluster.bootstrap_servers(),
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! `pipeline`: the whole weather pipeline in one command. Starts the backbone (PostgreSQL, a
+//! Kafka-protocol broker, object storage) and the five daemons in dependency order, each
+//! waited for through the sd-notify protocol, and stops them in reverse order on Ctrl-C.
+
+mod backbone;
+mod supervisor;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+use weather_common::runtime;
+
+use crate::{
+    backbone::{Kafka, LocalPostgres, free_port, on_path},
+    supervisor::{Spec, Supervised},
+};
+
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Where the local backbone keeps its data and the pipeline its state.
+    #[arg(long, env = "PIPELINE_STATE_DIR", default_value = "./.pipeline", global = true)]
+    state_dir: PathBuf,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start everything (the default).
+    Run,
+    /// Show each component's state, Kafka lag, last Iceberg snapshot and last window.
+    Status,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Use this Kafka cluster instead of starting one.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+
+    /// Use this PostgreSQL (database for the window table; the Iceberg catalog goes to the
+    /// `iceberg` database of the same server) instead of starting one.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+
+    /// Iceberg catalog URL (default: the `iceberg` database next to the window table).
+    #[arg(long, env = "CATALOG_URL")]
+    catalog_url: Option<String>,
+
+    /// S3 endpoint; without it the warehouse is a directory in the state directory.
+    #[arg(long, env = "S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+
+    /// Warehouse location (default: `s3://warehouse/` with --s3-endpoint, else file://STATE/warehouse).
+    #[arg(long, env = "WAREHOUSE")]
+    warehouse: Option<String>,
+
+    /// Port of the logging-server.
+    #[arg(long, default_value_t = 9998)]
+    logging_port: u16,
+
+    /// Port of the dashboard.
+    #[arg(long, default_value_t = 3000)]
+    dashboard_port: u16,
+
+    /// Readings per second sent by the weather-client (default: 10 every 5 s).
+    #[arg(long)]
+    rate: Option<f64>,
+
+    /// Stop the weather-client after this many batches.
+    #[arg(long)]
+    client_batches: Option<u64>,
+
+    /// Do not start the weather-client.
+    #[arg(long)]
+    no_client: bool,
+
+    /// Seconds between Iceberg commits.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    commit_interval: Duration,
+}
+
+/// What `pipeline status` reads back.
+#[derive(Serialize, Deserialize, Debug)]
+struct State {
+    components: Vec<(String, String)>,
+    database_url: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    runtime::init_tracing();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Status) => status(&cli.state_dir).await,
+        Some(Command::Run) | None => run(cli.state_dir, cli.run).await,
+    }
+}
+
+/// The daemons' binaries: next to this one (cargo and Nix builds), else on PATH.
+fn daemon(name: &str) -> anyhow::Result<PathBuf> {
+    let beside = std::env::current_exe()?.with_file_name(name);
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    on_path(name).with_context(|| format!("{name} not found next to pipeline or on PATH (cargo build --workspace)"))
+}
+
+async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&state_dir)?;
+    let state_dir = state_dir.canonicalize()?;
+    let notify_dir = state_dir.join("notify");
+    std::fs::create_dir_all(&notify_dir)?;
+    let shutdown = runtime::shutdown_token()?;
+
+    let postgres = match &args.database_url {
+        Some(_) => None,
+        None => Some(LocalPostgres::start(&state_dir.join("postgres")).await?),
+    };
+    let database_url = args
+        .database_url
+        .clone()
+        .or_else(|| postgres.as_ref().map(|p| p.url("weather")))
+        .context("no database")?;
+    let catalog_url = args
+        .catalog_url
+        .clone()
+        .or_else(|| postgres.as_ref().map(|p| p.url("iceberg")))
+        .context("--catalog-url is needed with --database-url")?;
+    let kafka = Kafka::start(args.kafka_brokers.clone()).await?;
+    let brokers = kafka.brokers();
+    let warehouse = match (&args.warehouse, &args.s3_endpoint) {
+        (Some(w), _) => w.clone(),
+        (None, Some(_)) => "s3://warehouse/".to_owned(),
+        (None, None) => {
+            let dir = state_dir.join("warehouse");
+            std::fs::create_dir_all(&dir)?;
+            format!("file://{}", dir.display())
+        }
+    };
+
+    let logging = format!("127.0.0.1:{}", args.logging_port);
+    let dashboard = format!("127.0.0.1:{}", args.dashboard_port);
+    let aggregator_admin = format!("127.0.0.1:{}", free_port()?);
+    let sink_admin = format!("127.0.0.1:{}", free_port()?);
+    let kafka_env = vec![("KAFKA_BROKERS".to_owned(), brokers.clone())];
+    let spec = |name: &'static str, args: Vec<String>, env: Vec<(String, String)>| -> anyhow::Result<Spec> {
+        Ok(Spec {
+            name,
+            program: daemon(name)?,
+            args,
+            env,
+            restart: true,
+        })
+    };
+    let mut sink_env = kafka_env.clone();
+    sink_env.extend([
+        ("CATALOG_URL".to_owned(), catalog_url.clone()),
+        ("WAREHOUSE".to_owned(), warehouse.clone()),
+    ]);
+    if let Some(endpoint) = &args.s3_endpoint {
+        sink_env.push(("S3_ENDPOINT".to_owned(), endpoint.clone()));
+    }
+    let mut specs = vec![
+        spec(
+            "logging-server",
+            vec!["--listen".into(), logging.clone()],
+            kafka_env.clone(),
+        )?,
+        spec(
+            "window-aggregator",
+            vec![
+                "--listen".into(),
+                aggregator_admin.clone(),
+                "--database-url".into(),
+                database_url.clone(),
+            ],
+            kafka_env.clone(),
+        )?,
+        spec(
+            "iceberg-sink",
+            vec![
+                "--listen".into(),
+                sink_admin.clone(),
+                "--commit-interval".into(),
+                format!("{}ms", args.commit_interval.as_millis()),
+            ],
+            sink_env,
+        )?,
+        spec(
+            "dashboard",
+            vec![
+                "--listen".into(),
+                dashboard.clone(),
+                "--database-url".into(),
+                database_url.clone(),
+            ],
+            vec![],
+        )?,
+    ];
+    if !args.no_client {
+        let mut client_args = vec!["--server-url".into(), format!("http://{logging}")];
+        if let Some(rate) = args.rate {
+            client_args.extend(["--rate".into(), rate.to_string()]);
+        }
+        if let Some(batches) = args.client_batches {
+            client_args.extend(["--batches".into(), batches.to_string()]);
+        }
+        let mut client = spec("weather-client", client_args, vec![])?;
+        client.restart = args.client_batches.is_none();
+        specs.push(client);
+    }
+
+    let components = vec![
+        ("logging-server".to_owned(), format!("http://{logging}")),
+        ("window-aggregator".to_owned(), format!("http://{aggregator_admin}")),
+        ("iceberg-sink".to_owned(), format!("http://{sink_admin}")),
+        ("dashboard".to_owned(), format!("http://{dashboard}")),
+    ];
+    let state = State {
+        components,
+        database_url: database_url.clone(),
+    };
+    std::fs::write(state_dir.join("state.json"), serde_json::to_vec_pretty(&state)?)?;
+
+    let mut running: Vec<Supervised> = Vec::new();
+    let mut failure = None;
+    for spec in specs {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let name = spec.name;
+        match Supervised::start(spec, &notify_dir, Duration::from_secs(120)).await {
+            Ok(child) => {
+                tracing::info!("{name} ready");
+                running.push(child);
+            }
+            Err(e) => {
+                failure = Some(e.context(format!("starting {name}")));
+                break;
+            }
+        }
+    }
+    if failure.is_none() && !shutdown.is_cancelled() {
+        runtime::notify_ready();
+        eprintln!(
+            "\nweather-pipeline is running (Ctrl-C stops it)\n  dashboard       http://{dashboard}/\n  logging-server  http://{logging}/log?city=Boston&temperature=72.5\n  metrics         http://{logging}/metrics  http://{aggregator_admin}/metrics  http://{sink_admin}/metrics\n  PostgreSQL      {database_url}\n  Iceberg         catalog {catalog_url}, warehouse {warehouse}\n  Kafka           {brokers}\n{}\n",
+            trino_hint(&catalog_url, &warehouse)
+        );
+        shutdown.cancelled().await;
+    }
+
+    // Reverse order: producers stop before the consumers that drain what they sent.
+    let mut clean = true;
+    while let Some(child) = running.pop() {
+        let name = child.name;
+        let ok = child.stop(Duration::from_secs(60)).await;
+        tracing::info!("{name} stopped{}", if ok { "" } else { " (not cleanly)" });
+        clean &= ok;
+    }
+    drop(kafka);
+    if let Some(mut postgres) = postgres {
+        // SIGINT is PostgreSQL's fast shutdown: it does not wait for clients to disconnect.
+        supervisor::terminate(
+            &mut postgres.child,
+            rustix::process::Signal::INT,
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    anyhow::ensure!(clean, "some daemons did not stop cleanly");
+    Ok(())
+}
+
+fn trino_hint(catalog_url: &str, warehouse: &str) -> String {
+    if on_path("trino-launcher").is_some() || on_path("launcher").is_some() {
+        "  Trino           start it with the configuration in trino/".to_owned()
+    } else {
+        format!(
+            "  Query the table without Trino:\n    python3 -c \"from pyiceberg.catalog.sql import SqlCatalog; \
+             print(SqlCatalog('weather', uri='{}', warehouse='{warehouse}').load_table('default.weather').scan().to_arrow())\"",
+            catalog_url.replacen("postgresql://", "postgresql+psycopg2://", 1)
+        )
+    }
+}
+
+async fn status(state_dir: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read(state_dir.join("state.json"))
+        .with_context(|| format!("no pipeline state in {}: is it running?", state_dir.display()))?;
+    let state: State = serde_json::from_slice(&text)?;
+    for (name, url) in &state.components {
+        let addr = url.trim_start_matches("http://");
+        let health = get(addr, "/health")
+            .await
+            .map_or_else(|e| format!("down ({e})"), |_| "up".to_owned());
+        let metrics = get(addr, "/metrics").await.unwrap_or_default();
+        let pick = |prefix: &str| -> Vec<String> {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(prefix))
+                .map(|l| l.to_owned())
+                .collect()
+        };
+        println!("{name:<18} {health}");
+        for line in pick("window_aggregator_lag_records")
+            .into_iter()
+            .chain(pick("iceberg_sink_lag_records"))
+        {
+            println!("    {line}");
+        }
+        for line in pick("iceberg_sink_last_snapshot_id")
+            .into_iter()
+            .chain(pick("logging_server_records_produced"))
+        {
+            println!("    {line}");
+        }
+    }
+    match tokio_postgres::connect(&state.database_url, tokio_postgres::NoTls).await {
+        Ok((client, connection)) => {
+            tokio::spawn(connection);
+            let row = client
+                .query_one("SELECT max(window_end)::text, count(*) FROM weather", &[])
+                .await?;
+            let last: Option<String> = row.get(0);
+            let windows: i64 = row.get(1);
+            println!(
+                "last window ends  {} ({windows} window rows)",
+                last.as_deref().unwrap_or("-")
+            );
+        }
+        Err(e) => println!("PostgreSQL        down ({e})"),
+    }
+    Ok(())
+}
+
+/// A small GET over plain HTTP/1.1 for `status`.
+async fn get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
+    let (head, body) = response.split_once("\r\n\r\n").context("malformed response")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "{}",
+        head.lines().next().unwrap_or_default()
+    );
+    Ok(body.to_owned())
+}

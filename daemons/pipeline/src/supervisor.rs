@@ -1,0 +1,205 @@
+//! Runs the daemons as children the way systemd would: each gets its own `NOTIFY_SOCKET`,
+//! start-up waits for its `READY=1`, logs are streamed with a name prefix, a crashed child is
+//! restarted with backoff, and stopping sends SIGTERM and waits for the drain.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use rustix::process::{Pid, Signal, kill_process};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    net::UnixDatagram,
+    process::{Child, Command},
+    sync::Mutex,
+};
+use tokio_util::sync::CancellationToken;
+
+/// How to start one daemon.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub name: &'static str,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Restart when it exits with failure (not for one-shot children that may finish).
+    pub restart: bool,
+}
+
+/// A supervised child: started, watched and restarted until [`Supervised::stop`].
+pub struct Supervised {
+    pub name: &'static str,
+    child: Arc<Mutex<Option<Child>>>,
+    /// Kept until the child is gone, so its STOPPING=1 has somewhere to go.
+    _socket: Arc<UnixDatagram>,
+    stopping: CancellationToken,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Supervised {
+    /// Starts `spec` and waits (up to `timeout`) for `READY=1` on a socket in `notify_dir`.
+    pub async fn start(spec: Spec, notify_dir: &Path, timeout: Duration) -> anyhow::Result<Self> {
+        let socket_path = notify_dir.join(format!("{}.sock", spec.name));
+        let _ = std::fs::remove_file(&socket_path);
+        let socket =
+            Arc::new(UnixDatagram::bind(&socket_path).with_context(|| format!("binding {}", socket_path.display()))?);
+        let child = spawn(&spec, &socket_path)?;
+        let child = Arc::new(Mutex::new(Some(child)));
+        wait_ready(&socket, spec.name, &child, timeout).await?;
+        let stopping = CancellationToken::new();
+        let name = spec.name;
+        let watcher = tokio::spawn(watch(
+            spec,
+            socket.clone(),
+            socket_path,
+            child.clone(),
+            stopping.clone(),
+        ));
+        Ok(Self {
+            name,
+            child,
+            _socket: socket,
+            stopping,
+            watcher,
+        })
+    }
+
+    /// SIGTERM, then up to `grace` for a clean exit, then SIGKILL. Returns whether it exited 0.
+    pub async fn stop(self, grace: Duration) -> bool {
+        self.stopping.cancel();
+        let mut guard = self.child.lock().await;
+        let clean = match guard.as_mut() {
+            Some(child) => terminate(child, Signal::TERM, grace).await,
+            None => true,
+        };
+        drop(guard);
+        let _ = self.watcher.await;
+        clean
+    }
+}
+
+fn spawn(spec: &Spec, notify_socket: &Path) -> anyhow::Result<Child> {
+    let mut command = Command::new(&spec.program);
+    command
+        .args(&spec.args)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env("NOTIFY_SOCKET", notify_socket)
+        // The children's stderr is ours, not the journal's.
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("LISTEN_FDS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {}: {}", spec.name, spec.program.display()))?;
+    if let Some(stdout) = child.stdout.take() {
+        tokio::spawn(prefix_lines(spec.name, stdout));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(prefix_lines(spec.name, stderr));
+    }
+    Ok(child)
+}
+
+async fn prefix_lines(name: &'static str, stream: impl AsyncRead + Unpin) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        eprintln!("{name:>17} | {line}");
+    }
+}
+
+async fn wait_ready(
+    socket: &UnixDatagram,
+    name: &str,
+    child: &Mutex<Option<Child>>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        tokio::select! {
+            received = socket.recv(&mut buf) => {
+                let n = received?;
+                if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
+                    return Ok(());
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                if let Some(child) = child.lock().await.as_mut() {
+                    if let Some(status) = child.try_wait()? {
+                        anyhow::bail!("{name} exited before it was ready: {status}");
+                    }
+                }
+                if tokio::time::Instant::now() > deadline {
+                    anyhow::bail!("{name} not ready after {timeout:?}");
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the child to exit; restarts it with backoff when it failed and we are not stopping.
+async fn watch(
+    spec: Spec,
+    socket: Arc<UnixDatagram>,
+    socket_path: PathBuf,
+    child: Arc<Mutex<Option<Child>>>,
+    stopping: CancellationToken,
+) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let status = loop {
+            tokio::select! {
+                () = stopping.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    let mut guard = child.lock().await;
+                    let Some(running) = guard.as_mut() else { return };
+                    if let Ok(Some(status)) = running.try_wait() {
+                        *guard = None;
+                        break status;
+                    }
+                }
+            }
+        };
+        if status.success() || !spec.restart {
+            eprintln!("{:>17} | exited: {status}", spec.name);
+            return;
+        }
+        eprintln!("{:>17} | crashed ({status}); restarting in {delay:?}", spec.name);
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+        match spawn(&spec, &socket_path) {
+            Ok(new_child) => {
+                *child.lock().await = Some(new_child);
+                if let Err(e) = wait_ready(&socket, spec.name, &child, Duration::from_secs(120)).await {
+                    eprintln!("{:>17} | {e:#}", spec.name);
+                }
+            }
+            Err(e) => eprintln!("{:>17} | {e:#}", spec.name),
+        }
+    }
+}
+
+/// Sends `signal` and waits up to `grace`, then SIGKILL. True when it exited with status 0.
+pub async fn terminate(child: &mut Child, signal: Signal, grace: Duration) -> bool {
+    if let Some(pid) = child.id().and_then(|id| Pid::from_raw(id as i32)) {
+        let _ = kill_process(pid, signal);
+    }
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(Ok(status)) => status.success(),
+        _ => {
+            let _ = child.kill().await;
+            false
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The whole pipeline in one command, checked end to end: every reading the logging-server
+//! acknowledged is in the Iceberg table exactly once (read by PyIceberg), the PostgreSQL
+//! windows count the same readings per city, the dashboard serves them, and Ctrl-C stops
+//! everything cleanly.
+
+use std::{
+    collections::BTreeMap,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use weather_testkit::{ChildGuard, connect, free_port, http_get, pyiceberg_check, workspace_binary};
+
+/// The daemons' binaries, built like the README says (a no-op when they are up to date).
+fn build_binaries() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--workspace", "--bins"])
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "building the daemons failed");
+}
+
+/// Every process below `pid`, from /proc.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut all = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(parent) = queue.pop() {
+        let tasks = std::fs::read_dir(format!("/proc/{parent}/task"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        for task in tasks {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                all.push(child);
+                queue.push(child);
+            }
+        }
+    }
+    all
+}
+
+fn metric(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipeline_runs_end_to_end_and_stops_cleanly() {
+    build_binaries();
+    let state = tempfile::tempdir().expect("state dir");
+    let (logging, dashboard) = (free_port(), free_port());
+    let mut pipeline = ChildGuard::spawn_ready(
+        "pipeline",
+        Command::new(workspace_binary("pipeline"))
+            .args(["--state-dir"])
+            .arg(state.path())
+            .args([
+                "--logging-port",
+                &logging.to_string(),
+                "--dashboard-port",
+                &dashboard.to_string(),
+            ])
+            .args(["--rate", "100", "--client-batches", "250", "--commit-interval", "2s"])
+            .env_remove("KAFKA_BROKERS")
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "warn"),
+        Duration::from_secs(300),
+    )
+    .expect("pipeline ready");
+    let logging = format!("127.0.0.1:{logging}");
+    let dashboard = format!("127.0.0.1:{dashboard}");
+
+    // The client sends 2,500 readings over about 25 s; wait until it is done.
+    let started = Instant::now();
+    let mut acknowledged = 0.0;
+    let mut steady_since = Instant::now();
+    while started.elapsed() < Duration::from_secs(120) {
+        let metrics = http_get(&logging, "/metrics").await.expect("metrics").body;
+        let now = metric(&metrics, "logging_server_records_produced_total").unwrap_or(0.0);
+        if now != acknowledged {
+            acknowledged = now;
+            steady_since = Instant::now();
+        } else if acknowledged > 0.0 && steady_since.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let acknowledged = acknowledged as u64;
+    eprintln!("{acknowledged} readings acknowledged in {:?}", started.elapsed());
+    assert!(
+        acknowledged >= 2_000,
+        "the client ran at the raised rate: {acknowledged}"
+    );
+
+    // Iceberg, through an independent reader: exactly the acknowledged readings.
+    let state_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.path().join("state.json")).expect("state.json")).expect("json");
+    let database_url = state_json["database_url"].as_str().expect("database_url").to_owned();
+    let catalog_url = database_url.replace("/weather", "/iceberg");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let found = loop {
+        let found = pyiceberg_check(&catalog_url, "weather", "", "default.weather").ok();
+        if found.as_ref().is_some_and(|f| f["rows"] == acknowledged) || Instant::now() > deadline {
+            break found.expect("PyIceberg read the table");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(
+        found["rows"], acknowledged,
+        "every acknowledged reading exactly once in Iceberg: {found}"
+    );
+    let per_city: BTreeMap<String, i64> = serde_json::from_value(found["per_city"].clone()).expect("per_city");
+
+    // PostgreSQL windows count the same readings per city.
+    let client = connect(&database_url).await.expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let windows = loop {
+        let rows = client
+            .query(
+                "SELECT city, sum(record_count)::int8, count(*) FROM weather GROUP BY city",
+                &[],
+            )
+            .await
+            .expect("query");
+        let counts: BTreeMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let windows: BTreeMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(2))).collect();
+        if counts == per_city || Instant::now() > deadline {
+            assert_eq!(counts, per_city, "window counts per city match the table");
+            break windows;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+
+    // The dashboard serves those windows.
+    let api = http_get(&dashboard, "/api/weather").await.expect("api").json();
+    for (city, count) in &windows {
+        assert_eq!(
+            api["data"][city].as_array().map(Vec::len),
+            Some(*count as usize),
+            "{city} on the dashboard"
+        );
+    }
+
+    // Ctrl-C: everything stops, nothing is left running.
+    drop(client);
+    let children = descendants(pipeline.child.id());
+    assert!(
+        children.len() >= 5,
+        "backbone and daemons ran as children: {children:?}"
+    );
+    pipeline.signal(2);
+    let status = pipeline.wait(Duration::from_secs(120)).expect("pipeline exits");
+    assert!(status.success(), "clean shutdown: {status:?}");
+    let alive: Vec<_> = children
+        .iter()
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    assert!(alive.is_empty(), "orphans left: {alive:?}");
+}
