@@ -11,11 +11,12 @@ use std::{
 
 use weather_testkit::{ChildGuard, connect, free_port, http_get, pyiceberg_check, workspace_binary};
 
-/// The daemons' binaries, built like the README says (a no-op when they are up to date).
+/// The daemons' binaries. `--all-targets` resolves features as `cargo test` does, so after
+/// `cargo test --workspace` built everything this is a no-op.
 fn build_binaries() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--workspace", "--bins"])
+        .args(["build", "--workspace", "--all-targets"])
         .status()
         .expect("cargo build");
     assert!(status.success(), "building the daemons failed");
