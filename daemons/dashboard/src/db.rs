@@ -72,7 +72,10 @@ impl Db {
                     tracing::warn!(error = %e, "PostgreSQL connection lost");
                 }
             });
+            let mut client = client;
             client.batch_execute("SET TIME ZONE 'UTC'").await?;
+            // The dashboard may start before the aggregator: the table must exist to be read.
+            weather_common::schema::migrate(&mut client).await?;
             *guard = Some(client);
         }
         Ok(guard)

@@ -133,3 +133,15 @@ async fn malicious_city_names_render_as_text() {
     );
     dashboard.shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn starts_on_an_empty_database_before_the_aggregator() {
+    let postgres = Postgres::start().expect("PostgreSQL");
+    let url = postgres.create_database("weather").await.expect("create database");
+    let dashboard = start_dashboard(&url).await;
+    let response = http_get(&dashboard.addr, "/api/weather").await.expect("api");
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.json(), serde_json::json!({"cities": [], "data": {}}));
+    dashboard.shutdown.cancel();
+    dashboard.task.await.expect("join").expect("clean exit");
+}
