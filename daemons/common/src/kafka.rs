@@ -292,3 +292,26 @@ pub fn spawn_lag_update<C>(
         }
     });
 }
+
+impl KafkaArgs {
+    /// A consumer for sinks that keep their own offsets: no auto-commit, no offset store, and
+    /// the beginning of a partition when they have no offset for it yet.
+    pub fn sink_consumer(&self, group_id: &str) -> anyhow::Result<std::sync::Arc<rdkafka::consumer::StreamConsumer>> {
+        let consumer = self
+            .client_config()
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        Ok(std::sync::Arc::new(consumer))
+    }
+}
+
+/// The reading a record carries, or why it carries none.
+pub fn reading_of<M: rdkafka::Message>(message: &M) -> Result<crate::WeatherReading, crate::ReadingError> {
+    match message.payload() {
+        Some(payload) => crate::WeatherReading::from_json(payload),
+        None => Err(crate::ReadingError::Json("empty record value".into())),
+    }
+}

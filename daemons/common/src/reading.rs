@@ -4,6 +4,21 @@
 use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 
+/// The cities of the original demo: what the client sends by default and the dashboard
+/// always charts.
+pub const DEMO_CITIES: [&str; 10] = [
+    "San Francisco",
+    "New York",
+    "Los Angeles",
+    "Chicago",
+    "Houston",
+    "Phoenix",
+    "Seattle",
+    "Denver",
+    "Miami",
+    "Boston",
+];
+
 /// Longest accepted city name, in characters (the PostgreSQL column is `VARCHAR(255)`).
 pub const CITY_MAX_CHARS: usize = 255;
 /// Accepted temperature range, inclusive.

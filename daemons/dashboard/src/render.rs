@@ -4,21 +4,9 @@
 use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
-use crate::db::{Point, Snapshot};
+use weather_common::reading::DEMO_CITIES;
 
-/// The cities of the original demo, always shown first.
-pub const DEMO_CITIES: [&str; 10] = [
-    "San Francisco",
-    "New York",
-    "Los Angeles",
-    "Chicago",
-    "Houston",
-    "Phoenix",
-    "Seattle",
-    "Denver",
-    "Miami",
-    "Boston",
-];
+use crate::db::{Point, Snapshot};
 
 /// Charts on one page at most; the rest are summarised in a line.
 pub const MAX_CHARTS: usize = 60;

@@ -6,22 +6,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use chrono::TimeDelta;
+use weather_common::reading::DEMO_CITIES;
 use weather_testkit::{Browser, Postgres};
 
 use common::{database, insert, recent, start_dashboard};
-
-const DEMO_CITIES: [&str; 10] = [
-    "San Francisco",
-    "New York",
-    "Los Angeles",
-    "Chicago",
-    "Houston",
-    "Phoenix",
-    "Seattle",
-    "Denver",
-    "Miami",
-    "Boston",
-];
 
 async fn wait_until(browser: &Browser, script: &str, timeout: Duration) -> Option<Duration> {
     let started = Instant::now();

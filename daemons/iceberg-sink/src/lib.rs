@@ -29,8 +29,8 @@ use weather_common::{
     WeatherReading,
     http::{self, PartitionLabel},
     kafka::{
-        DEAD_LETTER_TOPIC, DeadLetters, KafkaArgs, WEATHER_TOPIC, assign_at, commit_for_monitoring, spawn_lag_update,
-        wait_for_partitions,
+        DEAD_LETTER_TOPIC, DeadLetters, KafkaArgs, WEATHER_TOPIC, assign_at, commit_for_monitoring, reading_of,
+        spawn_lag_update, wait_for_partitions,
     },
     runtime::{self, Backoff},
 };
@@ -164,16 +164,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         Duration::from_secs(5),
     ));
 
-    let consumer: Arc<StreamConsumer> = Arc::new(
-        args.kafka
-            .client_config()
-            .set("group.id", &args.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .context("creating the Kafka consumer")?,
-    );
+    let consumer = args
+        .kafka
+        .sink_consumer(&args.group_id)
+        .context("creating the Kafka consumer")?;
     let dead_letters = DeadLetters::new(&args.kafka, &args.dead_letter_topic, "iceberg-sink")?;
     let mut ready = false;
     let mut backoff = Backoff::default();
@@ -296,10 +290,7 @@ impl Worker<'_> {
         if self.position.get(&partition).is_some_and(|&next| offset < next) {
             return Ok(()); // Already in the table or the buffer.
         }
-        let parsed = match message.payload() {
-            Some(payload) => WeatherReading::from_json(payload),
-            None => Err(weather_common::ReadingError::Json("empty record value".into())),
-        };
+        let parsed = reading_of(message);
         match parsed {
             Ok(reading) => {
                 self.buffer.push(reading);

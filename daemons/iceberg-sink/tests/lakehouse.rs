@@ -13,23 +13,10 @@ use chrono::{DateTime, TimeDelta, Utc};
 use futures::TryStreamExt;
 use iceberg_sink::table::{CatalogConfig, WeatherTable, offsets_key};
 use rdkafka::Message;
-use weather_common::WeatherReading;
+use weather_common::{WeatherReading, reading::DEMO_CITIES};
 use weather_testkit::{
     ChildGuard, MockKafka, Postgres, S3Server, consume, free_port, produce, produce_readings, pyiceberg_check,
 };
-
-const CITIES: [&str; 10] = [
-    "San Francisco",
-    "New York",
-    "Los Angeles",
-    "Chicago",
-    "Houston",
-    "Phoenix",
-    "Seattle",
-    "Denver",
-    "Miami",
-    "Boston",
-];
 
 struct Harness {
     kafka: MockKafka,
@@ -156,7 +143,7 @@ fn readings(count: usize) -> (DateTime<Utc>, Vec<WeatherReading>) {
     let step = TimeDelta::hours(3).num_microseconds().expect("µs") / count as i64;
     let readings = (0..count)
         .map(|i| WeatherReading {
-            city: CITIES[i % CITIES.len()].to_owned(),
+            city: DEMO_CITIES[i % DEMO_CITIES.len()].to_owned(),
             temperature: (i % 12_000) as f64 / 100.0,
             ts: base + TimeDelta::microseconds(step * i as i64),
         })

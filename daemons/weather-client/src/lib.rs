@@ -17,20 +17,7 @@ use hyper_util::{
 };
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
-
-/// The cities of the original demo.
-pub const CITIES: [&str; 10] = [
-    "San Francisco",
-    "New York",
-    "Los Angeles",
-    "Chicago",
-    "Houston",
-    "Phoenix",
-    "Seattle",
-    "Denver",
-    "Miami",
-    "Boston",
-];
+use weather_common::reading::DEMO_CITIES;
 
 #[derive(clap::Parser, Debug, Clone)]
 #[command(version, about)]
@@ -166,7 +153,7 @@ pub fn fake_reading(fake_cities: bool) -> (String, f64) {
     let city = if fake_cities {
         CityName().fake::<String>()
     } else {
-        CITIES[fake::rand::random_range(0..CITIES.len())].to_owned()
+        DEMO_CITIES[fake::rand::random_range(0..DEMO_CITIES.len())].to_owned()
     };
     let hundredths: u32 = fake::rand::random_range(0..=12_000);
     (city, f64::from(hundredths) / 100.0)

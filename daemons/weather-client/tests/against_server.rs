@@ -5,8 +5,8 @@ use std::time::Duration;
 use rdkafka::Message;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use weather_client::{Args, CITIES, Totals};
-use weather_common::WeatherReading;
+use weather_client::{Args, Totals};
+use weather_common::{WeatherReading, reading::DEMO_CITIES};
 use weather_testkit::{MockKafka, consume, http_get};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -58,7 +58,7 @@ async fn every_batch_arrives_in_kafka() {
     assert_eq!(messages.len(), 40);
     for message in &messages {
         let reading = WeatherReading::from_json(message.payload().unwrap_or_default()).expect("valid");
-        assert!(CITIES.contains(&reading.city.as_str()), "{}", reading.city);
+        assert!(DEMO_CITIES.contains(&reading.city.as_str()), "{}", reading.city);
         assert!((0.0..=120.0).contains(&reading.temperature));
     }
     stop_server.cancel();

@@ -27,11 +27,10 @@ use rdkafka::{Message, consumer::StreamConsumer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use weather_common::{
-    WeatherReading,
     http::{self, PartitionLabel},
     kafka::{
         DEAD_LETTER_TOPIC, DeadLetters, KafkaArgs, WEATHER_TOPIC, assign_at, commit_for_monitoring, partition_count,
-        spawn_lag_update, wait_for_partitions,
+        reading_of, spawn_lag_update, wait_for_partitions,
     },
     runtime::{self, Backoff},
 };
@@ -127,16 +126,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         Duration::from_secs(5),
     ));
 
-    let consumer: Arc<StreamConsumer> = Arc::new(
-        args.kafka
-            .client_config()
-            .set("group.id", &args.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .context("creating the Kafka consumer")?,
-    );
+    let consumer = args
+        .kafka
+        .sink_consumer(&args.group_id)
+        .context("creating the Kafka consumer")?;
     let dead_letters = DeadLetters::new(&args.kafka, &args.dead_letter_topic, "window-aggregator")?;
     let mut ready = false;
     let mut backoff = Backoff::default();
@@ -282,10 +275,7 @@ impl Worker<'_> {
     }
 
     async fn process(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()> {
-        let parsed = match message.payload() {
-            Some(payload) => WeatherReading::from_json(payload),
-            None => Err(weather_common::ReadingError::Json("empty record value".into())),
-        };
+        let parsed = reading_of(message);
         let now = Instant::now();
         let outcome = match &parsed {
             Ok(reading) => self
