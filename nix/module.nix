@@ -1,0 +1,226 @@
+# NixOS module: services.weather-pipeline.<daemon> for each daemon, as hardened systemd units of
+# Type=notify, and optionally the backbone (PostgreSQL, Apache Kafka in KRaft mode, an S3 server).
+{ self }:
+{ config, lib, pkgs, ... }:
+let
+  cfg = config.services.weather-pipeline;
+  inherit (lib) mkOption mkEnableOption mkIf types;
+  packages = self.packages.${pkgs.stdenv.hostPlatform.system};
+
+  # Options every daemon has.
+  daemonOptions = name: defaultListen: {
+    enable = mkEnableOption "the weather-pipeline ${name}";
+    package = mkOption {
+      type = types.package;
+      default = packages.${name};
+      defaultText = lib.literalExpression "weather-pipeline.packages.\${system}.${name}";
+      description = "Package providing bin/${name}.";
+    };
+    listen = mkOption {
+      type = types.nullOr types.str;
+      default = defaultListen;
+      description = "Address of the daemon's HTTP endpoints (--listen).";
+    };
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "Further command-line flags (see `${name} --help`).";
+    };
+    environment = mkOption {
+      type = types.attrsOf types.str;
+      default = { };
+      description = "Further environment variables; every flag has one.";
+    };
+  };
+
+  backboneUnits =
+    lib.optionals cfg.backbone.enable [ "postgresql.service" "apache-kafka.service" ]
+    ++ lib.optional (cfg.backbone.enable && cfg.backbone.minio) "minio.service";
+
+  unit =
+    name: extraEnv:
+    let
+      d = cfg.${name};
+    in
+    {
+      description = "weather-pipeline ${name}";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ] ++ backboneUnits;
+      after = [ "network-online.target" ] ++ backboneUnits;
+      environment =
+        {
+          KAFKA_BROKERS = cfg.kafkaBrokers;
+          RUST_LOG = "info";
+        }
+        // lib.optionalAttrs (d.listen != null) { LISTEN = d.listen; }
+        // extraEnv
+        // d.environment;
+      serviceConfig = {
+        Type = "notify";
+        NotifyAccess = "main";
+        ExecStart = lib.escapeShellArgs ([ (lib.getExe d.package) ] ++ d.extraArgs);
+        WatchdogSec = "30s";
+        Restart = "on-failure";
+        RestartSec = "2s";
+        TimeoutStopSec = "90s";
+        DynamicUser = true;
+        # Hardening: the daemons only need the network and their credentials.
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        NoNewPrivileges = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        ProtectProc = "invisible";
+        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [ "@system-service" "~@privileged" ];
+        CapabilityBoundingSet = "";
+        AmbientCapabilities = "";
+        UMask = "0077";
+      };
+    };
+in
+{
+  options.services.weather-pipeline = {
+    kafkaBrokers = mkOption {
+      type = types.str;
+      default = "localhost:9092";
+      description = "Kafka bootstrap servers of every daemon.";
+    };
+    databaseUrl = mkOption {
+      type = types.str;
+      default = "postgresql:///weather?host=/run/postgresql&user=weather";
+      description = "PostgreSQL of the window table (window-aggregator, dashboard). No password here: use peer auth or a .pgpass.";
+    };
+    catalogUrl = mkOption {
+      type = types.str;
+      default = "postgresql:///iceberg?host=/run/postgresql&user=weather";
+      description = "Iceberg SQL catalog (iceberg-sink), shared with Trino's JDBC catalog.";
+    };
+    warehouse = mkOption {
+      type = types.str;
+      default = "s3://warehouse/";
+      description = "Iceberg warehouse location.";
+    };
+    s3Endpoint = mkOption {
+      type = types.nullOr types.str;
+      default = if cfg.backbone.enable && cfg.backbone.minio then "http://127.0.0.1:9000" else null;
+      description = "S3 endpoint of an S3-compatible server; null for AWS.";
+    };
+    s3CredentialsFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/weather-s3";
+      description = ''
+        File with AWS_ACCESS_KEY_ID=… and AWS_SECRET_ACCESS_KEY=… lines, handed to iceberg-sink
+        through systemd's LoadCredential: it never enters the Nix store.
+      '';
+    };
+
+    logging-server = daemonOptions "logging-server" "0.0.0.0:9998";
+    window-aggregator = daemonOptions "window-aggregator" "127.0.0.1:9102";
+    iceberg-sink = daemonOptions "iceberg-sink" "127.0.0.1:9101";
+    dashboard = daemonOptions "dashboard" "0.0.0.0:3000";
+    weather-client = daemonOptions "weather-client" null;
+
+    backbone = {
+      enable = mkEnableOption "PostgreSQL and Apache Kafka (KRaft) from nixpkgs, wired to the daemons";
+      minio = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Also run MinIO as the S3 server. nixpkgs marks MinIO insecure; enabling this is the
+          explicit opt-in (and needs it permitted in nixpkgs.config). Otherwise point
+          s3Endpoint at an S3 server of your own (Garage, …).
+        '';
+      };
+    };
+  };
+
+  config = lib.mkMerge [
+    (mkIf cfg.logging-server.enable {
+      systemd.services.weather-pipeline-logging-server = unit "logging-server" { };
+    })
+    (mkIf cfg.window-aggregator.enable {
+      systemd.services.weather-pipeline-window-aggregator = unit "window-aggregator" {
+        DATABASE_URL = cfg.databaseUrl;
+      };
+    })
+    (mkIf cfg.dashboard.enable {
+      systemd.services.weather-pipeline-dashboard = unit "dashboard" { DATABASE_URL = cfg.databaseUrl; };
+    })
+    (mkIf cfg.weather-client.enable {
+      systemd.services.weather-pipeline-weather-client =
+        (unit "weather-client" { LOGGING_SERVER_URL = "http://127.0.0.1:9998"; })
+        // {
+          after = [ "weather-pipeline-logging-server.service" ];
+          wants = [ "weather-pipeline-logging-server.service" ];
+        };
+    })
+    (mkIf cfg.iceberg-sink.enable {
+      systemd.services.weather-pipeline-iceberg-sink = lib.recursiveUpdate
+        (unit "iceberg-sink" (
+          {
+            CATALOG_URL = cfg.catalogUrl;
+            WAREHOUSE = cfg.warehouse;
+          }
+          // lib.optionalAttrs (cfg.s3Endpoint != null) { S3_ENDPOINT = cfg.s3Endpoint; }
+          // lib.optionalAttrs (cfg.s3CredentialsFile != null) {
+            S3_CREDENTIALS_FILE = "%d/s3";
+          }
+        ))
+        {
+          serviceConfig.LoadCredential = lib.optional (cfg.s3CredentialsFile != null) "s3:${cfg.s3CredentialsFile}";
+        };
+    })
+    (mkIf cfg.backbone.enable {
+      services.postgresql = {
+        enable = true;
+        ensureDatabases = [ "weather" "iceberg" ];
+        ensureUsers = [
+          {
+            name = "weather";
+          }
+        ];
+        # The daemons run as dynamic users: let the local socket trust the `weather` role.
+        authentication = ''
+          local weather,iceberg weather trust
+        '';
+        initialScript = pkgs.writeText "weather-init.sql" ''
+          ALTER DATABASE weather OWNER TO weather;
+          ALTER DATABASE iceberg OWNER TO weather;
+        '';
+      };
+      services.apache-kafka = {
+        enable = true;
+        clusterId = "weather-pipeline-kraft1";
+        formatLogDirs = true;
+        settings = {
+          "node.id" = 1;
+          "process.roles" = [ "broker" "controller" ];
+          "listeners" = [ "PLAINTEXT://127.0.0.1:9092" "CONTROLLER://127.0.0.1:9093" ];
+          "listener.security.protocol.map" = [ "PLAINTEXT:PLAINTEXT" "CONTROLLER:PLAINTEXT" ];
+          "controller.listener.names" = [ "CONTROLLER" ];
+          "controller.quorum.voters" = [ "1@127.0.0.1:9093" ];
+          "offsets.topic.replication.factor" = 1;
+          "log.dirs" = [ "/var/lib/apache-kafka" ];
+        };
+      };
+      services.minio = mkIf cfg.backbone.minio {
+        enable = true;
+        listenAddress = "127.0.0.1:9000";
+      };
+    })
+  ];
+}

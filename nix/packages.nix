@@ -1,0 +1,117 @@
+# The daemons built with crane (one shared dependency build), their OCI images, the checks, and
+# the `pipeline` app with the backbone on its PATH.
+{ pkgs, crane, src }:
+let
+  inherit (pkgs) lib;
+  craneLib = crane.mkLib pkgs;
+
+  daemonNames = [
+    "logging-server"
+    "weather-client"
+    "window-aggregator"
+    "iceberg-sink"
+    "dashboard"
+    "pipeline"
+  ];
+
+  # Cargo sources, plus the SQL migrations compiled in with include_str! and the test helpers.
+  source = lib.cleanSourceWith {
+    inherit src;
+    filter =
+      path: type:
+      (craneLib.filterCargoSources path type)
+      || lib.hasSuffix ".sql" path
+      || lib.hasSuffix ".py" path
+      || lib.hasSuffix "requirements.txt" path;
+  };
+
+  commonArgs = {
+    src = source;
+    strictDeps = true;
+    # librdkafka is built from rdkafka-sys's bundled sources.
+    nativeBuildInputs = with pkgs; [ pkg-config perl python3 ];
+    buildInputs = with pkgs; [ zlib ];
+  };
+
+  cargoArtifacts = craneLib.buildDepsOnly (commonArgs // { pname = "weather-pipeline-deps"; });
+
+  daemon =
+    name:
+    craneLib.buildPackage (
+      commonArgs
+      // {
+        inherit cargoArtifacts;
+        pname = name;
+        cargoExtraArgs = "--locked -p ${name}";
+        # The tests need PostgreSQL, brokers and a browser: they run in `checks.nextest`
+        # (unit tests) and in CI (everything).
+        doCheck = false;
+        meta.mainProgram = name;
+      }
+    );
+
+  daemons = lib.genAttrs daemonNames daemon;
+
+  all = pkgs.symlinkJoin {
+    name = "weather-pipeline";
+    paths = lib.attrValues daemons;
+  };
+
+  image =
+    name:
+    pkgs.dockerTools.buildLayeredImage {
+      name = "weather-pipeline/${name}";
+      tag = "latest";
+      contents = [
+        daemons.${name}
+        pkgs.cacert
+        pkgs.tzdata
+      ];
+      config = {
+        Entrypoint = [ "${daemons.${name}}/bin/${name}" ];
+        User = "65534:65534";
+        Env = [
+          "SSL_CERT_FILE=${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt"
+          "TZDIR=${pkgs.tzdata}/share/zoneinfo"
+        ];
+      };
+    };
+
+  images = lib.listToAttrs (
+    map (name: lib.nameValuePair "oci-${name}" (image name)) (lib.remove "pipeline" daemonNames)
+  );
+
+  pipelineApp = pkgs.writeShellApplication {
+    name = "pipeline";
+    # The daemons and PostgreSQL are found on PATH; without a Kafka broker on PATH the pipeline
+    # uses its in-process one.
+    runtimeInputs = [
+      all
+      pkgs.postgresql
+    ];
+    text = ''exec ${all}/bin/pipeline "$@"'';
+  };
+in
+{
+  inherit daemons images all pipelineApp;
+
+  checks = {
+    inherit all;
+    clippy = craneLib.cargoClippy (
+      commonArgs
+      // {
+        inherit cargoArtifacts;
+        cargoClippyExtraArgs = "--workspace --all-targets -- -D warnings";
+      }
+    );
+    fmt = craneLib.cargoFmt { src = source; };
+    # Unit tests only: the integration tests start real services the sandbox does not have.
+    nextest = craneLib.cargoNextest (
+      commonArgs
+      // {
+        inherit cargoArtifacts;
+        cargoNextestExtraArgs = "--workspace --lib";
+      }
+    );
+  };
+}
