@@ -1,0 +1,368 @@
+//! `bench`: throughput, latency, memory and start-up numbers of the daemons against real
+//! components (tansu as the broker for the HTTP path, librdkafka's mock cluster to feed the
+//! consumers, a private PostgreSQL, moto as S3). Prints a table and writes bench/RESULTS.md.
+//!
+//! Run: `cargo run --release -p bench` (the daemons must be built: `cargo build --release`).
+
+use std::{
+    fmt::Write as _,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use chrono::{TimeDelta, Utc};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::sync::CancellationToken;
+use weather_common::WeatherReading;
+use weather_testkit::{
+    ChildGuard, MockKafka, Postgres, S3Server, Tansu, free_port, http_get, produce_readings, workspace_binary,
+};
+
+#[derive(clap::Parser)]
+struct Args {
+    /// Readings fed to each consumer daemon.
+    #[arg(long, default_value_t = 1_000_000)]
+    readings: usize,
+    /// Length of each HTTP load run.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Where to write the results table.
+    #[arg(long, default_value = "bench/RESULTS.md")]
+    output: std::path::PathBuf,
+}
+
+struct Row {
+    what: String,
+    value: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = <Args as clap::Parser>::parse();
+    let mut rows = Vec::new();
+    http_benchmarks(&args, &mut rows).await?;
+    consumer_benchmarks(&args, &mut rows).await?;
+
+    let mut table = String::from("| measurement | result |\n| --- | --- |\n");
+    for row in &rows {
+        writeln!(table, "| {} | {} |", row.what, row.value)?;
+    }
+    println!("\n{table}");
+    let machine = format!(
+        "{} cores, {} MiB memory, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        memory_mib(),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                .split(':')
+                .nth(1)
+                .unwrap_or("")
+                .trim()
+                .to_owned()))
+            .unwrap_or_default()
+    );
+    let report = format!(
+        "# Benchmark results\n\nMachine: {machine}. Date: {}.\n\nCommand: `cargo build --release --workspace && cargo run --release -p bench -- --readings {} --duration {}`\n\n\
+         HTTP numbers are `GET /log` with broker acknowledgement (`acks=all`, idempotent producer) against a tansu broker \
+         process on the same machine; load generator and server share the two cores. Consumer numbers feed a \
+         pre-filled topic from librdkafka's mock cluster to the daemon binary and time until its commits cover every reading.\n\n{table}",
+        Utc::now().format("%Y-%m-%d"),
+        args.readings,
+        humantime::format_duration(args.duration),
+    );
+    std::fs::write(&args.output, report).with_context(|| format!("writing {}", args.output.display()))?;
+    println!("written to {}", args.output.display());
+    Ok(())
+}
+
+fn memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Keeps `connections` keep-alive connections busy with `request` for `duration`; returns the
+/// latency of every 200 answer and the count of other answers.
+async fn load(
+    addr: &str,
+    request: Arc<Vec<u8>>,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<(Vec<Duration>, usize)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (addr, request, stop) = (addr.to_owned(), request.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut stream = TcpStream::connect(&addr).await?;
+            stream.set_nodelay(true)?;
+            let mut latencies = Vec::new();
+            let mut errors = 0usize;
+            let mut buf = vec![0u8; 16 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                stream.write_all(&request).await?;
+                let status = read_response(&mut stream, &mut buf).await?;
+                if status == 200 {
+                    latencies.push(started.elapsed());
+                } else {
+                    errors += 1;
+                }
+            }
+            anyhow::Ok((latencies, errors))
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        let (l, e) = task.await??;
+        latencies.extend(l);
+        errors += e;
+    }
+    latencies.sort();
+    Ok((latencies, errors))
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body; returns its status.
+async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<u16> {
+    let mut filled = 0;
+    loop {
+        if filled == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = stream.read(&mut buf[filled..]).await?;
+        anyhow::ensure!(n > 0, "connection closed");
+        filled += n;
+        let Some(end) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = std::str::from_utf8(&buf[..end])?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("status")?;
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            })
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0);
+        while filled < end + 4 + length {
+            if filled == buf.len() {
+                buf.resize(buf.len() * 2, 0);
+            }
+            let n = stream.read(&mut buf[filled..]).await?;
+            anyhow::ensure!(n > 0, "connection closed");
+            filled += n;
+        }
+        return Ok(status);
+    }
+}
+
+async fn http_benchmarks(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let tansu = Tansu::start()?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(logging_server::run(
+        logging_server::Args::with_brokers(&tansu.brokers),
+        listener,
+        shutdown.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http_get(&addr, "/ready").await.is_ok_and(|r| r.status == 200) {
+        anyhow::ensure!(Instant::now() < deadline, "logging-server never became ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let get = Arc::new(format!("GET /log?city=Boston&temperature=72.5 HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes());
+    for connections in [1, 16, 64] {
+        let (latencies, errors) = load(&addr, get.clone(), connections, args.duration).await?;
+        let rate = latencies.len() as f64 / args.duration.as_secs_f64();
+        let line = format!(
+            "{rate:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {errors} non-200",
+            percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+            percentile(&latencies, 0.99).as_secs_f64() * 1e3
+        );
+        println!("GET /log, {connections} connections: {line}");
+        rows.push(Row {
+            what: format!("logging-server `GET /log`, {connections} connections"),
+            value: line,
+        });
+    }
+    let lines = 1000;
+    let body: String = (0..lines)
+        .map(|i| format!("{{\"city\":\"City {}\",\"temperature\":{}.25}}\n", i % 10, i % 100))
+        .collect();
+    let post = Arc::new(
+        format!(
+            "POST /logs HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    );
+    let (latencies, errors) = load(&addr, post, 4, args.duration).await?;
+    let rate = (latencies.len() * lines) as f64 / args.duration.as_secs_f64();
+    let line = format!(
+        "{rate:.0} readings/s ({lines} per request), p50 {:.1} ms, p99 {:.1} ms per request, {errors} non-200",
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3
+    );
+    println!("POST /logs: {line}");
+    rows.push(Row {
+        what: "logging-server `POST /logs` NDJSON, 4 connections".into(),
+        value: line,
+    });
+    shutdown.cancel();
+    server.await??;
+    Ok(())
+}
+
+async fn consumer_benchmarks(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let kafka = MockKafka::start(&["weather", "weather.dlq"]);
+    let postgres = Postgres::start()?;
+    let database_url = postgres.create_database("weather").await?;
+    let catalog_url = postgres.create_database("iceberg").await?;
+    let s3 = S3Server::start().await?;
+
+    // One hour of readings from ten cities, in event-time order.
+    let base = Utc::now() - TimeDelta::hours(2);
+    let step = 3_600_000_000 / args.readings as i64;
+    let readings: Vec<_> = (0..args.readings)
+        .map(|i| WeatherReading {
+            city: weather_common::reading::DEMO_CITIES[i % 10].to_owned(),
+            temperature: (i % 12_000) as f64 / 100.0,
+            ts: base + TimeDelta::microseconds(step * i as i64),
+        })
+        .collect();
+    let started = Instant::now();
+    produce_readings(&kafka.brokers(), "weather", &readings)?;
+    println!("{} readings produced in {:?}", args.readings, started.elapsed());
+
+    let total = args.readings as f64;
+    let aggregator_admin = format!("127.0.0.1:{}", free_port());
+    let sink_admin = format!("127.0.0.1:{}", free_port());
+    for (name, admin, metric, extra) in [
+        (
+            "window-aggregator",
+            aggregator_admin,
+            "window_aggregator_records_total{outcome=\"windowed\"}",
+            vec!["--database-url".to_owned(), database_url.clone()],
+        ),
+        (
+            "iceberg-sink",
+            sink_admin,
+            "iceberg_sink_records_written_total",
+            vec![
+                "--catalog-url".to_owned(),
+                catalog_url.clone(),
+                "--s3-endpoint".to_owned(),
+                s3.endpoint.clone(),
+                "--commit-interval".to_owned(),
+                "2s".to_owned(),
+            ],
+        ),
+    ] {
+        let spawned = Instant::now();
+        let mut child = ChildGuard::spawn_ready(
+            name,
+            Command::new(workspace_binary(name))
+                .args(["--kafka-brokers", &kafka.brokers(), "--listen", &admin])
+                .args(&extra)
+                .env("AWS_ACCESS_KEY_ID", "test")
+                .env("AWS_SECRET_ACCESS_KEY", "test")
+                .env("RUST_LOG", "warn"),
+            Duration::from_secs(60),
+        )?;
+        let ready = spawned.elapsed();
+        let started = Instant::now();
+        let mut peak_rss: f64 = 0.0;
+        loop {
+            peak_rss = peak_rss.max(rss_mib(child.child.id()));
+            let metrics = http_get(&admin, "/metrics").await.map(|r| r.body).unwrap_or_default();
+            let done = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(metric)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if done >= total {
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(600),
+                "{name} did not finish: {done} of {total}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let elapsed = started.elapsed();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle_rss = rss_mib(child.child.id());
+        let mut value = format!(
+            "{:.0} readings/s ({} in {:.1} s), READY after {:.0} ms, RSS peak {peak_rss:.0} MiB, idle {idle_rss:.0} MiB",
+            total / elapsed.as_secs_f64(),
+            args.readings,
+            elapsed.as_secs_f64(),
+            ready.as_secs_f64() * 1e3,
+        );
+        if name == "iceberg-sink" {
+            let metrics = http_get(&admin, "/metrics").await?.body;
+            let bytes = metrics
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("iceberg_sink_parquet_bytes_written_total")?
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
+                .unwrap_or(0.0);
+            write!(value, ", {:.2} bytes per reading in Parquet (ZSTD)", bytes / total)?;
+        }
+        println!("{name}: {value}");
+        let what = if name == "iceberg-sink" {
+            "Kafka to committed Parquet on S3"
+        } else {
+            "consumed and aggregated"
+        };
+        rows.push(Row {
+            what: format!("{name}, {} readings, {what}", args.readings),
+            value,
+        });
+        child.terminate(Duration::from_secs(60))?;
+    }
+    Ok(())
+}
