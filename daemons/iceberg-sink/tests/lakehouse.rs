@@ -23,6 +23,8 @@ struct Harness {
     _postgres: Postgres,
     s3: S3Server,
     catalog_url: String,
+    /// The sink's /health and /metrics address.
+    admin: String,
 }
 
 impl Harness {
@@ -36,6 +38,7 @@ impl Harness {
             _postgres: postgres,
             s3,
             catalog_url,
+            admin: format!("127.0.0.1:{}", free_port()),
         }
     }
 
@@ -50,7 +53,7 @@ impl Harness {
                     &self.catalog_url,
                 ])
                 .args(["--s3-endpoint", &self.s3.endpoint, "--warehouse", "s3://warehouse/"])
-                .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+                .args(["--listen", &self.admin])
                 .args(extra)
                 .env("AWS_ACCESS_KEY_ID", "test")
                 .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -257,4 +260,32 @@ async fn kill_9_mid_stream_and_restart_keeps_every_reading_exactly_once() {
     assert_eq!(harness.wait_committed(60_000, Duration::from_secs(120)).await, 60_000);
     assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
     assert_eq!(harness.rows().await, expected_rows(&readings), "no loss, no duplicate");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_commits_what_is_buffered() {
+    let harness = Harness::start().await;
+    let (_, readings) = readings(5_000);
+    produce_readings(&harness.kafka.brokers(), "weather", &readings).expect("produce");
+    // No commit would happen for an hour: only the shutdown path can put the rows in the table.
+    let mut sink = harness.sink(&["--commit-interval", "1h"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = weather_testkit::http_get(&harness.admin, "/metrics")
+            .await
+            .expect("metrics")
+            .body;
+        if metrics.lines().any(|l| l == "iceberg_sink_records_consumed_total 5000") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sink never buffered everything:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(harness.committed().await, 0, "nothing committed before SIGTERM");
+    assert_eq!(sink.terminate(Duration::from_secs(60)).expect("exit").code(), Some(0));
+    assert_eq!(harness.committed().await, 5_000);
+    assert_eq!(harness.rows().await, expected_rows(&readings));
 }
