@@ -143,6 +143,44 @@ async fn pipeline_runs_end_to_end_and_stops_cleanly() {
         );
     }
 
+    // A crashed daemon is restarted by the supervisor, and `pipeline status` sees it.
+    let aggregator = || {
+        descendants(pipeline.child.id()).into_iter().find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(17).any(|w| w == b"window-aggregator"))
+        })
+    };
+    let crashed = aggregator().expect("window-aggregator runs");
+    Command::new("kill")
+        .args(["-9", &crashed.to_string()])
+        .status()
+        .expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let output = Command::new(workspace_binary("pipeline"))
+            .args(["--state-dir"])
+            .arg(state.path())
+            .arg("status")
+            .output()
+            .expect("pipeline status");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let restarted = aggregator().is_some_and(|pid| pid != crashed);
+        if restarted
+            && text
+                .lines()
+                .any(|l| l.starts_with("window-aggregator") && l.ends_with(" up"))
+        {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "window-aggregator not restarted; status:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(status.contains("last window ends"), "{status}");
+    assert!(status.contains("iceberg_sink_last_snapshot_id"), "{status}");
+
     // Ctrl-C: everything stops, nothing is left running.
     drop(client);
     let children = descendants(pipeline.child.id());
