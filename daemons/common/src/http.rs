@@ -148,3 +148,20 @@ pub fn admin_handler(
 pub struct PartitionLabel {
     pub partition: i32,
 }
+
+/// Binds `addr` and serves [`admin_handler`] there until `shutdown`.
+pub async fn spawn_admin(
+    addr: std::net::SocketAddr,
+    registry: std::sync::Arc<Registry>,
+    shutdown: CancellationToken,
+) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(serve(
+        listener,
+        admin_handler(registry),
+        shutdown,
+        Duration::from_secs(5),
+    ));
+    Ok((local, task))
+}

@@ -23,7 +23,6 @@ use prometheus_client::{
     registry::Registry,
 };
 use rdkafka::{Message, consumer::StreamConsumer};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use weather_common::{
     WeatherReading,
@@ -153,16 +152,10 @@ impl Args {
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let catalog = args.catalog_config()?;
     let metrics = Arc::new(Metrics::new());
-    let listener = TcpListener::bind(args.listen)
+    let (listen, admin) = http::spawn_admin(args.listen, metrics.registry.clone(), shutdown.clone())
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, topic = %args.topic, warehouse = %args.warehouse, "iceberg-sink starting");
-    let admin = tokio::spawn(http::serve(
-        listener,
-        http::admin_handler(metrics.registry.clone()),
-        shutdown.clone(),
-        Duration::from_secs(5),
-    ));
+    tracing::info!(%listen, topic = %args.topic, warehouse = %args.warehouse, "iceberg-sink starting");
 
     let consumer = args
         .kafka

@@ -24,7 +24,6 @@ use prometheus_client::{
     registry::Registry,
 };
 use rdkafka::{Message, consumer::StreamConsumer};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use weather_common::{
     http::{self, PartitionLabel},
@@ -115,16 +114,10 @@ impl Args {
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = args.window_config()?;
     let metrics = Arc::new(Metrics::new());
-    let listener = TcpListener::bind(args.listen)
+    let (listen, admin) = http::spawn_admin(args.listen, metrics.registry.clone(), shutdown.clone())
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, topic = %args.topic, window = ?args.window, "window-aggregator starting");
-    let admin = tokio::spawn(http::serve(
-        listener,
-        http::admin_handler(metrics.registry.clone()),
-        shutdown.clone(),
-        Duration::from_secs(5),
-    ));
+    tracing::info!(%listen, topic = %args.topic, window = ?args.window, "window-aggregator starting");
 
     let consumer = args
         .kafka
