@@ -188,6 +188,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         assign_at(consumer.as_ref(), &args.topic, partitions, |p| {
             committed.get(&p).copied()
         })?;
+        metrics.show_committed(&committed);
         if !ready {
             ready = true;
             runtime::notify_ready();
@@ -330,6 +331,7 @@ impl Worker<'_> {
             "committed"
         );
         self.committed = self.position.clone();
+        self.metrics.show_committed(&self.committed);
         self.buffer.clear();
         self.first_buffered = None;
         commit_for_monitoring(
@@ -351,6 +353,7 @@ struct Metrics {
     commit_duration: Histogram,
     snapshot_id: Gauge,
     lag: Family<PartitionLabel, Gauge>,
+    committed_offset: Family<PartitionLabel, Gauge>,
     recoveries: Counter,
 }
 
@@ -393,6 +396,12 @@ impl Metrics {
         );
         let lag = Family::<PartitionLabel, Gauge>::default();
         registry.register("lag_records", "Records in the partition not consumed yet", lag.clone());
+        let committed_offset = Family::<PartitionLabel, Gauge>::default();
+        registry.register(
+            "committed_offset",
+            "Next Kafka offset per partition that the table holds everything before",
+            committed_offset.clone(),
+        );
         let recoveries = Counter::default();
         registry.register(
             "recoveries",
@@ -409,7 +418,16 @@ impl Metrics {
             commit_duration,
             snapshot_id,
             lag,
+            committed_offset,
             recoveries,
+        }
+    }
+
+    fn show_committed(&self, committed: &Offsets) {
+        for (&partition, &offset) in committed {
+            self.committed_offset
+                .get_or_create(&PartitionLabel { partition })
+                .set(offset);
         }
     }
 }

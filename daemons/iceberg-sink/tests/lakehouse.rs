@@ -187,6 +187,32 @@ async fn hundred_thousand_readings_over_three_hours_land_once_and_pyiceberg_agre
     let mut sink = harness.sink(&["--commit-interval", "1s"]);
     let committed = harness.wait_committed(100_002, Duration::from_secs(120)).await;
     assert_eq!(committed, 100_002, "offsets of every record, good or bad, committed");
+    // /metrics shows the same offsets (set just after the catalog commit returns).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = weather_testkit::http_get(&harness.admin, "/metrics")
+            .await
+            .expect("metrics")
+            .body;
+        let shown: i64 = metrics
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("iceberg_sink_committed_offset{")?
+                    .split_once("} ")?
+                    .1
+                    .parse::<i64>()
+                    .ok()
+            })
+            .sum();
+        if shown == 100_002 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/metrics shows {shown} committed:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
 
     let rows = harness.rows().await;

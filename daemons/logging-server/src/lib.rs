@@ -23,7 +23,7 @@ use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
     producer::{
         FutureProducer, FutureRecord, Producer,
-        future_producer::{DeliveryFuture, OwnedDeliveryResult},
+        future_producer::{Delivery, DeliveryFuture, OwnedDeliveryResult},
     },
 };
 use tokio::net::TcpListener;
@@ -196,7 +196,7 @@ impl Server {
             Err(e) => return http::error(StatusCode::BAD_REQUEST, e),
         };
         match self.produce(std::slice::from_ref(&reading)).await {
-            Ok(()) => logged(&reading),
+            Ok(stored) => self.logged(&reading, stored),
             Err(refused) => refused.into_response(),
         }
     }
@@ -215,7 +215,7 @@ impl Server {
         if !many {
             return match WeatherReading::from_request_json(&body, ts) {
                 Ok(reading) => match self.produce(std::slice::from_ref(&reading)).await {
-                    Ok(()) => logged(&reading),
+                    Ok(stored) => self.logged(&reading, stored),
                     Err(refused) => refused.into_response(),
                 },
                 Err(e) => http::error(StatusCode::BAD_REQUEST, e),
@@ -238,7 +238,7 @@ impl Server {
             return http::error(StatusCode::BAD_REQUEST, "body holds no readings");
         }
         match self.produce(&readings).await {
-            Ok(()) => http::json(
+            Ok(_) => http::json(
                 StatusCode::OK,
                 &serde_json::json!({"status": "success", "message": "Weather data logged", "count": readings.len()}),
             ),
@@ -246,14 +246,16 @@ impl Server {
         }
     }
 
-    /// Produces every reading and waits for the broker's acknowledgement of each.
-    async fn produce(&self, readings: &[WeatherReading]) -> Result<(), Refused> {
+    /// Produces every reading and waits for the broker's acknowledgement of each; returns
+    /// where the last one was stored.
+    async fn produce(&self, readings: &[WeatherReading]) -> Result<Delivery, Refused> {
         if !self.broker_ready.load(Ordering::Relaxed) {
             return Err(Refused::unavailable("Kafka broker not reachable yet"));
         }
         let started = Instant::now();
         let mut pending: VecDeque<DeliveryFuture> = VecDeque::with_capacity(readings.len());
         let mut acked = 0usize;
+        let mut last = None;
         let mut failure = None;
         for reading in readings {
             let payload = reading.to_json();
@@ -270,7 +272,10 @@ impl Server {
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) if !pending.is_empty() => {
                         if let Some(delivery) = pending.pop_front() {
                             match delivered(delivery.await) {
-                                Ok(()) => acked += 1,
+                                Ok(stored) => {
+                                    acked += 1;
+                                    last = Some(stored);
+                                }
                                 Err(e) => failure = failure.or(Some(e)),
                             }
                         }
@@ -291,19 +296,23 @@ impl Server {
         }
         for delivery in pending {
             match delivered(delivery.await) {
-                Ok(()) => acked += 1,
+                Ok(stored) => {
+                    acked += 1;
+                    last = Some(stored);
+                }
                 Err(e) => failure = failure.or(Some(e)),
             }
         }
         self.metrics.produce_latency.observe(started.elapsed().as_secs_f64());
         self.metrics.produced.inc_by(acked as u64);
-        match failure {
-            None => Ok(()),
-            Some(reason) if readings.len() == 1 => {
+        match (failure, last) {
+            (None, Some(stored)) => Ok(stored),
+            (None, None) => Err(Refused::unavailable("nothing was acknowledged")),
+            (Some(reason), _) if readings.len() == 1 => {
                 tracing::warn!(%reason, "reading not stored");
                 Err(Refused::unavailable(format!("not stored: {reason}")))
             }
-            Some(reason) => {
+            (Some(reason), _) => {
                 tracing::warn!(%reason, acked, total = readings.len(), "batch partly stored");
                 Err(Refused::unavailable(format!(
                     "{acked} of {} readings stored before the broker failed: {reason}",
@@ -311,6 +320,16 @@ impl Server {
                 )))
             }
         }
+    }
+
+    /// The seed's success answer, plus where the reading was stored so a client can follow it
+    /// downstream (the consumers report the offsets they committed).
+    fn logged(&self, reading: &WeatherReading, stored: Delivery) -> Response<Body> {
+        let kafka = serde_json::json!({"topic": self.topic, "partition": stored.partition, "offset": stored.offset});
+        http::json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "success", "message": "Weather data logged", "data": reading, "kafka": kafka}),
+        )
     }
 
     async fn ready(&self) -> Response<Body> {
@@ -333,19 +352,12 @@ impl Server {
 }
 
 /// The outcome of one delivery; the outer error means the producer was dropped.
-fn delivered<Canceled>(result: Result<OwnedDeliveryResult, Canceled>) -> Result<(), String> {
+fn delivered<Canceled>(result: Result<OwnedDeliveryResult, Canceled>) -> Result<Delivery, String> {
     match result {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(stored)) => Ok(stored),
         Ok(Err((e, _))) => Err(e.to_string()),
         Err(_) => Err("producer shut down".to_owned()),
     }
-}
-
-fn logged(reading: &WeatherReading) -> Response<Body> {
-    http::json(
-        StatusCode::OK,
-        &serde_json::json!({"status": "success", "message": "Weather data logged", "data": reading}),
-    )
 }
 
 #[derive(Clone, Copy)]

@@ -73,6 +73,11 @@ async fn valid_reading_lands_once_with_city_key() {
         body["data"],
         "answer matches the record"
     );
+    assert_eq!(
+        body["kafka"],
+        serde_json::json!({"topic": "weather", "partition": messages[0].partition(), "offset": messages[0].offset()}),
+        "answer says where the record is"
+    );
     server.stop().await;
 }
 
