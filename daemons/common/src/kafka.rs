@@ -54,6 +54,9 @@ impl KafkaArgs {
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.kafka_brokers);
+        // librdkafka backs off up to 10 s between reconnects; a broker that is back should be
+        // used within a second (the logging-server answers 503 until then).
+        config.set("reconnect.backoff.max.ms", "1000");
         for (key, value) in &self.kafka_options {
             config.set(key, value);
         }
