@@ -9,18 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use weather_testkit::{ChildGuard, connect, free_port, http_get, pyiceberg_check, workspace_binary};
-
-/// The daemons' binaries. `--all-targets` resolves features as `cargo test` does, so after
-/// `cargo test --workspace` built everything this is a no-op.
-fn build_binaries() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--workspace", "--all-targets"])
-        .status()
-        .expect("cargo build");
-    assert!(status.success(), "building the daemons failed");
-}
+use weather_testkit::{
+    ChildGuard, build_workspace_binaries, connect, free_port, http_get, metric, pyiceberg_check, workspace_binary,
+};
 
 /// Every process below `pid`, from /proc.
 fn descendants(pid: u32) -> Vec<u32> {
@@ -42,13 +33,9 @@ fn descendants(pid: u32) -> Vec<u32> {
     all
 }
 
-fn metric(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn pipeline_runs_end_to_end_and_stops_cleanly() {
-    build_binaries();
+    build_workspace_binaries();
     let state = tempfile::tempdir().expect("state dir");
     let (logging, dashboard) = (free_port(), free_port());
     let mut pipeline = ChildGuard::spawn_ready(

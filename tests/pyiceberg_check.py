@@ -1,7 +1,9 @@
 """Independent reader: opens the table the sink wrote through PyIceberg's SqlCatalog (the same
 catalog tables Trino's JDBC catalog uses) and prints what it finds as JSON.
 
-usage: pyiceberg_check.py CATALOG_URL CATALOG_NAME S3_ENDPOINT NAMESPACE.TABLE
+usage: pyiceberg_check.py CATALOG_URL CATALOG_NAME S3_ENDPOINT NAMESPACE.TABLE [--readings]
+
+With --readings the output also lists every row as [city, temperature], for exactly-once checks.
 """
 
 import json
@@ -14,6 +16,7 @@ from pyiceberg.catalog.sql import SqlCatalog
 
 def main() -> None:
     url, name, endpoint, table_name = sys.argv[1:5]
+    with_readings = "--readings" in sys.argv[5:]
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg2://" + url[len("postgresql://"):]
     catalog = SqlCatalog(
@@ -37,7 +40,7 @@ def main() -> None:
                 for c in range(metadata.num_columns):
                     compressions.add(metadata.row_group(g).column(c).compression)
     snapshot = table.current_snapshot()
-    print(json.dumps({
+    found = {
         "rows": data.num_rows,
         "distinct_ts": len(pc.unique(data["ts"])),
         "temperature_sum": pc.sum(data["temperature"]).as_py() if data.num_rows else 0,
@@ -48,7 +51,10 @@ def main() -> None:
         "compressions": sorted(compressions),
         "files": len(files),
         "snapshot_summary": dict(snapshot.summary.additional_properties) if snapshot else {},
-    }))
+    }
+    if with_readings:
+        found["readings"] = [list(r) for r in zip(data["city"].to_pylist(), data["temperature"].to_pylist())]
+    print(json.dumps(found))
 
 
 if __name__ == "__main__":

@@ -718,12 +718,24 @@ pub fn pyiceberg_check(
     s3_endpoint: &str,
     table: &str,
 ) -> anyhow::Result<serde_json::Value> {
+    run_pyiceberg_check(&[catalog_url, catalog_name, s3_endpoint, table])
+}
+
+/// Every row of the table as `(city, temperature)`, read by PyIceberg.
+pub fn pyiceberg_readings(
+    catalog_url: &str,
+    catalog_name: &str,
+    s3_endpoint: &str,
+    table: &str,
+) -> anyhow::Result<Vec<(String, f64)>> {
+    let found = run_pyiceberg_check(&[catalog_url, catalog_name, s3_endpoint, table, "--readings"])?;
+    Ok(serde_json::from_value(found["readings"].clone())?)
+}
+
+fn run_pyiceberg_check(args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("pyiceberg_check.py");
     let python = find_tool("PYTHON", "python3").context("python3 not found")?;
-    let output = Command::new(python)
-        .arg(script)
-        .args([catalog_url, catalog_name, s3_endpoint, table])
-        .output()?;
+    let output = Command::new(python).arg(script).args(args).output()?;
     anyhow::ensure!(
         output.status.success(),
         "pyiceberg_check failed: {}\n{}",
@@ -731,4 +743,21 @@ pub fn pyiceberg_check(
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// Builds the daemons' binaries for tests of another package (`CARGO_BIN_EXE_*` only covers
+/// the test's own package). `--all-targets` resolves features as `cargo test` does, so after
+/// `cargo test --workspace` built everything this is a no-op.
+pub fn build_workspace_binaries() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--workspace", "--all-targets"])
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "building the daemons failed");
+}
+
+/// The value of the first sample in Prometheus text whose name and labels are `name`.
+pub fn metric(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
 }
