@@ -1,6 +1,6 @@
 //! `bench`: throughput, latency, memory and start-up numbers of the daemons against real
-//! components (tansu as the broker for the HTTP path, librdkafka's mock cluster to feed the
-//! consumers, a private PostgreSQL, moto as S3). Prints a table and writes bench/RESULTS.md.
+//! components (tansu as the broker, a private PostgreSQL, moto as S3), each daemon alone and
+//! then all together end to end. Prints a table and writes bench/RESULTS.md.
 //!
 //! Run: `cargo run --release -p bench` (the daemons must be built: `cargo build --release`).
 
@@ -14,6 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod end_to_end;
+
 use anyhow::Context;
 use chrono::{TimeDelta, Utc};
 use tokio::{
@@ -21,10 +23,11 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use tokio_util::sync::CancellationToken;
-use weather_common::WeatherReading;
-use weather_testkit::{
-    ChildGuard, MockKafka, Postgres, S3Server, Tansu, free_port, http_get, produce_readings, workspace_binary,
+use weather_common::{
+    WeatherReading,
+    kafka::{DEAD_LETTER_TOPIC, KafkaArgs, WEATHER_TOPIC},
 };
+use weather_testkit::{ChildGuard, Postgres, S3Server, Tansu, free_port, http_get, produce_readings, workspace_binary};
 
 #[derive(clap::Parser)]
 struct Args {
@@ -34,6 +37,12 @@ struct Args {
     /// Length of each HTTP load run.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Readings per second sent through the whole pipeline for the end-to-end numbers.
+    #[arg(long, default_value_t = 200)]
+    e2e_rate: u32,
+    /// How long the end-to-end load runs.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    e2e_duration: Duration,
     /// Where to write the results table.
     #[arg(long, default_value = "bench/RESULTS.md")]
     output: std::path::PathBuf,
@@ -50,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     http_benchmarks(&args, &mut rows).await?;
     consumer_benchmarks(&args, &mut rows).await?;
+    end_to_end::benchmark(&args, &mut rows).await?;
 
     let mut table = String::from("| measurement | result |\n| --- | --- |\n");
     for row in &rows {
@@ -71,13 +81,18 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     let report = format!(
-        "# Benchmark results\n\nMachine: {machine}. Date: {}.\n\nCommand: `cargo build --release --workspace && cargo run --release -p bench -- --readings {} --duration {}`\n\n\
+        "# Benchmark results\n\nMachine: {machine}. Date: {}.\n\nCommand: `cargo build --release --workspace && cargo run --release -p bench -- --readings {} --duration {} --e2e-rate {} --e2e-duration {}`\n\n\
          HTTP numbers are `GET /log` with broker acknowledgement (`acks=all`, idempotent producer) against a tansu broker \
          process on the same machine; load generator and server share the two cores. Consumer numbers feed a \
-         pre-filled topic from librdkafka's mock cluster to the daemon binary and time until its commits cover every reading.\n\n{table}",
+         pre-filled topic on tansu to the daemon binary and time until its commits cover every reading. End-to-end numbers run \
+         the four daemons together against tansu, PostgreSQL and moto with default settings while a load generator sends \
+         `GET /log` at a fixed rate; each acknowledgement names its Kafka partition and offset and its timestamp, so its \
+         Iceberg commit (the sink's committed offsets) and its window (dashboard API, polled every 50 ms) are found exactly.\n\n{table}",
         Utc::now().format("%Y-%m-%d"),
         args.readings,
         humantime::format_duration(args.duration),
+        args.e2e_rate,
+        humantime::format_duration(args.e2e_duration),
     );
     std::fs::write(&args.output, report).with_context(|| format!("writing {}", args.output.display()))?;
     println!("written to {}", args.output.display());
@@ -104,6 +119,20 @@ fn rss_mib(pid: u32) -> f64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// User plus system CPU time a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    // /proc counts in USER_HZ, which the kernel ABI fixes at 100.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?)
+        })
+        .map_or(0.0, |t| t / TICKS_PER_SECOND)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -254,8 +283,21 @@ async fn http_benchmarks(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Creates the pipeline's topics on a broker that does not auto-create them.
+async fn create_topics(brokers: &str) -> anyhow::Result<()> {
+    let kafka = KafkaArgs {
+        kafka_brokers: brokers.to_owned(),
+        kafka_options: Vec::new(),
+        topic_partitions: 3,
+        topic_replication: 1,
+    };
+    kafka.ensure_topics(&[WEATHER_TOPIC, DEAD_LETTER_TOPIC]).await
+}
+
 async fn consumer_benchmarks(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    let kafka = MockKafka::start(&["weather", "weather.dlq"]);
+    // tansu rather than librdkafka's mock cluster: the mock keeps only a few MB per partition.
+    let kafka = Tansu::start()?;
+    create_topics(&kafka.brokers).await?;
     let postgres = Postgres::start()?;
     let database_url = postgres.create_database("weather").await?;
     let catalog_url = postgres.create_database("iceberg").await?;
@@ -272,7 +314,7 @@ async fn consumer_benchmarks(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result
         })
         .collect();
     let started = Instant::now();
-    produce_readings(&kafka.brokers(), "weather", &readings)?;
+    produce_readings(&kafka.brokers, WEATHER_TOPIC, &readings)?;
     println!("{} readings produced in {:?}", args.readings, started.elapsed());
 
     let total = args.readings as f64;
@@ -303,7 +345,7 @@ async fn consumer_benchmarks(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result
         let mut child = ChildGuard::spawn_ready(
             name,
             Command::new(workspace_binary(name))
-                .args(["--kafka-brokers", &kafka.brokers(), "--listen", &admin])
+                .args(["--kafka-brokers", &kafka.brokers, "--listen", &admin])
                 .args(&extra)
                 .env("AWS_ACCESS_KEY_ID", "test")
                 .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -312,6 +354,7 @@ async fn consumer_benchmarks(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result
         )?;
         let ready = spawned.elapsed();
         let started = Instant::now();
+        let cpu_before = cpu_seconds(child.child.id());
         let mut peak_rss: f64 = 0.0;
         loop {
             peak_rss = peak_rss.max(rss_mib(child.child.id()));
@@ -330,13 +373,15 @@ async fn consumer_benchmarks(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let elapsed = started.elapsed();
+        let cpu = cpu_seconds(child.child.id()) - cpu_before;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let idle_rss = rss_mib(child.child.id());
         let mut value = format!(
-            "{:.0} readings/s ({} in {:.1} s), READY after {:.0} ms, RSS peak {peak_rss:.0} MiB, idle {idle_rss:.0} MiB",
+            "{:.0} readings/s ({} in {:.1} s; {:.0} readings per CPU-second), READY after {:.0} ms, RSS peak {peak_rss:.0} MiB, idle {idle_rss:.0} MiB",
             total / elapsed.as_secs_f64(),
             args.readings,
             elapsed.as_secs_f64(),
+            total / cpu.max(1e-9),
             ready.as_secs_f64() * 1e3,
         );
         if name == "iceberg-sink" {
