@@ -331,6 +331,13 @@ async fn verify(stack: &Stack, load: &Load, scenario: &str, before: &mut Totals)
         in_windows.unwrap_or_default().as_secs_f64(),
     );
     *before = totals;
+    // Recovering "by themselves" means promptly: typically under 10 s (idle windows close 3 s
+    // after the last reading); a stalled consumer shows up here.
+    let windows_in = in_windows.unwrap_or(Duration::MAX);
+    assert!(
+        windows_in < Duration::from_secs(30),
+        "{scenario}: the windows took {windows_in:?} to catch up"
+    );
     assert_eq!(lost, 0, "{scenario}: acknowledged readings missing from Iceberg");
     assert_eq!(duplicates, 0, "{scenario}: readings twice in Iceberg");
     assert!(unknown.is_empty(), "{scenario}: rows nobody sent: {unknown:?}");

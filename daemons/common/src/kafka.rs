@@ -249,7 +249,23 @@ pub fn assign_at<C: rdkafka::consumer::Consumer>(
         let offset = next_offset(partition).map_or(Offset::Beginning, Offset::Offset);
         assignment.add_partition_offset(topic, partition, offset)?;
     }
-    consumer.assign(&assignment)?;
+    let current = consumer.assignment()?;
+    let unchanged =
+        current.count() == partitions as usize && (0..partitions).all(|p| current.find_partition(topic, p).is_some());
+    if unchanged {
+        // Resuming after a failure: a new assignment would not start fetching before every
+        // group commit in flight (for monitoring only) is answered, which a stuck coordinator
+        // stretches to the request timeout. A seek does not wait for them, and librdkafka drops
+        // messages fetched before it.
+        for element in consumer
+            .seek_partitions(assignment, std::time::Duration::from_secs(10))?
+            .elements()
+        {
+            element.error()?;
+        }
+    } else {
+        consumer.assign(&assignment)?;
+    }
     Ok(())
 }
 
