@@ -237,16 +237,51 @@ pub fn partition_count<C: rdkafka::consumer::Consumer>(consumer: &C, topic: &str
 
 /// Assigns partitions `0..partitions` of `topic`, each at `next_offset(partition)`, or at the
 /// beginning when it has none: the consumer reads exactly from what the sink committed.
+///
+/// A stored offset past the end of the log means the topic is not the one the offsets were
+/// stored for (recreated, or an in-memory broker restarted): that partition is read from its
+/// beginning instead, and is returned with its start offset so the caller moves its own
+/// position there too (otherwise it would skip the new records as already seen).
 pub fn assign_at<C: rdkafka::consumer::Consumer>(
     consumer: &C,
     topic: &str,
     partitions: i32,
     next_offset: impl Fn(i32) -> Option<i64>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<(i32, i64)>> {
     use rdkafka::{Offset, TopicPartitionList};
     let mut assignment = TopicPartitionList::new();
+    let mut restarted = Vec::new();
     for partition in 0..partitions {
-        let offset = next_offset(partition).map_or(Offset::Beginning, Offset::Offset);
+        let offset = match next_offset(partition) {
+            Some(next) => {
+                let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+                if next > high {
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        stored = next,
+                        log_end = high,
+                        "stored offset is past the end of the log: the topic was recreated or the broker lost \
+                         its data; reading this partition from its beginning"
+                    );
+                    restarted.push((partition, low));
+                    Offset::Offset(low)
+                } else {
+                    if next < low {
+                        tracing::error!(
+                            topic,
+                            partition,
+                            stored = next,
+                            log_start = low,
+                            lost = low - next,
+                            "records were deleted by retention before they were consumed"
+                        );
+                    }
+                    Offset::Offset(next)
+                }
+            }
+            None => Offset::Beginning,
+        };
         assignment.add_partition_offset(topic, partition, offset)?;
     }
     let current = consumer.assignment()?;
@@ -258,7 +293,7 @@ pub fn assign_at<C: rdkafka::consumer::Consumer>(
         // stretches to the request timeout. A seek does not wait for them, and librdkafka drops
         // messages fetched before it.
         for element in consumer
-            .seek_partitions(assignment, std::time::Duration::from_secs(10))?
+            .seek_partitions(assignment, Duration::from_secs(10))?
             .elements()
         {
             element.error()?;
@@ -266,7 +301,7 @@ pub fn assign_at<C: rdkafka::consumer::Consumer>(
     } else {
         consumer.assign(&assignment)?;
     }
-    Ok(())
+    Ok(restarted)
 }
 
 /// Commits `offsets` (partition → next offset) to the consumer group, for lag monitoring

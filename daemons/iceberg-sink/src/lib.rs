@@ -185,10 +185,12 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                 break;
             }
         };
-        assign_at(consumer.as_ref(), &args.topic, partitions, |p| {
+        let restarted = assign_at(consumer.as_ref(), &args.topic, partitions, |p| {
             committed.get(&p).copied()
         })?;
         metrics.show_committed(&committed);
+        let mut position = committed.clone();
+        position.extend(restarted);
         if !ready {
             ready = true;
             runtime::notify_ready();
@@ -200,8 +202,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             table,
             dead_letters: &dead_letters,
             metrics: &metrics,
-            committed: committed.clone(),
-            position: committed,
+            committed,
+            position,
             buffer: Vec::new(),
             first_buffered: None,
         };

@@ -315,3 +315,39 @@ async fn sigterm_commits_what_is_buffered() {
     assert_eq!(harness.committed().await, 5_000);
     assert_eq!(harness.rows().await, expected_rows(&readings));
 }
+
+/// A topic that starts over (recreated, or an in-memory broker restarted) is read from its
+/// beginning: the table's offsets lie past the end of the new log, and seeking to them would
+/// skip the new readings silently.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_topic_that_starts_over_is_read_from_its_beginning() {
+    let mut harness = Harness::start().await;
+    let (_, readings) = readings(3_000);
+    let (first, second) = readings.split_at(2_000);
+    produce_readings(&harness.kafka.brokers(), "weather", first).expect("produce");
+    let mut sink = harness.sink(&["--commit-interval", "200ms"]);
+    assert_eq!(harness.wait_committed(2_000, Duration::from_secs(60)).await, 2_000);
+    assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
+
+    harness.kafka = MockKafka::start(&["weather", "weather.dlq"]);
+    produce_readings(&harness.kafka.brokers(), "weather", second).expect("produce");
+    let mut sink = harness.sink(&["--commit-interval", "200ms"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let committed = harness.committed().await;
+        if committed == 1_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "offsets of the new log never committed: {committed}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
+    assert_eq!(
+        harness.rows().await,
+        expected_rows(&readings),
+        "the readings of both logs, each once"
+    );
+}

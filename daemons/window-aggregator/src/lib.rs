@@ -11,6 +11,7 @@ pub mod store;
 pub mod window;
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -36,7 +37,7 @@ use weather_common::{
 
 use crate::{
     store::Store,
-    window::{Aggregator, Outcome, WindowConfig},
+    window::{Aggregator, Outcome, PartitionState, WindowConfig},
 };
 
 #[derive(clap::Parser, Debug, Clone)]
@@ -135,7 +136,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         let Some(store) = connect(&args, &shutdown).await else {
             break;
         };
-        let state = match store.load().await {
+        let mut state = match store.load().await {
             Ok(state) => state,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "loading state failed");
@@ -145,9 +146,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                 break;
             }
         };
-        assign_at(consumer.as_ref(), &args.topic, partitions, |p| {
+        let restarted = assign_at(consumer.as_ref(), &args.topic, partitions, |p| {
             state.get(&p).map(|s| s.next_offset)
         })?;
+        read_again_from(&mut state, restarted);
         if !ready {
             ready = true;
             runtime::notify_ready();
@@ -181,6 +183,16 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
 }
 
 /// Connects, migrates and takes the writer lock, retrying; `None` on shutdown.
+/// Moves partitions whose log started over (see [`assign_at`]) back to its new start, so its
+/// records are not skipped as already counted.
+fn read_again_from(state: &mut BTreeMap<i32, PartitionState>, restarted: Vec<(i32, i64)>) {
+    for (partition, start) in restarted {
+        if let Some(partition) = state.get_mut(&partition) {
+            partition.next_offset = start;
+        }
+    }
+}
+
 async fn connect(args: &Args, shutdown: &CancellationToken) -> Option<Store> {
     let mut backoff = Backoff::default();
     let mut standing_by = false;
@@ -349,10 +361,11 @@ impl Worker<'_> {
             tracing::info!(from = self.partitions, to = count, "topic gained partitions");
             self.commit().await?;
             self.partitions = count;
-            let partitions = &self.aggregator.partitions;
-            assign_at(self.consumer.as_ref(), &self.args.topic, count, |p| {
+            let partitions = &mut self.aggregator.partitions;
+            let restarted = assign_at(self.consumer.as_ref(), &self.args.topic, count, |p| {
                 partitions.get(&p).map(|s| s.next_offset)
             })?;
+            read_again_from(partitions, restarted);
         }
         Ok(())
     }

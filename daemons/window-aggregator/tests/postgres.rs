@@ -326,3 +326,31 @@ async fn postgres_restart_mid_stream_recovers_with_an_exact_result() {
         "it noticed the outage"
     );
 }
+
+/// A topic that starts over (recreated, or an in-memory broker restarted) is read from its
+/// beginning: the stored offsets lie past the end of the new log, and seeking to them would
+/// skip the new readings silently.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_topic_that_starts_over_is_read_from_its_beginning() {
+    let mut harness = Harness::start().await;
+    let (first, mut expected) = stream(base_time(20), 4, 12, 5);
+    harness.produce(&first);
+    let mut aggregator = harness.aggregator(&[]);
+    assert_same(&harness.wait_for(&expected, Duration::from_secs(30)).await, &expected);
+    assert_eq!(
+        aggregator.terminate(Duration::from_secs(20)).expect("exit").code(),
+        Some(0)
+    );
+
+    harness.kafka = MockKafka::start(&["weather", "weather.dlq"]);
+    let (second, more) = stream(base_time(10), 4, 6, 5);
+    assert!(second.len() < first.len(), "the new log is shorter than the old one");
+    harness.produce(&second);
+    expected.extend(more);
+    let mut aggregator = harness.aggregator(&[]);
+    assert_same(&harness.wait_for(&expected, Duration::from_secs(30)).await, &expected);
+    assert_eq!(
+        aggregator.terminate(Duration::from_secs(20)).expect("exit").code(),
+        Some(0)
+    );
+}
