@@ -30,6 +30,9 @@ struct Ack {
 /// `(city, window start in ms)` → when it was first seen.
 type Seen = Arc<Mutex<HashMap<(String, i64), (Instant, DateTime<Utc>)>>>;
 
+/// Partition → each committed offset the sink showed, with when it first showed it.
+type Commits = Arc<Mutex<BTreeMap<i32, Vec<(i64, Instant)>>>>;
+
 pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let kafka = Tansu::start()?;
     create_topics(&kafka.brokers).await?;
@@ -90,7 +93,7 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
     let stop = CancellationToken::new();
     let in_postgres = Seen::default();
     let on_dashboard = Seen::default();
-    let in_iceberg: Arc<Mutex<BTreeMap<i32, Vec<(i64, Instant)>>>> = Arc::default();
+    let in_iceberg = Commits::default();
     let watchers = [
         tokio::spawn(watch_postgres(database_url.clone(), in_postgres.clone(), stop.clone())),
         tokio::spawn(watch_dashboard(dashboard.clone(), on_dashboard.clone(), stop.clone())),
@@ -304,11 +307,7 @@ async fn watch_dashboard(addr: String, seen: Seen, stop: CancellationToken) -> a
 }
 
 /// Records each new `iceberg_sink_committed_offset` per partition with when it appeared.
-async fn watch_sink(
-    addr: String,
-    seen: Arc<Mutex<BTreeMap<i32, Vec<(i64, Instant)>>>>,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
+async fn watch_sink(addr: String, seen: Commits, stop: CancellationToken) -> anyhow::Result<()> {
     while !stop.is_cancelled() {
         let metrics = http_get(&addr, "/metrics").await?.body;
         for line in metrics.lines() {
