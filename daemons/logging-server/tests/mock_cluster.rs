@@ -333,7 +333,7 @@ async fn fuzzed_requests_get_clear_answers_and_only_accepted_readings_are_stored
     let kafka = MockKafka::start(&["weather"]);
     let server = Running::start(Args::with_brokers(&kafka.brokers())).await;
     server.wait_ready().await;
-    let mut rng = Rng(0x5EED_0F_u64);
+    let mut rng = Rng(0x005E_ED0F_u64);
     let mut stored = 0usize;
     let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
     for case in 0..1500 {
