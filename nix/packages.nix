@@ -83,11 +83,12 @@ let
 
   pipelineApp = pkgs.writeShellApplication {
     name = "pipeline";
-    # The daemons and PostgreSQL are found on PATH; without a Kafka broker on PATH the pipeline
-    # uses its in-process one.
+    # The daemons, PostgreSQL and Apache Kafka (started in KRaft mode, its log in the state
+    # directory) are found on PATH.
     runtimeInputs = [
       all
       pkgs.postgresql
+      pkgs.apacheKafka
     ];
     text = ''exec ${all}/bin/pipeline "$@"'';
   };

@@ -149,19 +149,27 @@ impl LocalPostgres {
 /// Where the Kafka protocol is spoken.
 pub enum Kafka {
     External(String),
-    /// A broker process (tansu) in the state directory.
+    /// A broker process in the state directory: Apache Kafka (KRaft, persistent) or tansu
+    /// (in memory).
     Process {
         brokers: String,
-        _child: Child,
+        child: Child,
     },
     /// librdkafka's mock cluster inside this process: in memory, gone when the pipeline stops.
     Embedded(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
 }
 
 impl Kafka {
-    pub async fn start(given: Option<String>) -> anyhow::Result<Self> {
+    /// The given brokers; else Apache Kafka or tansu found on `PATH`, started in `dir`; else
+    /// an in-process broker.
+    pub async fn start(given: Option<String>, dir: &Path) -> anyhow::Result<Self> {
         if let Some(brokers) = given {
             return Ok(Self::External(brokers));
+        }
+        if let Some((bin, suffix)) = crate::apache_kafka::find() {
+            let (brokers, child) = crate::apache_kafka::start(&bin, suffix, dir).await?;
+            tracing::info!(%brokers, "Apache Kafka (KRaft) started, its log in {}", dir.display());
+            return Ok(Self::Process { brokers, child });
         }
         if let Some(tansu) = on_path("tansu") {
             let port = free_port()?;
@@ -177,15 +185,15 @@ impl Kafka {
             let brokers = format!("127.0.0.1:{port}");
             wait_for_port(&brokers, Duration::from_secs(30)).await?;
             tracing::warn!("tansu broker keeps messages in memory: they are gone when the pipeline stops");
-            return Ok(Self::Process { brokers, _child: child });
+            return Ok(Self::Process { brokers, child });
         }
         let cluster = rdkafka::mocking::MockCluster::new(1).context("starting the embedded Kafka broker")?;
         for topic in ["weather", "weather.dlq"] {
             cluster.create_topic(topic, 3, 1)?;
         }
         tracing::warn!(
-            "no Kafka broker given (--kafka-brokers) and none on PATH: using an in-process, in-memory broker; \
-             messages are gone when the pipeline stops"
+            "no Kafka broker given (--kafka-brokers) and none on PATH (kafka-server-start.sh, tansu): using an \
+             in-process, in-memory broker; messages are gone when the pipeline stops"
         );
         Ok(Self::Embedded(cluster))
     }
@@ -194,6 +202,13 @@ impl Kafka {
         match self {
             Self::External(brokers) | Self::Process { brokers, .. } => brokers.clone(),
             Self::Embedded(cluster) => cluster.bootstrap_servers(),
+        }
+    }
+
+    /// Stops a broker process cleanly (Apache Kafka then needs no log recovery next time).
+    pub async fn stop(self) {
+        if let Self::Process { mut child, .. } = self {
+            crate::supervisor::terminate(&mut child, rustix::process::Signal::TERM, Duration::from_secs(60)).await;
         }
     }
 }

@@ -2,6 +2,7 @@
 //! Kafka-protocol broker, object storage) and the five daemons in dependency order, each
 //! waited for through the sd-notify protocol, and stops them in reverse order on Ctrl-C.
 
+mod apache_kafka;
 mod backbone;
 mod supervisor;
 
@@ -134,7 +135,7 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         .clone()
         .or_else(|| postgres.as_ref().map(|p| p.url("iceberg")))
         .context("--catalog-url is needed with --database-url")?;
-    let kafka = Kafka::start(args.kafka_brokers.clone()).await?;
+    let kafka = Kafka::start(args.kafka_brokers.clone(), &state_dir.join("kafka")).await?;
     let brokers = kafka.brokers();
     let warehouse = match (&args.warehouse, &args.s3_endpoint) {
         (Some(w), _) => w.clone(),
@@ -265,7 +266,7 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("{name} stopped{}", if ok { "" } else { " (not cleanly)" });
         clean &= ok;
     }
-    drop(kafka);
+    kafka.stop().await;
     if let Some(mut postgres) = postgres {
         // SIGINT is PostgreSQL's fast shutdown: it does not wait for clients to disconnect.
         supervisor::terminate(
