@@ -14,9 +14,9 @@ use anyhow::Context;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use tokio_util::sync::CancellationToken;
 use weather_common::reading::DEMO_CITIES;
-use weather_testkit::{ChildGuard, Postgres, S3Server, Tansu, connect, free_port, http_get, workspace_binary};
+use weather_testkit::{ChildGuard, connect, free_port, http_get, workspace_binary};
 
-use crate::{Args, Row, create_topics, percentile, rss_mib};
+use crate::{Args, Backbone, Row, percentile, rss_mib};
 
 /// A reading the logging-server acknowledged.
 struct Ack {
@@ -34,12 +34,13 @@ type Seen = Arc<Mutex<HashMap<(String, i64), (Instant, DateTime<Utc>)>>>;
 type Commits = Arc<Mutex<BTreeMap<i32, Vec<(i64, Instant)>>>>;
 
 pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    let kafka = Tansu::start()?;
-    create_topics(&kafka.brokers).await?;
-    let postgres = Postgres::start()?;
-    let database_url = postgres.create_database("weather").await?;
-    let catalog_url = postgres.create_database("iceberg").await?;
-    let s3 = S3Server::start().await?;
+    let Backbone {
+        kafka,
+        database_url,
+        catalog_url,
+        s3,
+        _postgres,
+    } = Backbone::start().await?;
     let [logging, aggregator, sink, dashboard] = [(); 4].map(|()| format!("127.0.0.1:{}", free_port()));
     let brokers = kafka.brokers.as_str();
     let specs: [(&str, Vec<&str>); 4] = [

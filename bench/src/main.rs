@@ -295,14 +295,39 @@ async fn create_topics(brokers: &str) -> anyhow::Result<()> {
     kafka.ensure_topics(&[WEATHER_TOPIC, DEAD_LETTER_TOPIC]).await
 }
 
+/// The services the daemons stand on, private to one benchmark.
+struct Backbone {
+    kafka: Tansu,
+    _postgres: Postgres,
+    database_url: String,
+    catalog_url: String,
+    s3: S3Server,
+}
+
+impl Backbone {
+    async fn start() -> anyhow::Result<Self> {
+        // tansu rather than librdkafka's mock cluster: the mock keeps only a few MB per partition.
+        let kafka = Tansu::start()?;
+        create_topics(&kafka.brokers).await?;
+        let postgres = Postgres::start()?;
+        Ok(Self {
+            kafka,
+            database_url: postgres.create_database("weather").await?,
+            catalog_url: postgres.create_database("iceberg").await?,
+            _postgres: postgres,
+            s3: S3Server::start().await?,
+        })
+    }
+}
+
 async fn consumer_benchmarks(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    // tansu rather than librdkafka's mock cluster: the mock keeps only a few MB per partition.
-    let kafka = Tansu::start()?;
-    create_topics(&kafka.brokers).await?;
-    let postgres = Postgres::start()?;
-    let database_url = postgres.create_database("weather").await?;
-    let catalog_url = postgres.create_database("iceberg").await?;
-    let s3 = S3Server::start().await?;
+    let Backbone {
+        kafka,
+        database_url,
+        catalog_url,
+        s3,
+        _postgres,
+    } = Backbone::start().await?;
 
     // One hour of readings from ten cities, in event-time order.
     let base = Utc::now() - TimeDelta::hours(2);
