@@ -185,9 +185,18 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                 break;
             }
         };
-        let restarted = assign_at(consumer.as_ref(), &args.topic, partitions, |p| {
+        let restarted = match assign_at(consumer.as_ref(), &args.topic, partitions, |p| {
             committed.get(&p).copied()
-        })?;
+        }) {
+            Ok(restarted) => restarted,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not position the consumer");
+                if backoff.wait(&shutdown).await {
+                    continue;
+                }
+                break;
+            }
+        };
         metrics.show_committed(&committed);
         let mut position = committed.clone();
         position.extend(restarted);

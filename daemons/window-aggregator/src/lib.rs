@@ -146,9 +146,18 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
                 break;
             }
         };
-        let restarted = assign_at(consumer.as_ref(), &args.topic, partitions, |p| {
+        let restarted = match assign_at(consumer.as_ref(), &args.topic, partitions, |p| {
             state.get(&p).map(|s| s.next_offset)
-        })?;
+        }) {
+            Ok(restarted) => restarted,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not position the consumer");
+                if backoff.wait(&shutdown).await {
+                    continue;
+                }
+                break;
+            }
+        };
         read_again_from(&mut state, restarted);
         if !ready {
             ready = true;
