@@ -10,7 +10,7 @@ use std::{
 };
 
 use weather_testkit::{
-    ChildGuard, build_workspace_binaries, connect, free_port, http_get, metric, pyiceberg_check, workspace_binary,
+    ChildGuard, build_workspace_binaries, connect, free_port, http_get, metric, pyiceberg_check_with, workspace_binary,
 };
 
 /// Every process below `pid`, from /proc.
@@ -86,9 +86,23 @@ async fn pipeline_runs_end_to_end_and_stops_cleanly() {
         serde_json::from_slice(&std::fs::read(state.path().join("state.json")).expect("state.json")).expect("json");
     let database_url = state_json["database_url"].as_str().expect("database_url").to_owned();
     let catalog_url = database_url.replace("/weather", "/iceberg");
+    // The warehouse is a directory, or on the S3 server the pipeline found on PATH.
+    let s3_endpoint = state_json["s3_endpoint"].as_str().unwrap_or_default();
+    let mut check = vec![catalog_url.as_str(), "weather", s3_endpoint, "default.weather"];
+    if let Some(file) = state_json["s3_credentials_file"].as_str() {
+        check.extend(["--credentials", file]);
+    }
+    eprintln!(
+        "warehouse: {}",
+        if s3_endpoint.is_empty() {
+            "directory"
+        } else {
+            s3_endpoint
+        }
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     let found = loop {
-        let found = pyiceberg_check(&catalog_url, "weather", "", "default.weather").ok();
+        let found = pyiceberg_check_with(&check).ok();
         if found.as_ref().is_some_and(|f| f["rows"] == acknowledged) || Instant::now() > deadline {
             break found.expect("PyIceberg read the table");
         }

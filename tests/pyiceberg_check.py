@@ -2,8 +2,11 @@
 catalog tables Trino's JDBC catalog uses) and prints what it finds as JSON.
 
 usage: pyiceberg_check.py CATALOG_URL CATALOG_NAME S3_ENDPOINT NAMESPACE.TABLE [--readings]
+                          [--credentials FILE]
 
 With --readings the output also lists every row as [city, temperature], for exactly-once checks.
+S3 keys come from FILE (AWS_ACCESS_KEY_ID=... and AWS_SECRET_ACCESS_KEY=... lines, the
+iceberg-sink's credentials file) or are moto's "test".
 """
 
 import json
@@ -16,7 +19,12 @@ from pyiceberg.catalog.sql import SqlCatalog
 
 def main() -> None:
     url, name, endpoint, table_name = sys.argv[1:5]
-    with_readings = "--readings" in sys.argv[5:]
+    options = sys.argv[5:]
+    with_readings = "--readings" in options
+    keys = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+    if "--credentials" in options:
+        with open(options[options.index("--credentials") + 1]) as f:
+            keys.update(line.strip().split("=", 1) for line in f if "=" in line)
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg2://" + url[len("postgresql://"):]
     catalog = SqlCatalog(
@@ -24,8 +32,8 @@ def main() -> None:
         uri=url,
         **{} if not endpoint else {
             "s3.endpoint": endpoint,
-            "s3.access-key-id": "test",
-            "s3.secret-access-key": "test",
+            "s3.access-key-id": keys["AWS_ACCESS_KEY_ID"],
+            "s3.secret-access-key": keys["AWS_SECRET_ACCESS_KEY"],
             "s3.region": "us-east-1",
         },
     )

@@ -718,7 +718,7 @@ pub fn pyiceberg_check(
     s3_endpoint: &str,
     table: &str,
 ) -> anyhow::Result<serde_json::Value> {
-    run_pyiceberg_check(&[catalog_url, catalog_name, s3_endpoint, table])
+    pyiceberg_check_with(&[catalog_url, catalog_name, s3_endpoint, table])
 }
 
 /// Every row of the table as `(city, temperature)`, read by PyIceberg.
@@ -728,11 +728,12 @@ pub fn pyiceberg_readings(
     s3_endpoint: &str,
     table: &str,
 ) -> anyhow::Result<Vec<(String, f64)>> {
-    let found = run_pyiceberg_check(&[catalog_url, catalog_name, s3_endpoint, table, "--readings"])?;
+    let found = pyiceberg_check_with(&[catalog_url, catalog_name, s3_endpoint, table, "--readings"])?;
     Ok(serde_json::from_value(found["readings"].clone())?)
 }
 
-fn run_pyiceberg_check(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+/// [`pyiceberg_check`] with the script's arguments as they are, options included.
+pub fn pyiceberg_check_with(args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("pyiceberg_check.py");
     let python = find_tool("PYTHON", "python3").context("python3 not found")?;
     let output = Command::new(python).arg(script).args(args).output()?;

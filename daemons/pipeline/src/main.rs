@@ -4,6 +4,7 @@
 
 mod apache_kafka;
 mod backbone;
+mod s3_server;
 mod supervisor;
 
 use std::{path::PathBuf, time::Duration};
@@ -93,6 +94,10 @@ struct RunArgs {
 struct State {
     components: Vec<(String, String)>,
     database_url: String,
+    /// The warehouse's S3 endpoint, when it is on S3.
+    s3_endpoint: Option<String>,
+    /// Keys of the local S3 server, when the pipeline started one.
+    s3_credentials_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -137,7 +142,15 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         .context("--catalog-url is needed with --database-url")?;
     let kafka = Kafka::start(args.kafka_brokers.clone(), &state_dir.join("kafka")).await?;
     let brokers = kafka.brokers();
-    let warehouse = match (&args.warehouse, &args.s3_endpoint) {
+    let local_s3 = match &args.s3_endpoint {
+        Some(_) => None,
+        None => s3_server::start(&state_dir.join("s3")).await?,
+    };
+    let s3_endpoint = args
+        .s3_endpoint
+        .clone()
+        .or_else(|| local_s3.as_ref().map(|s3| s3.endpoint.clone()));
+    let warehouse = match (&args.warehouse, &s3_endpoint) {
         (Some(w), _) => w.clone(),
         (None, Some(_)) => "s3://warehouse/".to_owned(),
         (None, None) => {
@@ -166,8 +179,12 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         ("CATALOG_URL".to_owned(), catalog_url.clone()),
         ("WAREHOUSE".to_owned(), warehouse.clone()),
     ]);
-    if let Some(endpoint) = &args.s3_endpoint {
+    if let Some(endpoint) = &s3_endpoint {
         sink_env.push(("S3_ENDPOINT".to_owned(), endpoint.clone()));
+    }
+    if let Some(s3) = &local_s3 {
+        let file = s3.credentials_file.display().to_string();
+        sink_env.push(("S3_CREDENTIALS_FILE".to_owned(), file));
     }
     let mut specs = vec![
         spec(
@@ -228,6 +245,8 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     let state = State {
         components,
         database_url: database_url.clone(),
+        s3_endpoint: s3_endpoint.clone(),
+        s3_credentials_file: local_s3.as_ref().map(|s3| s3.credentials_file.clone()),
     };
     std::fs::write(state_dir.join("state.json"), serde_json::to_vec_pretty(&state)?)?;
 
@@ -253,7 +272,7 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         runtime::notify_ready();
         eprintln!(
             "\nweather-pipeline is running (Ctrl-C stops it)\n  dashboard       http://{dashboard}/\n  logging-server  http://{logging}/log?city=Boston&temperature=72.5\n  metrics         http://{logging}/metrics  http://{aggregator_admin}/metrics  http://{sink_admin}/metrics\n  PostgreSQL      {database_url}\n  Iceberg         catalog {catalog_url}, warehouse {warehouse}\n  Kafka           {brokers}\n{}\n",
-            trino_hint(&catalog_url, &warehouse)
+            trino_hint(&catalog_url, &warehouse, local_s3.as_ref())
         );
         shutdown.cancelled().await;
     }
@@ -267,6 +286,9 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         clean &= ok;
     }
     kafka.stop().await;
+    if let Some(mut s3) = local_s3 {
+        supervisor::terminate(&mut s3.child, rustix::process::Signal::TERM, Duration::from_secs(30)).await;
+    }
     if let Some(mut postgres) = postgres {
         // SIGINT is PostgreSQL's fast shutdown: it does not wait for clients to disconnect.
         supervisor::terminate(
@@ -283,16 +305,23 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn trino_hint(catalog_url: &str, warehouse: &str) -> String {
+fn trino_hint(catalog_url: &str, warehouse: &str, local_s3: Option<&s3_server::LocalS3>) -> String {
     if on_path("trino-launcher").is_some() || on_path("launcher").is_some() {
-        "  Trino           start it with the configuration in trino/".to_owned()
-    } else {
-        format!(
-            "  Query the table without Trino:\n    python3 -c \"from pyiceberg.catalog.sql import SqlCatalog; \
-             print(SqlCatalog('weather', uri='{}', warehouse='{warehouse}').load_table('default.weather').scan().to_arrow())\"",
-            catalog_url.replacen("postgresql://", "postgresql+psycopg2://", 1)
-        )
+        return "  Trino           start it with the configuration in trino/".to_owned();
     }
+    // PyArrow's S3 client takes the keys from the environment.
+    let (env, s3) = match local_s3 {
+        Some(s3) => (
+            format!("env $(cat {}) ", s3.credentials_file.display()),
+            format!(", **{{'s3.endpoint': '{}', 's3.region': 'us-east-1'}}", s3.endpoint),
+        ),
+        None => (String::new(), String::new()),
+    };
+    format!(
+        "  Query the table without Trino:\n    {env}python3 -c \"from pyiceberg.catalog.sql import SqlCatalog; \
+         print(SqlCatalog('weather', uri='{}', warehouse='{warehouse}'{s3}).load_table('default.weather').scan().to_arrow())\"",
+        catalog_url.replacen("postgresql://", "postgresql+psycopg2://", 1)
+    )
 }
 
 async fn status(state_dir: &std::path::Path) -> anyhow::Result<()> {

@@ -1,0 +1,226 @@
+//! A local S3-compatible server found on `PATH` (MinIO, else s3s-fs), with its data and its
+//! generated credentials in the state directory, and the warehouse bucket created in it.
+
+use std::{
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    process::{Child, Command},
+};
+
+use crate::backbone::{free_port, on_path, wait_for_port};
+
+/// The bucket the Iceberg warehouse lives in.
+pub const BUCKET: &str = "warehouse";
+const REGION: &str = "us-east-1";
+
+pub struct LocalS3 {
+    pub endpoint: String,
+    /// The credentials in the iceberg-sink's `--s3-credentials-file` format.
+    pub credentials_file: PathBuf,
+    access_key: String,
+    secret_key: String,
+    pub child: Child,
+}
+
+/// Starts the first S3 server found on `PATH`; `None` when there is none.
+pub async fn start(dir: &Path) -> anyhow::Result<Option<LocalS3>> {
+    let Some((name, program)) = ["minio", "s3s-fs"]
+        .into_iter()
+        .find_map(|name| Some((name, on_path(name)?)))
+    else {
+        return Ok(None);
+    };
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data)?;
+    let credentials_file = dir.join("credentials");
+    let (access_key, secret_key) = credentials(&credentials_file)?;
+    let port = free_port()?;
+    let mut command = Command::new(&program);
+    if name == "minio" {
+        command
+            .arg("server")
+            .arg(&data)
+            .args(["--quiet", "--address", &format!("127.0.0.1:{port}")])
+            .args(["--console-address", &format!("127.0.0.1:{}", free_port()?)])
+            .env("MINIO_ROOT_USER", &access_key)
+            .env("MINIO_ROOT_PASSWORD", &secret_key);
+    } else {
+        command
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", &access_key, "--secret-key", &secret_key])
+            .arg(&data);
+    }
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let child = command
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    let address = format!("127.0.0.1:{port}");
+    wait_for_port(&address, Duration::from_secs(60))
+        .await
+        .with_context(|| {
+            format!(
+                "{name} did not start; see {}",
+                dir.join(format!("{name}.log")).display()
+            )
+        })?;
+    let server = LocalS3 {
+        endpoint: format!("http://{address}"),
+        credentials_file,
+        access_key,
+        secret_key,
+        child,
+    };
+    // A freshly started server may listen before it serves: retry for a while.
+    let mut attempt = 0;
+    loop {
+        match create_bucket(&address, BUCKET, &server.access_key, &server.secret_key).await {
+            Ok(()) => break,
+            Err(e) if attempt < 50 => {
+                tracing::debug!(error = %format!("{e:#}"), "creating the bucket, retrying");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.context(format!("creating bucket {BUCKET} on {name}"))),
+        }
+    }
+    tracing::info!(endpoint = %server.endpoint, "{name} serves the warehouse, its data in {}", data.display());
+    Ok(Some(server))
+}
+
+/// The server's access and secret key: made up on first use and kept (mode 0600) next to its
+/// data, in the iceberg-sink's `--s3-credentials-file` format.
+fn credentials(path: &Path) -> anyhow::Result<(String, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_owned)
+    };
+    if let (Some(access), Some(secret)) = (value("AWS_ACCESS_KEY_ID"), value("AWS_SECRET_ACCESS_KEY")) {
+        return Ok((access, secret));
+    }
+    let mut random = [0u8; 20];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+        .context("reading /dev/urandom")?;
+    let (access, secret) = ("weather-pipeline".to_owned(), hex(&random));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(format!("AWS_ACCESS_KEY_ID={access}\nAWS_SECRET_ACCESS_KEY={secret}\n").as_bytes())?;
+    Ok((access, secret))
+}
+
+/// `PUT /bucket`, signed with AWS Signature Version 4; an existing bucket of ours is fine.
+async fn create_bucket(address: &str, bucket: &str, access_key: &str, secret_key: &str) -> anyhow::Result<()> {
+    let now = Utc::now();
+    let authorization = authorization("PUT", address, &format!("/{bucket}"), access_key, secret_key, now);
+    let request = format!(
+        "PUT /{bucket} HTTP/1.1\r\nHost: {address}\r\nx-amz-date: {}\r\nx-amz-content-sha256: {EMPTY_SHA256}\r\n\
+         Authorization: {authorization}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        now.format("%Y%m%dT%H%M%SZ")
+    );
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let response = String::from_utf8_lossy(&response);
+    let status = response.split_whitespace().nth(1).unwrap_or_default();
+    match status {
+        "200" => Ok(()),
+        "409" if response.contains("BucketAlreadyOwnedByYou") => Ok(()),
+        _ => anyhow::bail!("{}", response.lines().next().unwrap_or("no answer")),
+    }
+}
+
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// The `Authorization` header of a request with an empty body and no query, signing `host`,
+/// `x-amz-content-sha256` and `x-amz-date`.
+fn authorization(
+    method: &str,
+    host: &str,
+    path: &str,
+    access_key: &str,
+    secret_key: &str,
+    now: DateTime<Utc>,
+) -> String {
+    let amz_date = now.format("%Y%m%dT%H%M%SZ").to_string();
+    let date = now.format("%Y%m%d").to_string();
+    let signed_headers = "host;x-amz-content-sha256;x-amz-date";
+    let canonical = format!(
+        "{method}\n{path}\n\nhost:{host}\nx-amz-content-sha256:{EMPTY_SHA256}\nx-amz-date:{amz_date}\n\n\
+         {signed_headers}\n{EMPTY_SHA256}"
+    );
+    let scope = format!("{date}/{REGION}/s3/aws4_request");
+    let to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+        hex(&Sha256::digest(canonical.as_bytes()))
+    );
+    let signature = hex(&hmac(&signing_key(secret_key, &date, REGION, "s3"), to_sign.as_bytes()));
+    format!("AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={signed_headers}, Signature={signature}")
+}
+
+fn signing_key(secret_key: &str, date: &str, region: &str, service: &str) -> Vec<u8> {
+    let key = hmac(format!("AWS4{secret_key}").as_bytes(), date.as_bytes());
+    let key = hmac(&key, region.as_bytes());
+    let key = hmac(&key, service.as_bytes());
+    hmac(&key, b"aws4_request")
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(data);
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The signing-key example of AWS's Signature Version 4 documentation.
+    #[test]
+    fn signing_key_matches_the_aws_example() {
+        let key = signing_key(
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+            "20120215",
+            "us-east-1",
+            "iam",
+        );
+        assert_eq!(
+            hex(&key),
+            "f4780e2d9f65fa895f9c67b32ce1baf0b0d8a43505a000a1a9e090d414db404d"
+        );
+    }
+
+    #[test]
+    fn credentials_are_made_once_and_kept_private() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("credentials");
+        let first = credentials(&path).expect("made");
+        assert_eq!(first.1.len(), 40);
+        assert_eq!(credentials(&path).expect("read back"), first);
+        let mode = std::fs::metadata(&path).expect("file").permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+    }
+}
