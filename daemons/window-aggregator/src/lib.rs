@@ -191,7 +191,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Connects, migrates and takes the writer lock, retrying; `None` on shutdown.
 /// Moves partitions whose log started over (see [`assign_at`]) back to its new start, so its
 /// records are not skipped as already counted.
 fn read_again_from(state: &mut BTreeMap<i32, PartitionState>, restarted: Vec<(i32, i64)>) {
@@ -202,6 +201,7 @@ fn read_again_from(state: &mut BTreeMap<i32, PartitionState>, restarted: Vec<(i3
     }
 }
 
+/// Connects, migrates and takes the writer lock, retrying; `None` on shutdown.
 async fn connect(args: &Args, shutdown: &CancellationToken) -> Option<Store> {
     let mut backoff = Backoff::default();
     let mut standing_by = false;
