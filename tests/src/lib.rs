@@ -537,13 +537,27 @@ fn command_output(command: &mut Command) -> anyhow::Result<String> {
 
 /// Produces `(key, value)` records to `topic` and waits until the broker acknowledged all.
 pub fn produce(brokers: &str, topic: &str, records: &[(Vec<u8>, Vec<u8>)]) -> anyhow::Result<()> {
+    produce_with(brokers, topic, records, &[])
+}
+
+/// [`produce`] with extra librdkafka producer properties.
+pub fn produce_with(
+    brokers: &str,
+    topic: &str,
+    records: &[(Vec<u8>, Vec<u8>)],
+    options: &[(&str, &str)],
+) -> anyhow::Result<()> {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let producer: BaseProducer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("acks", "all")
         .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
+        .set("queue.buffering.max.messages", "1000000");
+    for (key, value) in options {
+        config.set(*key, *value);
+    }
+    let producer: BaseProducer = config.create()?;
     for (key, value) in records {
         let mut record = BaseRecord::to(topic).key(key).payload(value);
         loop {

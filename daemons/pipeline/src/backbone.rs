@@ -154,6 +154,7 @@ pub enum Kafka {
     Process {
         brokers: String,
         child: Child,
+        tansu: bool,
     },
     /// librdkafka's mock cluster inside this process: in memory, gone when the pipeline stops.
     Embedded(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
@@ -169,7 +170,11 @@ impl Kafka {
         if let Some((bin, suffix)) = crate::apache_kafka::find() {
             let (brokers, child) = crate::apache_kafka::start(&bin, suffix, dir).await?;
             tracing::info!(%brokers, "Apache Kafka (KRaft) started, its log in {}", dir.display());
-            return Ok(Self::Process { brokers, child });
+            return Ok(Self::Process {
+                brokers,
+                child,
+                tansu: false,
+            });
         }
         if let Some(tansu) = on_path("tansu") {
             let port = free_port()?;
@@ -185,7 +190,11 @@ impl Kafka {
             let brokers = format!("127.0.0.1:{port}");
             wait_for_port(&brokers, Duration::from_secs(30)).await?;
             tracing::warn!("tansu broker keeps messages in memory: they are gone when the pipeline stops");
-            return Ok(Self::Process { brokers, child });
+            return Ok(Self::Process {
+                brokers,
+                child,
+                tansu: true,
+            });
         }
         let cluster = rdkafka::mocking::MockCluster::new(1).context("starting the embedded Kafka broker")?;
         for topic in ["weather", "weather.dlq"] {
@@ -202,6 +211,18 @@ impl Kafka {
         match self {
             Self::External(brokers) | Self::Process { brokers, .. } => brokers.clone(),
             Self::Embedded(cluster) => cluster.bootstrap_servers(),
+        }
+    }
+
+    /// librdkafka properties the producers need for this broker. tansu 0.6 answers a fetch
+    /// with the first record batch that starts at or after the offset asked for, and gives the
+    /// start of the last batch plus one as the log end: with batches of several records, a
+    /// consumer resuming inside one would skip the rest of it, or take the log for one that
+    /// started over. One record per batch makes both exact.
+    pub fn producer_options(&self) -> &'static [&'static str] {
+        match self {
+            Self::Process { tansu: true, .. } => &["batch.num.messages=1"],
+            _ => &[],
         }
     }
 

@@ -174,6 +174,10 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
             restart: true,
         })
     };
+    let mut producer_env = kafka_env.clone();
+    if !kafka.producer_options().is_empty() {
+        producer_env.push(("KAFKA_OPTIONS".to_owned(), kafka.producer_options().join(",")));
+    }
     let mut sink_env = kafka_env.clone();
     sink_env.extend([
         ("CATALOG_URL".to_owned(), catalog_url.clone()),
@@ -187,11 +191,7 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         sink_env.push(("S3_CREDENTIALS_FILE".to_owned(), file));
     }
     let mut specs = vec![
-        spec(
-            "logging-server",
-            vec!["--listen".into(), logging.clone()],
-            kafka_env.clone(),
-        )?,
+        spec("logging-server", vec!["--listen".into(), logging.clone()], producer_env)?,
         spec(
             "window-aggregator",
             vec![
