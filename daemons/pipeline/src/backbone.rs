@@ -233,3 +233,22 @@ impl Kafka {
         }
     }
 }
+
+/// A small GET over plain HTTP, for `status` and readiness checks; the body of a 200. HTTP/1.0
+/// so that no server answers in chunks.
+pub async fn get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
+    let (head, body) = response.split_once("\r\n\r\n").context("malformed response")?;
+    anyhow::ensure!(
+        head.split_whitespace().nth(1) == Some("200"),
+        "{}",
+        head.lines().next().unwrap_or_default()
+    );
+    Ok(body.to_owned())
+}

@@ -6,6 +6,7 @@ mod apache_kafka;
 mod backbone;
 mod s3_server;
 mod supervisor;
+mod trino;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use weather_common::runtime;
 
 use crate::{
-    backbone::{Kafka, LocalPostgres, free_port, on_path},
+    backbone::{Kafka, LocalPostgres, free_port, get, on_path},
     supervisor::{Spec, Supervised},
 };
 
@@ -56,7 +57,7 @@ struct RunArgs {
     #[arg(long, env = "CATALOG_URL")]
     catalog_url: Option<String>,
 
-    /// S3 endpoint; without it the warehouse is a directory in the state directory.
+    /// S3 endpoint; without it, a local S3 server found on `PATH` (minio, s3s-fs), else a directory in the state directory.
     #[arg(long, env = "S3_ENDPOINT")]
     s3_endpoint: Option<String>,
 
@@ -98,6 +99,9 @@ struct State {
     s3_endpoint: Option<String>,
     /// Keys of the local S3 server, when the pipeline started one.
     s3_credentials_file: Option<PathBuf>,
+    /// Trino's URL, when the pipeline started it.
+    #[serde(default)]
+    trino: Option<String>,
 }
 
 #[tokio::main]
@@ -242,11 +246,12 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         ("iceberg-sink".to_owned(), format!("http://{sink_admin}")),
         ("dashboard".to_owned(), format!("http://{dashboard}")),
     ];
-    let state = State {
+    let mut state = State {
         components,
         database_url: database_url.clone(),
         s3_endpoint: s3_endpoint.clone(),
         s3_credentials_file: local_s3.as_ref().map(|s3| s3.credentials_file.clone()),
+        trino: None,
     };
     std::fs::write(state_dir.join("state.json"), serde_json::to_vec_pretty(&state)?)?;
 
@@ -268,11 +273,27 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let mut trino = None;
+    if failure.is_none() && !shutdown.is_cancelled() {
+        trino = start_trino(
+            &state_dir,
+            &catalog_url,
+            &warehouse,
+            s3_endpoint.as_deref(),
+            local_s3.as_ref(),
+            &shutdown,
+        )
+        .await;
+        if let Some(trino) = &trino {
+            state.trino = Some(trino.url.clone());
+            std::fs::write(state_dir.join("state.json"), serde_json::to_vec_pretty(&state)?)?;
+        }
+    }
     if failure.is_none() && !shutdown.is_cancelled() {
         runtime::notify_ready();
         eprintln!(
             "\nweather-pipeline is running (Ctrl-C stops it)\n  dashboard       http://{dashboard}/\n  logging-server  http://{logging}/log?city=Boston&temperature=72.5\n  metrics         http://{logging}/metrics  http://{aggregator_admin}/metrics  http://{sink_admin}/metrics\n  PostgreSQL      {database_url}\n  Iceberg         catalog {catalog_url}, warehouse {warehouse}\n  Kafka           {brokers}\n{}\n",
-            trino_hint(&catalog_url, &warehouse, local_s3.as_ref())
+            query_hint(&catalog_url, &warehouse, local_s3.as_ref(), trino.as_ref())
         );
         shutdown.cancelled().await;
     }
@@ -284,6 +305,9 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         let ok = child.stop(Duration::from_secs(60)).await;
         tracing::info!("{name} stopped{}", if ok { "" } else { " (not cleanly)" });
         clean &= ok;
+    }
+    if let Some(mut trino) = trino {
+        supervisor::terminate(&mut trino.child, rustix::process::Signal::TERM, Duration::from_secs(30)).await;
     }
     kafka.stop().await;
     if let Some(mut s3) = local_s3 {
@@ -305,9 +329,55 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn trino_hint(catalog_url: &str, warehouse: &str, local_s3: Option<&s3_server::LocalS3>) -> String {
-    if on_path("trino-launcher").is_some() || on_path("launcher").is_some() {
-        return "  Trino           start it with the configuration in trino/".to_owned();
+/// Trino, when its launcher is on `PATH` and the warehouse is on S3 (Trino's local file
+/// system does not read `file://` table locations); `None`, with the reason logged, otherwise.
+async fn start_trino(
+    state_dir: &std::path::Path,
+    catalog_url: &str,
+    warehouse: &str,
+    s3_endpoint: Option<&str>,
+    local_s3: Option<&s3_server::LocalS3>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<trino::Trino> {
+    let launcher = trino::find()?;
+    let Some(s3_endpoint) = s3_endpoint else {
+        tracing::warn!(
+            "Trino not started: it reads the table from S3 only; put minio or s3s-fs on PATH or give --s3-endpoint"
+        );
+        return None;
+    };
+    let catalog = trino::Catalog {
+        catalog_url,
+        warehouse,
+        s3_endpoint,
+        s3_keys: local_s3.map(|s3| (s3.access_key.as_str(), s3.secret_key.as_str())),
+    };
+    tracing::info!("starting Trino (takes a minute)");
+    let dir = state_dir.join("trino");
+    let started = tokio::select! {
+        started = trino::start(&launcher, &dir, &catalog) => started,
+        () = shutdown.cancelled() => return None,
+    };
+    match started {
+        Ok(trino) => Some(trino),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "Trino not started");
+            None
+        }
+    }
+}
+
+fn query_hint(
+    catalog_url: &str,
+    warehouse: &str,
+    local_s3: Option<&s3_server::LocalS3>,
+    trino: Option<&trino::Trino>,
+) -> String {
+    if let Some(trino) = trino {
+        return format!(
+            "  Trino           {0}\n    trino --server {0} --execute 'SELECT city, count(*) FROM iceberg.\"default\".weather GROUP BY city'",
+            trino.url
+        );
     }
     // PyArrow's S3 client takes the keys from the environment.
     let (env, s3) = match local_s3 {
@@ -355,6 +425,12 @@ async fn status(state_dir: &std::path::Path) -> anyhow::Result<()> {
             println!("    {line}");
         }
     }
+    if let Some(url) = &state.trino {
+        let health = get(url.trim_start_matches("http://"), "/v1/info")
+            .await
+            .map_or_else(|e| format!("down ({e})"), |_| format!("up ({url})"));
+        println!("{:<18} {health}", "trino");
+    }
     match tokio_postgres::connect(&state.database_url, tokio_postgres::NoTls).await {
         Ok((client, connection)) => {
             tokio::spawn(connection);
@@ -371,22 +447,4 @@ async fn status(state_dir: &std::path::Path) -> anyhow::Result<()> {
         Err(e) => println!("PostgreSQL        down ({e})"),
     }
     Ok(())
-}
-
-/// A small GET over plain HTTP/1.1 for `status`.
-async fn get(addr: &str, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
-    let (head, body) = response.split_once("\r\n\r\n").context("malformed response")?;
-    anyhow::ensure!(
-        head.starts_with("HTTP/1.1 200"),
-        "{}",
-        head.lines().next().unwrap_or_default()
-    );
-    Ok(body.to_owned())
 }

@@ -27,8 +27,8 @@ pub struct LocalS3 {
     pub endpoint: String,
     /// The credentials in the iceberg-sink's `--s3-credentials-file` format.
     pub credentials_file: PathBuf,
-    access_key: String,
-    secret_key: String,
+    pub access_key: String,
+    pub secret_key: String,
     pub child: Child,
 }
 
