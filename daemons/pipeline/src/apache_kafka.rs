@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context;
 use tokio::process::{Child, Command};
 
-use crate::backbone::{free_port, on_path, wait_for_port};
+use crate::backbone::{free_port, on_path, start_logged};
 
 /// The Kafka scripts' directory and their suffix: `.sh` in the Apache tarball and nixpkgs,
 /// none in some packages.
@@ -89,20 +89,18 @@ pub async fn start(bin: &Path, suffix: &str, dir: &Path) -> anyhow::Result<(Stri
             .context("kafka-storage format")?;
         anyhow::ensure!(format.success(), "kafka-storage format failed: {format}");
     }
-    let log = std::fs::File::create(dir.join("kafka.log"))?;
-    let child = Command::new(tool("kafka-server-start"))
-        .arg(&config)
-        .env("LOG_DIR", dir.join("logs"))
-        .env("KAFKA_HEAP_OPTS", "-Xmx512m -Xms256m")
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting kafka-server-start")?;
     let brokers = format!("127.0.0.1:{port}");
-    wait_for_port(&brokers, Duration::from_secs(120))
-        .await
-        .with_context(|| format!("Apache Kafka did not start; see {}", dir.join("kafka.log").display()))?;
+    let child = start_logged(
+        "Apache Kafka",
+        Command::new(tool("kafka-server-start"))
+            .arg(&config)
+            .env("LOG_DIR", dir.join("logs"))
+            .env("KAFKA_HEAP_OPTS", "-Xmx512m -Xms256m"),
+        &dir.join("kafka.log"),
+        &brokers,
+        Duration::from_secs(120),
+    )
+    .await?;
     Ok((brokers, child))
 }
 

@@ -29,6 +29,28 @@ pub async fn wait_for_port(addr: &str, timeout: Duration) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Spawns a backbone server with its output in `log` (stopped if the pipeline drops it) and
+/// waits until it accepts connections on `addr`.
+pub async fn start_logged(
+    name: &str,
+    command: &mut Command,
+    log: &Path,
+    addr: &str,
+    timeout: Duration,
+) -> anyhow::Result<Child> {
+    let file = std::fs::File::create(log)?;
+    let child = command
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", command.as_std().get_program().to_string_lossy()))?;
+    wait_for_port(addr, timeout)
+        .await
+        .with_context(|| format!("{name} did not start; see {}", log.display()))?;
+    Ok(child)
+}
+
 /// Finds `name` on `PATH`.
 pub fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

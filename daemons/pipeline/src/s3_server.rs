@@ -17,7 +17,7 @@ use tokio::{
     process::{Child, Command},
 };
 
-use crate::backbone::{free_port, on_path, wait_for_port};
+use crate::backbone::{free_port, on_path, start_logged};
 
 /// The bucket the Iceberg warehouse lives in.
 pub const BUCKET: &str = "warehouse";
@@ -60,22 +60,9 @@ pub async fn start(dir: &Path) -> anyhow::Result<Option<LocalS3>> {
             .args(["--access-key", &access_key, "--secret-key", &secret_key])
             .arg(&data);
     }
-    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-    let child = command
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", program.display()))?;
     let address = format!("127.0.0.1:{port}");
-    wait_for_port(&address, Duration::from_secs(60))
-        .await
-        .with_context(|| {
-            format!(
-                "{name} did not start; see {}",
-                dir.join(format!("{name}.log")).display()
-            )
-        })?;
+    let log = dir.join(format!("{name}.log"));
+    let child = start_logged(name, &mut command, &log, &address, Duration::from_secs(60)).await?;
     let server = LocalS3 {
         endpoint: format!("http://{address}"),
         credentials_file,

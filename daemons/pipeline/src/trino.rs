@@ -9,7 +9,7 @@ use std::{
 use anyhow::Context;
 use tokio::process::{Child, Command};
 
-use crate::backbone::{free_port, get, on_path, wait_for_port};
+use crate::backbone::{free_port, get, on_path, start_logged};
 
 /// The JVM settings of the `trino/` configuration the compose file uses.
 const JVM_CONFIG: &str = include_str!("../../../trino/etc/jvm.config");
@@ -49,42 +49,36 @@ pub async fn start(launcher: &Path, dir: &Path, catalog: &Catalog<'_>) -> anyhow
     )?;
     std::fs::write(etc.join("jvm.config"), JVM_CONFIG)?;
     std::fs::write(etc.join("catalog/iceberg.properties"), iceberg_catalog(catalog)?)?;
-    let log_path = dir.join("trino.log");
-    let log = std::fs::File::create(&log_path)?;
-    let child = Command::new(launcher)
-        .arg("run")
-        .arg(format!("--etc-dir={}", etc.display()))
-        .arg(format!("--data-dir={}", dir.join("data").display()))
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", launcher.display()))?;
+    let log = dir.join("trino.log");
     let address = format!("127.0.0.1:{port}");
+    let child = start_logged(
+        "Trino",
+        Command::new(launcher)
+            .arg("run")
+            .arg(format!("--etc-dir={}", etc.display()))
+            .arg(format!("--data-dir={}", dir.join("data").display())),
+        &log,
+        &address,
+        Duration::from_secs(120),
+    )
+    .await?;
     let trino = Trino {
         url: format!("http://{address}"),
         child,
     };
-    let ready = async {
-        wait_for_port(&address, Duration::from_secs(120)).await?;
-        // The coordinator listens before it takes queries: /v1/info says when it has started.
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while Instant::now() < deadline {
-            let info = get(&address, "/v1/info").await.ok();
-            if info
-                .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
-                .is_some_and(|info| info["starting"] == false)
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+    // The coordinator listens before it takes queries: /v1/info says when it has started.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while Instant::now() < deadline {
+        let info = get(&address, "/v1/info").await.ok();
+        if info
+            .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .is_some_and(|info| info["starting"] == false)
+        {
+            return Ok(trino);
         }
-        anyhow::bail!("Trino was still starting after 3 minutes")
-    };
-    ready
-        .await
-        .with_context(|| format!("Trino did not start; see {}", log_path.display()))?;
-    Ok(trino)
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    anyhow::bail!("Trino was still starting after 3 minutes; see {}", log.display())
 }
 
 fn server_config(port: u16) -> String {
