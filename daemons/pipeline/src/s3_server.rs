@@ -12,12 +12,9 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    process::{Child, Command},
-};
+use tokio::process::{Child, Command};
 
-use crate::backbone::{free_port, on_path, start_logged};
+use crate::backbone::{free_port, http_request, on_path, start_logged};
 
 /// The bucket the Iceberg warehouse lives in.
 pub const BUCKET: &str = "warehouse";
@@ -117,22 +114,20 @@ fn credentials(path: &Path) -> anyhow::Result<(String, String)> {
 /// `PUT /bucket`, signed with AWS Signature Version 4; an existing bucket of ours is fine.
 async fn create_bucket(address: &str, bucket: &str, access_key: &str, secret_key: &str) -> anyhow::Result<()> {
     let now = Utc::now();
-    let authorization = authorization("PUT", address, &format!("/{bucket}"), access_key, secret_key, now);
-    let request = format!(
-        "PUT /{bucket} HTTP/1.1\r\nHost: {address}\r\nx-amz-date: {}\r\nx-amz-content-sha256: {EMPTY_SHA256}\r\n\
-         Authorization: {authorization}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        now.format("%Y%m%dT%H%M%SZ")
-    );
-    let mut stream = tokio::net::TcpStream::connect(address).await?;
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let response = String::from_utf8_lossy(&response);
-    let status = response.split_whitespace().nth(1).unwrap_or_default();
-    match status {
-        "200" => Ok(()),
-        "409" if response.contains("BucketAlreadyOwnedByYou") => Ok(()),
-        _ => anyhow::bail!("{}", response.lines().next().unwrap_or("no answer")),
+    let path = format!("/{bucket}");
+    let authorization = authorization("PUT", address, &path, access_key, secret_key, now);
+    let date = now.format("%Y%m%dT%H%M%SZ").to_string();
+    let headers = [
+        ("x-amz-date", date.as_str()),
+        ("x-amz-content-sha256", EMPTY_SHA256),
+        ("Authorization", authorization.as_str()),
+        ("Content-Length", "0"),
+    ];
+    let answer = http_request(address, "PUT", &path, &headers).await?;
+    match answer.status {
+        200 => Ok(()),
+        409 if answer.body.contains("BucketAlreadyOwnedByYou") => Ok(()),
+        _ => anyhow::bail!("{}", answer.status_line),
     }
 }
 
