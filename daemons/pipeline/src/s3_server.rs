@@ -14,7 +14,7 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use tokio::process::{Child, Command};
 
-use crate::backbone::{free_port, http_request, on_path, start_logged};
+use crate::backbone::{HttpAnswer, free_port, http_request, on_path, start_logged};
 
 /// The bucket the Iceberg warehouse lives in.
 pub const BUCKET: &str = "warehouse";
@@ -111,7 +111,7 @@ fn credentials(path: &Path) -> anyhow::Result<(String, String)> {
     Ok((access, secret))
 }
 
-/// `PUT /bucket`, signed with AWS Signature Version 4; an existing bucket of ours is fine.
+/// `PUT /bucket`, signed with AWS Signature Version 4; an existing bucket is fine.
 async fn create_bucket(address: &str, bucket: &str, access_key: &str, secret_key: &str) -> anyhow::Result<()> {
     let now = Utc::now();
     let path = format!("/{bucket}");
@@ -123,11 +123,21 @@ async fn create_bucket(address: &str, bucket: &str, access_key: &str, secret_key
         ("Authorization", authorization.as_str()),
         ("Content-Length", "0"),
     ];
-    let answer = http_request(address, "PUT", &path, &headers).await?;
+    bucket_created(&http_request(address, "PUT", &path, &headers).await?)
+}
+
+/// Whether the answer to the bucket's `PUT` leaves the bucket there.
+fn bucket_created(answer: &HttpAnswer) -> anyhow::Result<()> {
+    // The server is private to this state directory, so a bucket that exists is ours from an
+    // earlier run: MinIO says BucketAlreadyOwnedByYou, s3s-fs BucketAlreadyExists.
+    let exists = [
+        "<Code>BucketAlreadyOwnedByYou</Code>",
+        "<Code>BucketAlreadyExists</Code>",
+    ];
     match answer.status {
         200 => Ok(()),
-        409 if answer.body.contains("BucketAlreadyOwnedByYou") => Ok(()),
-        _ => anyhow::bail!("{}", answer.status_line),
+        409 if exists.iter().any(|code| answer.body.contains(code)) => Ok(()),
+        _ => anyhow::bail!("{} {}", answer.status_line, answer.body.trim()),
     }
 }
 
@@ -193,6 +203,24 @@ mod tests {
             hex(&key),
             "f4780e2d9f65fa895f9c67b32ce1baf0b0d8a43505a000a1a9e090d414db404d"
         );
+    }
+
+    #[test]
+    fn a_bucket_left_from_an_earlier_run_is_fine() {
+        let answer = |status, body: &str| HttpAnswer {
+            status,
+            status_line: format!("HTTP/1.1 {status}"),
+            body: body.to_owned(),
+        };
+        assert!(bucket_created(&answer(200, "")).is_ok());
+        for code in ["BucketAlreadyOwnedByYou", "BucketAlreadyExists"] {
+            let body = format!("<?xml version=\"1.0\"?><Error><Code>{code}</Code></Error>");
+            assert!(bucket_created(&answer(409, &body)).is_ok(), "{code}");
+        }
+        let refused = "<Error><Code>SignatureDoesNotMatch</Code></Error>";
+        let error = bucket_created(&answer(403, refused)).expect_err("refused").to_string();
+        assert!(error.contains("SignatureDoesNotMatch"), "{error}");
+        assert!(bucket_created(&answer(409, "<Error><Code>OperationAborted</Code></Error>")).is_err());
     }
 
     #[test]
