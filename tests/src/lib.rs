@@ -581,11 +581,15 @@ pub fn produce_with(
 
 /// [`produce`] for readings, keyed by city as the logging-server does.
 pub fn produce_readings(brokers: &str, topic: &str, readings: &[weather_common::WeatherReading]) -> anyhow::Result<()> {
-    let records: Vec<_> = readings
+    produce(brokers, topic, &reading_records(readings))
+}
+
+/// The `(key, value)` records the logging-server produces for `readings`: key = city.
+pub fn reading_records(readings: &[weather_common::WeatherReading]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    readings
         .iter()
         .map(|r| (r.city.as_bytes().to_vec(), r.to_json()))
-        .collect();
-    produce(brokers, topic, &records)
+        .collect()
 }
 
 /// Headless Chromium driven over WebDriver (Debian's `chromium` and `chromium-driver`).

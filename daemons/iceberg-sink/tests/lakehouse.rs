@@ -16,7 +16,7 @@ use rdkafka::Message;
 use weather_common::{WeatherReading, kafka::KafkaArgs, reading::DEMO_CITIES};
 use weather_testkit::{
     ChildGuard, MockKafka, Postgres, S3Server, Tansu, consume, free_port, produce, produce_readings, produce_with,
-    pyiceberg_check,
+    pyiceberg_check, reading_records,
 };
 
 struct Harness {
@@ -380,10 +380,7 @@ async fn a_sink_restarted_on_tansu_reads_nothing_twice_and_skips_nothing() {
     let (_, readings) = readings(2_000);
     let (first, second) = readings.split_at(1_500);
     let produce = |readings: &[WeatherReading]| {
-        let records: Vec<_> = readings
-            .iter()
-            .map(|r| (r.city.as_bytes().to_vec(), r.to_json()))
-            .collect();
+        let records = reading_records(readings);
         produce_with(&harness.brokers(), "weather", &records, &[("batch.num.messages", "1")]).expect("produce");
     };
     produce(first);
