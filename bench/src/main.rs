@@ -286,13 +286,9 @@ async fn http_benchmarks(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()>
 
 /// Creates the pipeline's topics on a broker that does not auto-create them.
 async fn create_topics(brokers: &str) -> anyhow::Result<()> {
-    let kafka = KafkaArgs {
-        kafka_brokers: brokers.to_owned(),
-        kafka_options: Vec::new(),
-        topic_partitions: 3,
-        topic_replication: 1,
-    };
-    kafka.ensure_topics(&[WEATHER_TOPIC, DEAD_LETTER_TOPIC]).await
+    KafkaArgs::new(brokers)
+        .ensure_topics(&[WEATHER_TOPIC, DEAD_LETTER_TOPIC])
+        .await
 }
 
 /// The services the daemons stand on, private to one benchmark.
