@@ -283,6 +283,16 @@ pub fn find_tool(env_var: &str, name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
+/// The value of header `name` of `message`, as text.
+pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    (0..headers.count())
+        .map(|i| headers.get(i))
+        .find(|h| h.key == name)
+        .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+}
+
 /// Payloads of `messages` as text, for assertions.
 pub fn payloads(messages: &[OwnedMessage]) -> Vec<String> {
     messages

@@ -2,6 +2,8 @@
 //! validation, tracing setup (journald or stderr), sd-notify, shutdown on SIGTERM, and a small
 //! HTTP server with graceful drain.
 
+#[cfg(feature = "kafka")]
+pub mod consumer;
 pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;

@@ -7,6 +7,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "002_aggregator_state",
         include_str!("../../../sql/002_aggregator_state.sql"),
     ),
+    ("003_log_identity", include_str!("../../../sql/003_log_identity.sql")),
 ];
 
 /// Arbitrary constant naming the migration lock, so concurrent daemons migrate one at a time.

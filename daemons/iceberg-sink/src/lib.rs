@@ -1,9 +1,10 @@
 //! `iceberg-sink`: consumes `weather` and appends it to the Iceberg table `default.weather`
 //! (Parquet, ZSTD, format v2, partitioned by `hour(ts)`), exactly once.
 //!
-//! Exactly once: each commit's snapshot summary records the next Kafka offset of every
-//! partition it covers (`kafka.offsets.weather`). At start, and after any failure, the sink
-//! reads those offsets back from the table and assigns the consumer exactly there; what was
+//! Exactly once ([`weather_common::consumer`]): each commit's snapshot summary records the next
+//! Kafka offset of every partition it covers (`kafka.offsets.weather`) and the record before
+//! it (`kafka.records.weather`, which log the offsets belong to). At start, and after any
+//! failure, the sink reads them back from the table and resumes exactly there; what was
 //! buffered but not committed is simply read again. Before committing, the sink checks the
 //! table's offsets are still the ones it started from, so a second sink cannot double data.
 
@@ -19,22 +20,18 @@ use std::{
 
 use anyhow::Context;
 use prometheus_client::{
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{counter::Counter, gauge::Gauge},
     registry::Registry,
 };
-use rdkafka::{Message, consumer::StreamConsumer};
 use tokio_util::sync::CancellationToken;
 use weather_common::{
     WeatherReading,
-    http::{self, PartitionLabel},
-    kafka::{
-        DEAD_LETTER_TOPIC, DeadLetters, KafkaArgs, WEATHER_TOPIC, assign_at, commit_for_monitoring, reading_of,
-        spawn_lag_update, wait_for_partitions,
-    },
-    runtime::{self, Backoff},
+    consumer::{self, Checkpoints},
+    http,
+    kafka::{DEAD_LETTER_TOPIC, KafkaArgs, WEATHER_TOPIC},
 };
 
-use crate::table::{CatalogConfig, Offsets, WeatherTable};
+use crate::table::{CatalogConfig, WeatherTable};
 
 #[derive(clap::Parser, Debug, Clone)]
 #[command(version, about)]
@@ -106,6 +103,10 @@ pub struct Args {
     /// Parquet files roll over at about this size, in bytes.
     #[arg(long, env = "TARGET_FILE_SIZE", default_value_t = 128 << 20)]
     pub target_file_size: usize,
+
+    /// A reading whose `ts` lies further ahead of its Kafka record's timestamp is a dead letter.
+    #[arg(long, env = "MAX_CLOCK_SKEW", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub max_clock_skew: Duration,
 }
 
 impl Args {
@@ -148,297 +149,148 @@ impl Args {
     }
 }
 
+impl Args {
+    fn consumer_config(&self) -> consumer::Config {
+        consumer::Config {
+            name: "iceberg-sink",
+            kafka: self.kafka.clone(),
+            topic: self.topic.clone(),
+            group_id: self.group_id.clone(),
+            dead_letter_topic: self.dead_letter_topic.clone(),
+            commit_interval: self.commit_interval,
+            max_records: self.max_records,
+            max_clock_skew: self.max_clock_skew,
+        }
+    }
+}
+
 /// Runs until `shutdown` is cancelled, then commits what it buffered and returns.
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let catalog = args.catalog_config()?;
-    let metrics = Arc::new(Metrics::new());
-    let (listen, admin) = http::spawn_admin(args.listen, metrics.registry.clone(), shutdown.clone())
+    let mut registry = Registry::with_prefix("iceberg_sink");
+    let consumed = consumer::Metrics::register(&mut registry);
+    let metrics = Metrics::register(&mut registry);
+    let (listen, admin) = http::spawn_admin(args.listen, Arc::new(registry), shutdown.clone())
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(%listen, topic = %args.topic, warehouse = %args.warehouse, "iceberg-sink starting");
-
-    let consumer = args
-        .kafka
-        .sink_consumer(&args.group_id)
-        .context("creating the Kafka consumer")?;
-    let dead_letters = DeadLetters::new(&args.kafka, &args.dead_letter_topic, "iceberg-sink")?;
-    let mut ready = false;
-    let mut backoff = Backoff::default();
-    loop {
-        let topics = [args.topic.as_str(), args.dead_letter_topic.as_str()];
-        let Some(partitions) = wait_for_partitions(&args.kafka, &consumer, &args.topic, &topics, &shutdown).await
-        else {
-            break;
-        };
-        let opened = async {
-            let table = WeatherTable::open(&catalog, &args.namespace, &args.table, args.target_file_size).await?;
-            let offsets = table.committed_offsets(&args.topic)?;
-            anyhow::Ok((table, offsets))
-        };
-        let (table, committed) = match opened.await {
-            Ok(opened) => opened,
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "catalog or table unavailable");
-                if backoff.wait(&shutdown).await {
-                    continue;
-                }
-                break;
-            }
-        };
-        let restarted = match assign_at(consumer.as_ref(), &args.topic, partitions, |p| {
-            committed.get(&p).copied()
-        }) {
-            Ok(restarted) => restarted,
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "could not position the consumer");
-                if backoff.wait(&shutdown).await {
-                    continue;
-                }
-                break;
-            }
-        };
-        metrics.show_committed(&committed);
-        let mut position = committed.clone();
-        position.extend(restarted);
-        if !ready {
-            ready = true;
-            runtime::notify_ready();
-            tracing::info!(partitions, ?committed, "consuming");
-        }
-        let mut worker = Worker {
-            args: &args,
-            consumer: &consumer,
-            table,
-            dead_letters: &dead_letters,
-            metrics: &metrics,
-            committed,
-            position,
-            buffer: Vec::new(),
-            first_buffered: None,
-        };
-        match worker.consume(&shutdown).await {
-            Ok(()) => break,
-            Err(e) => {
-                metrics.recoveries.inc();
-                tracing::warn!(error = %format!("{e:#}"), "resuming from the last commit");
-                if !backoff.wait(&shutdown).await {
-                    break;
-                }
-            }
-        }
-    }
+    let mut sink = Sink {
+        args: &args,
+        catalog,
+        table: None,
+        committed: Checkpoints::new(),
+        buffer: Vec::new(),
+        metrics,
+    };
+    let consumed = consumer::run(&args.consumer_config(), &mut sink, &consumed, &shutdown).await;
     shutdown.cancel();
     admin.await?;
+    consumed?;
     tracing::info!("iceberg-sink stopped");
     Ok(())
 }
 
-struct Worker<'a> {
+/// The table as a [`consumer::Store`]: readings are buffered and appended as one snapshot
+/// whose summary carries the checkpoints.
+struct Sink<'a> {
     args: &'a Args,
-    consumer: &'a Arc<StreamConsumer>,
-    table: WeatherTable,
-    dead_letters: &'a DeadLetters,
-    metrics: &'a Metrics,
-    /// Offsets of the table's last commit.
-    committed: Offsets,
-    /// Next offset per partition after what is in `buffer`.
-    position: Offsets,
+    catalog: CatalogConfig,
+    table: Option<WeatherTable>,
+    /// The checkpoints of the table's last commit.
+    committed: Checkpoints,
     buffer: Vec<WeatherReading>,
-    first_buffered: Option<Instant>,
+    metrics: Metrics,
 }
 
-impl Worker<'_> {
-    async fn consume(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_lag_check = Instant::now();
-        loop {
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => {
-                    self.flush().await?;
-                    tracing::info!("committed what was buffered");
-                    return Ok(());
-                }
-                message = self.consumer.recv() => {
-                    let message = match message {
-                        Ok(message) => message,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "Kafka consumer error");
-                            continue;
-                        }
-                    };
-                    self.process(&message).await?;
-                    if self.buffer.len() >= self.args.max_records {
-                        self.flush().await?;
-                    }
-                }
-                _ = tick.tick() => {
-                    if self.first_buffered.is_some_and(|t| t.elapsed() >= self.args.commit_interval) {
-                        self.flush().await?;
-                    }
-                    if last_lag_check.elapsed() > Duration::from_secs(5) {
-                        last_lag_check = Instant::now();
-                        let lag = self.metrics.lag.clone();
-                        let positions = self.position.iter().map(|(p, o)| (*p, *o)).collect();
-                        spawn_lag_update(self.consumer.clone(), self.args.topic.clone(), positions, move |partition, value| {
-                            lag.get_or_create(&PartitionLabel { partition }).set(value);
-                        });
-                    }
-                }
-            }
-        }
+impl consumer::Store for Sink<'_> {
+    async fn open(&mut self, _shutdown: &CancellationToken) -> anyhow::Result<Option<Checkpoints>> {
+        self.buffer.clear();
+        self.table = None;
+        let table = WeatherTable::open(
+            &self.catalog,
+            &self.args.namespace,
+            &self.args.table,
+            self.args.target_file_size,
+        )
+        .await?;
+        self.committed = table.committed_checkpoints(&self.args.topic)?;
+        self.table = Some(table);
+        Ok(Some(self.committed.clone()))
     }
 
-    async fn process(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()> {
-        let (partition, offset) = (message.partition(), message.offset());
-        if self.position.get(&partition).is_some_and(|&next| offset < next) {
-            return Ok(()); // Already in the table or the buffer.
-        }
-        let parsed = reading_of(message);
-        match parsed {
-            Ok(reading) => {
-                self.buffer.push(reading);
-                self.first_buffered.get_or_insert_with(Instant::now);
-                self.metrics.records.inc();
-            }
-            Err(e) => {
-                self.dead_letters.send(message, &e.to_string()).await?;
-                self.metrics.dead_letters.inc();
-                tracing::warn!(partition, offset, error = %e, "record sent to the dead-letter topic");
-            }
-        }
-        self.position.insert(partition, offset + 1);
-        Ok(())
+    fn restart_partition(&mut self, _partition: i32, _start: i64) {
+        // Nothing is buffered right after open; the next commit records the new position.
     }
 
-    /// Writes the buffer as Parquet and commits it with the offsets it covers.
-    async fn flush(&mut self) -> anyhow::Result<()> {
+    fn apply(&mut self, _partition: i32, _offset: i64, reading: WeatherReading) {
+        self.buffer.push(reading);
+        self.metrics.records.inc();
+    }
+
+    /// Writes the buffer as Parquet and commits it with the checkpoints it reaches.
+    async fn commit(&mut self, checkpoints: &Checkpoints) -> anyhow::Result<bool> {
         if self.buffer.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
+        let table = self.table.as_mut().context("table not open")?;
         let started = Instant::now();
-        let files = self.table.write(&self.buffer).await.context("writing Parquet")?;
+        let files = table.write(&self.buffer).await.context("writing Parquet")?;
         let file_count = files.len();
         let bytes: u64 = files.iter().map(|f| f.file_size_in_bytes()).sum();
-        self.table
-            .commit(&self.args.topic, files, &self.committed, &self.position)
+        table
+            .commit(&self.args.topic, files, &self.committed, checkpoints)
             .await
             .context("committing the snapshot")?;
-        let elapsed = started.elapsed();
-        self.metrics.commit_duration.observe(elapsed.as_secs_f64());
-        self.metrics.commits.inc();
         self.metrics.records_written.inc_by(self.buffer.len() as u64);
         self.metrics.bytes_written.inc_by(bytes);
-        if let Some(id) = self.table.current_snapshot_id() {
+        if let Some(id) = table.current_snapshot_id() {
             self.metrics.snapshot_id.set(id);
         }
         tracing::info!(
             records = self.buffer.len(),
             files = file_count,
             bytes,
-            elapsed_ms = elapsed.as_millis() as u64,
-            snapshot = ?self.table.current_snapshot_id(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            snapshot = ?table.current_snapshot_id(),
             "committed"
         );
-        self.committed = self.position.clone();
-        self.metrics.show_committed(&self.committed);
+        self.committed = checkpoints.clone();
         self.buffer.clear();
-        self.first_buffered = None;
-        commit_for_monitoring(
-            self.consumer.as_ref(),
-            &self.args.topic,
-            self.committed.iter().map(|(p, o)| (*p, *o)),
-        );
-        Ok(())
+        Ok(true)
     }
 }
 
 struct Metrics {
-    registry: Arc<Registry>,
     records: Counter,
     records_written: Counter,
     bytes_written: Counter,
-    dead_letters: Counter,
-    commits: Counter,
-    commit_duration: Histogram,
     snapshot_id: Gauge,
-    lag: Family<PartitionLabel, Gauge>,
-    committed_offset: Family<PartitionLabel, Gauge>,
-    recoveries: Counter,
 }
 
 impl Metrics {
-    fn new() -> Self {
-        let mut registry = Registry::with_prefix("iceberg_sink");
-        let records = Counter::default();
-        registry.register("records_consumed", "Valid readings consumed", records.clone());
-        let records_written = Counter::default();
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            records: Counter::default(),
+            records_written: Counter::default(),
+            bytes_written: Counter::default(),
+            snapshot_id: Gauge::default(),
+        };
+        registry.register("records_consumed", "Valid readings consumed", metrics.records.clone());
         registry.register(
             "records_written",
             "Readings committed to the table",
-            records_written.clone(),
+            metrics.records_written.clone(),
         );
-        let bytes_written = Counter::default();
         registry.register(
             "parquet_bytes_written",
             "Bytes of Parquet committed",
-            bytes_written.clone(),
+            metrics.bytes_written.clone(),
         );
-        let dead_letters = Counter::default();
-        registry.register(
-            "dead_letters",
-            "Records sent to the dead-letter topic",
-            dead_letters.clone(),
-        );
-        let commits = Counter::default();
-        registry.register("commits", "Iceberg snapshots committed", commits.clone());
-        let commit_duration = Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
-        registry.register(
-            "commit_duration_seconds",
-            "Parquet write plus catalog commit",
-            commit_duration.clone(),
-        );
-        let snapshot_id = Gauge::default();
         registry.register(
             "last_snapshot_id",
             "Id of the last snapshot committed",
-            snapshot_id.clone(),
+            metrics.snapshot_id.clone(),
         );
-        let lag = Family::<PartitionLabel, Gauge>::default();
-        registry.register("lag_records", "Records in the partition not consumed yet", lag.clone());
-        let committed_offset = Family::<PartitionLabel, Gauge>::default();
-        registry.register(
-            "committed_offset",
-            "Next Kafka offset per partition that the table holds everything before",
-            committed_offset.clone(),
-        );
-        let recoveries = Counter::default();
-        registry.register(
-            "recoveries",
-            "Resumptions from the last commit after a failure",
-            recoveries.clone(),
-        );
-        Self {
-            registry: Arc::new(registry),
-            records,
-            records_written,
-            bytes_written,
-            dead_letters,
-            commits,
-            commit_duration,
-            snapshot_id,
-            lag,
-            committed_offset,
-            recoveries,
-        }
-    }
-
-    fn show_committed(&self, committed: &Offsets) {
-        for (&partition, &offset) in committed {
-            self.committed_offset
-                .get_or_create(&PartitionLabel { partition })
-                .set(offset);
-        }
+        metrics
     }
 }

@@ -31,12 +31,22 @@ use parquet::{
     basic::{Compression, ZstdLevel},
     file::properties::WriterProperties,
 };
-use weather_common::WeatherReading;
+use weather_common::{
+    WeatherReading,
+    consumer::{Checkpoint, Checkpoints},
+};
 
 /// Where the Kafka position is kept: snapshot summary key `kafka.offsets.<topic>`, value a JSON
 /// object of partition → next offset to read, as the Iceberg Kafka Connect sink does.
 pub fn offsets_key(topic: &str) -> String {
     format!("kafka.offsets.{topic}")
+}
+
+/// Where the identity of the log those offsets belong to is kept: snapshot summary key
+/// `kafka.records.<topic>`, a JSON object of partition → [`weather_common::consumer::record_id`]
+/// of the record before the offset.
+pub fn records_key(topic: &str) -> String {
+    format!("kafka.records.{topic}")
 }
 
 /// Next offset to read per Kafka partition.
@@ -154,24 +164,47 @@ impl WeatherTable {
         Ok(())
     }
 
-    /// The offsets of the newest snapshot (walking back through parents) that recorded any.
-    pub fn committed_offsets(&self, topic: &str) -> anyhow::Result<Offsets> {
-        let key = offsets_key(topic);
+    /// The checkpoints of the newest snapshot (walking back through parents) that recorded
+    /// any: its offsets, with the identity of the record before each where it has them.
+    pub fn committed_checkpoints(&self, topic: &str) -> anyhow::Result<Checkpoints> {
         let metadata = self.table.metadata();
         let mut snapshot = metadata.current_snapshot().cloned();
         while let Some(current) = snapshot {
-            if let Some(json) = current.summary().additional_properties.get(&key) {
+            let summary = &current.summary().additional_properties;
+            if let Some(json) = summary.get(&offsets_key(topic)) {
                 let offsets: BTreeMap<String, i64> = serde_json::from_str(json)?;
+                let mut records: BTreeMap<String, String> = match summary.get(&records_key(topic)) {
+                    Some(json) => serde_json::from_str(json)?,
+                    None => BTreeMap::new(),
+                };
                 return offsets
                     .into_iter()
-                    .map(|(p, o)| Ok((p.parse()?, o)))
-                    .collect::<anyhow::Result<Offsets>>();
+                    .map(|(p, next_offset)| {
+                        let last_record = records.remove(&p);
+                        Ok((
+                            p.parse()?,
+                            Checkpoint {
+                                next_offset,
+                                last_record,
+                            },
+                        ))
+                    })
+                    .collect();
             }
             snapshot = current
                 .parent_snapshot_id()
                 .and_then(|id| metadata.snapshot_by_id(id).cloned());
         }
-        Ok(Offsets::new())
+        Ok(Checkpoints::new())
+    }
+
+    /// The next offset per partition of [`Self::committed_checkpoints`].
+    pub fn committed_offsets(&self, topic: &str) -> anyhow::Result<Offsets> {
+        Ok(self
+            .committed_checkpoints(topic)?
+            .into_iter()
+            .map(|(p, c)| (p, c.next_offset))
+            .collect())
     }
 
     pub fn current_snapshot_id(&self) -> Option<i64> {
@@ -224,28 +257,34 @@ impl WeatherTable {
         Ok(writer.close().await?)
     }
 
-    /// Appends `files` in one snapshot whose summary records `offsets`. Fails when the table's
-    /// offsets are no longer `expected` (another writer) or the catalog refuses the commit.
+    /// Appends `files` in one snapshot whose summary records `checkpoints`. Fails when the
+    /// table's checkpoints are no longer `expected` (another writer) or the catalog refuses
+    /// the commit.
     pub async fn commit(
         &mut self,
         topic: &str,
         files: Vec<DataFile>,
-        expected: &Offsets,
-        offsets: &Offsets,
+        expected: &Checkpoints,
+        checkpoints: &Checkpoints,
     ) -> anyhow::Result<()> {
         self.reload().await?;
-        let found = self.committed_offsets(topic)?;
+        let found = self.committed_checkpoints(topic)?;
         anyhow::ensure!(
             &found == expected,
             "the table's Kafka offsets moved under us ({found:?}, expected {expected:?}): another writer?"
         );
-        let json = serde_json::to_string(
-            &offsets
-                .iter()
-                .map(|(p, o)| (p.to_string(), *o))
-                .collect::<BTreeMap<_, _>>(),
-        )?;
-        let summary = HashMap::from([(offsets_key(topic), json)]);
+        let offsets: BTreeMap<String, i64> = checkpoints
+            .iter()
+            .map(|(p, c)| (p.to_string(), c.next_offset))
+            .collect();
+        let records: BTreeMap<String, &str> = checkpoints
+            .iter()
+            .filter_map(|(p, c)| Some((p.to_string(), c.last_record.as_deref()?)))
+            .collect();
+        let summary = HashMap::from([
+            (offsets_key(topic), serde_json::to_string(&offsets)?),
+            (records_key(topic), serde_json::to_string(&records)?),
+        ]);
         let transaction = Transaction::new(&self.table);
         let action = transaction
             .fast_append()

@@ -340,8 +340,9 @@ async fn sigterm_commits_what_is_buffered() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_topic_that_starts_over_is_read_from_its_beginning() {
     let mut harness = Harness::start().await;
-    let (_, readings) = readings(3_000);
-    let (first, second) = readings.split_at(2_000);
+    let (_, readings) = readings(8_000);
+    let (first, rest) = readings.split_at(2_000);
+    let (second, third) = rest.split_at(1_000);
     produce_readings(&harness.brokers(), "weather", first).expect("produce");
     let mut sink = harness.sink(&["--commit-interval", "200ms"]);
     assert_eq!(harness.wait_committed(2_000, Duration::from_secs(60)).await, 2_000);
@@ -363,11 +364,50 @@ async fn a_topic_that_starts_over_is_read_from_its_beginning() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
+
+    // A new log that already reaches past the table's offsets when the sink starts: only the
+    // records themselves tell it apart from the old one.
+    harness.kafka = MockKafka::start(&["weather", "weather.dlq"]);
+    produce_readings(&harness.brokers(), "weather", third).expect("produce");
+    let mut sink = harness.sink(&["--commit-interval", "200ms"]);
+    assert_eq!(harness.wait_committed(5_000, Duration::from_secs(60)).await, 5_000);
+    assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
     assert_eq!(
         harness.rows().await,
         expected_rows(&readings),
-        "the readings of both logs, each once"
+        "the readings of all three logs, each once"
     );
+}
+
+/// Readings stamped far ahead of their Kafka record are dead letters, not rows: the
+/// window-aggregator refuses the same ones, so the table and the windows agree.
+#[tokio::test(flavor = "multi_thread")]
+async fn readings_from_the_future_are_dead_letters() {
+    let harness = Harness::start().await;
+    let (_, readings) = readings(1_000);
+    produce_readings(&harness.brokers(), "weather", &readings[..500]).expect("produce");
+    let future: Vec<WeatherReading> = ["Boston", "Paris"]
+        .iter()
+        .map(|city| WeatherReading {
+            city: (*city).to_owned(),
+            temperature: 1.0,
+            ts: WeatherReading::now() + chrono::TimeDelta::minutes(10),
+        })
+        .collect();
+    produce_readings(&harness.brokers(), "weather", &future).expect("produce");
+    produce_readings(&harness.brokers(), "weather", &readings[500..]).expect("produce");
+    let mut sink = harness.sink(&["--commit-interval", "200ms"]);
+    assert_eq!(harness.wait_committed(1_002, Duration::from_secs(60)).await, 1_002);
+    assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
+    assert_eq!(
+        harness.rows().await,
+        expected_rows(&readings),
+        "only the readings of now"
+    );
+    let dead = weather_testkit::consume(&harness.brokers(), "weather.dlq", 2, Duration::from_secs(10)).expect("dlq");
+    assert_eq!(dead.len(), 2);
+    let reason = weather_testkit::header(&dead[0], "error").expect("error header");
+    assert!(reason.contains("more than 1m ahead"), "{reason}");
 }
 
 /// Against tansu, with one record per batch as the pipeline has its producers send there

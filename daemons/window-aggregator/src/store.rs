@@ -5,7 +5,18 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use tokio_postgres::{Client, NoTls};
 
+use weather_common::consumer::{Checkpoint, Checkpoints};
+
 use crate::window::{Agg, Batch, PartitionState};
+
+/// What is stored of one partition's position: where the consumer is, and the event-time
+/// high mark the windows were judged by.
+#[derive(Debug)]
+pub struct Position<'a> {
+    pub partition: i32,
+    pub checkpoint: &'a Checkpoint,
+    pub max_event_time: Option<DateTime<Utc>>,
+}
 
 /// Names the single-writer lock: one active aggregator per database, others stand by.
 const WRITER_LOCK: i64 = 0x7765_6174_6865_7202;
@@ -44,18 +55,27 @@ impl Store {
         Ok(row.get(0))
     }
 
-    /// The state of the last commit: offsets, event-time high marks and open windows.
-    pub async fn load(&self) -> anyhow::Result<BTreeMap<i32, PartitionState>> {
+    /// The state of the last commit: checkpoints, event-time high marks and open windows.
+    pub async fn load(&self) -> anyhow::Result<(BTreeMap<i32, PartitionState>, Checkpoints)> {
         let mut partitions = BTreeMap::new();
+        let mut checkpoints = Checkpoints::new();
         for row in self
             .client
             .query(
-                "SELECT partition, next_offset, max_event_time FROM aggregator_offsets WHERE topic = $1",
+                "SELECT partition, next_offset, last_record, max_event_time FROM aggregator_offsets WHERE topic = $1",
                 &[&self.topic],
             )
             .await?
         {
-            partitions.insert(row.get(0), PartitionState::new(row.get(1), row.get(2)));
+            let partition: i32 = row.get(0);
+            checkpoints.insert(
+                partition,
+                Checkpoint {
+                    next_offset: row.get(1),
+                    last_record: row.get(2),
+                },
+            );
+            partitions.insert(partition, PartitionState::new(row.get(3)));
         }
         for row in self
             .client
@@ -75,16 +95,17 @@ impl Store {
             };
             partitions
                 .entry(partition)
-                .or_insert_with(|| PartitionState::new(0, None))
+                .or_insert_with(|| PartitionState::new(None))
                 .open
                 .insert((start.and_utc(), row.get(1)), (end.and_utc(), agg));
         }
-        Ok(partitions)
+        Ok((partitions, checkpoints))
     }
 
-    /// Adds the deltas to `weather`, replaces the open windows and offsets of the changed
-    /// partitions, and notifies the dashboard, all in one transaction.
-    pub async fn commit(&mut self, batch: &Batch) -> anyhow::Result<()> {
+    /// Adds the deltas to `weather`, replaces the open windows of the changed partitions,
+    /// stores `positions` (checkpoint and event-time high mark of every partition) and
+    /// notifies the dashboard, all in one transaction.
+    pub async fn commit(&mut self, batch: &Batch, positions: &[Position<'_>]) -> anyhow::Result<()> {
         let tx = self.client.transaction().await?;
         if !batch.deltas.is_empty() {
             let city: Vec<&str> = batch.deltas.iter().map(|r| r.city.as_str()).collect();
@@ -112,8 +133,6 @@ impl Store {
         }
         if !batch.partitions.is_empty() {
             let ids: Vec<i32> = batch.partitions.iter().map(|p| p.partition).collect();
-            let offsets: Vec<i64> = batch.partitions.iter().map(|p| p.next_offset).collect();
-            let max_ts: Vec<Option<DateTime<Utc>>> = batch.partitions.iter().map(|p| p.max_event_time).collect();
             tx.execute(
                 "DELETE FROM aggregator_open_windows WHERE topic = $1 AND partition = ANY($2)",
                 &[&self.topic, &ids],
@@ -143,12 +162,19 @@ impl Store {
                 )
                 .await?;
             }
+        }
+        if !positions.is_empty() {
+            let ids: Vec<i32> = positions.iter().map(|p| p.partition).collect();
+            let offsets: Vec<i64> = positions.iter().map(|p| p.checkpoint.next_offset).collect();
+            let records: Vec<Option<&str>> = positions.iter().map(|p| p.checkpoint.last_record.as_deref()).collect();
+            let max_ts: Vec<Option<DateTime<Utc>>> = positions.iter().map(|p| p.max_event_time).collect();
             tx.execute(
-                "INSERT INTO aggregator_offsets (topic, partition, next_offset, max_event_time)
-                 SELECT $1, * FROM UNNEST($2::int4[], $3::int8[], $4::timestamptz[])
+                "INSERT INTO aggregator_offsets (topic, partition, next_offset, last_record, max_event_time)
+                 SELECT $1, * FROM UNNEST($2::int4[], $3::int8[], $4::text[], $5::timestamptz[])
                  ON CONFLICT (topic, partition) DO UPDATE SET
-                     next_offset = EXCLUDED.next_offset, max_event_time = EXCLUDED.max_event_time",
-                &[&self.topic, &ids, &offsets, &max_ts],
+                     next_offset = EXCLUDED.next_offset, last_record = EXCLUDED.last_record,
+                     max_event_time = EXCLUDED.max_event_time",
+                &[&self.topic, &ids, &offsets, &records, &max_ts],
             )
             .await?;
         }

@@ -54,18 +54,17 @@ pub type OpenWindows = BTreeMap<(DateTime<Utc>, String), (DateTime<Utc>, Agg)>;
 type Deltas = HashMap<(String, DateTime<Utc>), (DateTime<Utc>, Agg)>;
 
 /// Per-partition state; what [`Aggregator::take_batch`] persists and a restart loads back.
+/// (The partition's Kafka position is the consumer's, committed beside it.)
 #[derive(Debug, Clone)]
 pub struct PartitionState {
-    pub next_offset: i64,
     pub max_event_time: Option<DateTime<Utc>>,
     pub open: OpenWindows,
     last_record: Option<Instant>,
 }
 
 impl PartitionState {
-    pub fn new(next_offset: i64, max_event_time: Option<DateTime<Utc>>) -> Self {
+    pub fn new(max_event_time: Option<DateTime<Utc>>) -> Self {
         Self {
-            next_offset,
             max_event_time,
             open: BTreeMap::new(),
             last_record: None,
@@ -76,16 +75,12 @@ impl PartitionState {
 /// What happened to one record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// Already applied before (offset below the committed one): skipped.
-    Duplicate,
     /// Added to an open window.
     Windowed,
     /// Its window was already emitted; merged into the row as a late update.
     Late,
     /// Too late even for a late update: counted, not stored.
     Dropped,
-    /// Not a reading (sent to the dead-letter topic); only the offset moves.
-    Skipped,
 }
 
 /// Everything to commit in one transaction.
@@ -97,11 +92,10 @@ pub struct Batch {
     pub partitions: Vec<PartitionSnapshot>,
 }
 
-/// A partition's state as committed: the next offset to read and the windows still open.
+/// A partition's state as committed: its event-time high mark and the windows still open.
 #[derive(Debug)]
 pub struct PartitionSnapshot {
     pub partition: i32,
-    pub next_offset: i64,
     pub max_event_time: Option<DateTime<Utc>>,
     pub open: Vec<WindowRow>,
 }
@@ -137,23 +131,15 @@ impl Aggregator {
         (start, start + self.config.size)
     }
 
-    /// Applies the record at `offset` of `partition`; `reading` is `None` for a record that is
-    /// not a reading.
-    pub fn apply(&mut self, partition: i32, offset: i64, reading: Option<&WeatherReading>, now: Instant) -> Outcome {
-        let window = reading.map(|r| self.window_of(r.ts));
+    /// Applies a reading of `partition`.
+    pub fn apply(&mut self, partition: i32, reading: &WeatherReading, now: Instant) -> Outcome {
+        let (start, end) = self.window_of(reading.ts);
         let config = self.config;
         let state = self
             .partitions
             .entry(partition)
-            .or_insert_with(|| PartitionState::new(0, None));
-        if offset < state.next_offset {
-            return Outcome::Duplicate;
-        }
-        state.next_offset = offset + 1;
+            .or_insert_with(|| PartitionState::new(None));
         self.dirty.insert(partition);
-        let (Some(reading), Some((start, end))) = (reading, window) else {
-            return Outcome::Skipped;
-        };
         state.last_record = Some(now);
         let watermark = state.max_event_time.map(|max| max - config.allowed_lateness);
         let agg = Agg {
@@ -200,6 +186,21 @@ impl Aggregator {
         emitted
     }
 
+    /// Forgets event-time high marks later than `limit`: a reading from a clock far in the
+    /// future (stored before such readings were refused) would otherwise hold every later
+    /// reading as too late, across restarts. Returns how many partitions were repaired.
+    pub fn repair_future_watermarks(&mut self, limit: DateTime<Utc>) -> usize {
+        let mut repaired = 0;
+        for (partition, state) in &mut self.partitions {
+            if state.max_event_time.is_some_and(|max| max > limit) {
+                state.max_event_time = None;
+                self.dirty.insert(*partition);
+                repaired += 1;
+            }
+        }
+        repaired
+    }
+
     /// Number of window deltas waiting for the next commit.
     pub fn pending_rows(&self) -> usize {
         self.deltas.len()
@@ -232,7 +233,6 @@ impl Aggregator {
                     .collect();
                 Some(PartitionSnapshot {
                     partition: p,
-                    next_offset: state.next_offset,
                     max_event_time: state.max_event_time,
                     open,
                 })
@@ -310,20 +310,19 @@ mod tests {
     fn window_closes_when_watermark_passes_its_end() {
         let mut agg = Aggregator::new(config(), BTreeMap::new());
         let now = Instant::now();
-        assert_eq!(agg.apply(0, 0, Some(&reading("A", 10.0, 1.0)), now), Outcome::Windowed);
-        assert_eq!(agg.apply(0, 1, Some(&reading("A", 20.0, 4.0)), now), Outcome::Windowed);
+        assert_eq!(agg.apply(0, &reading("A", 10.0, 1.0), now), Outcome::Windowed);
+        assert_eq!(agg.apply(0, &reading("A", 20.0, 4.0), now), Outcome::Windowed);
         // 6.9 - 2 = 4.9 < 5: still open.
-        assert_eq!(agg.apply(0, 2, Some(&reading("A", 30.0, 6.9)), now), Outcome::Windowed);
+        assert_eq!(agg.apply(0, &reading("A", 30.0, 6.9), now), Outcome::Windowed);
         assert_eq!(agg.pending_rows(), 0);
         // Out of order but the window is still open: counted in it.
-        assert_eq!(agg.apply(0, 3, Some(&reading("A", 60.0, 3.0)), now), Outcome::Windowed);
-        agg.apply(0, 4, Some(&reading("A", 1.0, 7.0)), now);
+        assert_eq!(agg.apply(0, &reading("A", 60.0, 3.0), now), Outcome::Windowed);
+        agg.apply(0, &reading("A", 1.0, 7.0), now);
         let batch = agg.take_batch();
         assert_eq!(rows(&batch), vec![("A".into(), 0.0, 90.0, 3)]);
         assert_eq!(batch.partitions.len(), 1);
         let snapshot = &batch.partitions[0];
         assert_eq!(snapshot.partition, 0);
-        assert_eq!(snapshot.next_offset, 5);
         assert_eq!(snapshot.max_event_time, Some(at(7.0)));
         assert_eq!(snapshot.open.len(), 1, "window [5, 10) is still open");
         assert_eq!(snapshot.open[0].agg, Agg { sum: 31.0, count: 2 });
@@ -333,14 +332,14 @@ mod tests {
     fn late_readings_merge_within_max_lateness_and_drop_beyond() {
         let mut agg = Aggregator::new(config(), BTreeMap::new());
         let now = Instant::now();
-        agg.apply(0, 0, Some(&reading("A", 10.0, 1.0)), now);
-        agg.apply(0, 1, Some(&reading("A", 10.0, 30.0)), now); // watermark 28: [0,5) emitted
-        assert_eq!(agg.apply(0, 2, Some(&reading("A", 50.0, 2.0)), now), Outcome::Late);
+        agg.apply(0, &reading("A", 10.0, 1.0), now);
+        agg.apply(0, &reading("A", 10.0, 30.0), now); // watermark 28: [0,5) emitted
+        assert_eq!(agg.apply(0, &reading("A", 50.0, 2.0), now), Outcome::Late);
         // A window never opened before the watermark passed it is late as well.
-        assert_eq!(agg.apply(0, 3, Some(&reading("A", 7.0, 12.0)), now), Outcome::Late);
-        agg.apply(0, 4, Some(&reading("A", 10.0, 100.0)), now); // watermark 98
+        assert_eq!(agg.apply(0, &reading("A", 7.0, 12.0), now), Outcome::Late);
+        agg.apply(0, &reading("A", 10.0, 100.0), now); // watermark 98
         // [0,5) ended 93 s before the watermark: more than a minute.
-        assert_eq!(agg.apply(0, 5, Some(&reading("A", 99.0, 4.0)), now), Outcome::Dropped);
+        assert_eq!(agg.apply(0, &reading("A", 99.0, 4.0), now), Outcome::Dropped);
         let batch = agg.take_batch();
         assert_eq!(
             rows(&batch),
@@ -356,30 +355,33 @@ mod tests {
     fn partitions_keep_their_own_watermark() {
         let mut agg = Aggregator::new(config(), BTreeMap::new());
         let now = Instant::now();
-        agg.apply(0, 0, Some(&reading("A", 1.0, 1.0)), now);
-        agg.apply(1, 0, Some(&reading("B", 1.0, 100.0)), now);
+        agg.apply(0, &reading("A", 1.0, 1.0), now);
+        agg.apply(1, &reading("B", 1.0, 100.0), now);
         // Partition 1 racing ahead does not make partition 0's readings late.
-        assert_eq!(agg.apply(0, 1, Some(&reading("A", 1.0, 2.0)), now), Outcome::Windowed);
+        assert_eq!(agg.apply(0, &reading("A", 1.0, 2.0), now), Outcome::Windowed);
     }
 
     #[test]
-    fn offsets_below_the_committed_one_are_skipped() {
+    fn a_watermark_in_the_future_is_repaired() {
         let mut partitions = BTreeMap::new();
-        partitions.insert(0, PartitionState::new(10, None));
+        partitions.insert(0, PartitionState::new(Some(at(1_000_000.0))));
+        partitions.insert(1, PartitionState::new(Some(at(10.0))));
         let mut agg = Aggregator::new(config(), partitions);
         let now = Instant::now();
-        assert_eq!(agg.apply(0, 9, Some(&reading("A", 1.0, 1.0)), now), Outcome::Duplicate);
-        assert!(!agg.has_pending());
-        assert_eq!(agg.apply(0, 10, None, now), Outcome::Skipped);
-        assert_eq!(agg.take_batch().partitions[0].next_offset, 11);
+        // Poisoned: a reading of now is dropped as too late.
+        assert_eq!(agg.apply(0, &reading("A", 1.0, 20.0), now), Outcome::Dropped);
+        assert_eq!(agg.repair_future_watermarks(at(100.0)), 1);
+        assert_eq!(agg.partitions[&1].max_event_time, Some(at(10.0)), "a sane one is kept");
+        assert_eq!(agg.apply(0, &reading("A", 1.0, 20.0), now), Outcome::Windowed);
+        assert!(agg.take_batch().partitions.iter().any(|p| p.partition == 0));
     }
 
     #[test]
     fn idle_partitions_emit_windows_past_the_wall_clock() {
         let mut agg = Aggregator::new(config(), BTreeMap::new());
         let start = Instant::now();
-        agg.apply(0, 0, Some(&reading("A", 5.0, 1.0)), start);
-        agg.apply(0, 1, Some(&reading("A", 5.0, 6.0)), start);
+        agg.apply(0, &reading("A", 5.0, 1.0), start);
+        agg.apply(0, &reading("A", 5.0, 6.0), start);
         let idle = std::time::Duration::from_secs(3);
         // Not quiet long enough yet.
         assert_eq!(agg.close_idle(at(60.0), start, idle), 0);

@@ -9,7 +9,9 @@ use std::{
 
 use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
 use weather_common::WeatherReading;
-use weather_testkit::{ChildGuard, MockKafka, Postgres, connect, free_port, http_get, produce, produce_readings};
+use weather_testkit::{
+    ChildGuard, MockKafka, Postgres, connect, free_port, header, http_get, produce, produce_readings,
+};
 
 /// `(city, window_start)` → `(window_end, count, sum)`.
 type Windows = BTreeMap<(String, NaiveDateTime), (NaiveDateTime, i64, f64)>;
@@ -204,12 +206,7 @@ async fn known_stream_gives_exactly_the_expected_windows() {
 
     let rows = harness.wait_for(&expected, Duration::from_secs(30)).await;
     assert_same(&rows, &expected);
-    assert_eq!(
-        harness
-            .metric("window_aggregator_records_total{outcome=\"dead_letter\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(harness.metric("window_aggregator_dead_letters_total").await, 1.0);
     let dead =
         weather_testkit::consume(&harness.kafka.brokers(), "weather.dlq", 1, Duration::from_secs(10)).expect("dlq");
     assert_eq!(dead.len(), 1);
@@ -349,6 +346,70 @@ async fn a_topic_that_starts_over_is_read_from_its_beginning() {
     expected.extend(more);
     let mut aggregator = harness.aggregator(&[]);
     assert_same(&harness.wait_for(&expected, Duration::from_secs(30)).await, &expected);
+    assert_eq!(
+        aggregator.terminate(Duration::from_secs(20)).expect("exit").code(),
+        Some(0)
+    );
+
+    // A new log that already reaches past the stored offsets when the aggregator starts: only
+    // the records themselves tell it apart from the old one.
+    let client = connect(&harness.database_url).await.expect("connect");
+    let stored: i64 = client
+        .query_one("SELECT count(*) FROM aggregator_offsets WHERE next_offset > 0", &[])
+        .await
+        .expect("offsets")
+        .get(0);
+    harness.kafka = MockKafka::start(&["weather", "weather.dlq"]);
+    let (third, more) = stream(base_time(5), 4, 20, 5);
+    assert!(third.len() > 2 * second.len(), "the new log is longer than the old one");
+    harness.produce(&third);
+    expected.extend(more);
+    let mut aggregator = harness.aggregator(&[]);
+    assert_same(&harness.wait_for(&expected, Duration::from_secs(30)).await, &expected);
+    assert_eq!(
+        harness.metric("window_aggregator_new_logs_total").await,
+        stored as f64,
+        "every partition with stored offsets is seen to hold a new log"
+    );
+    assert_eq!(
+        aggregator.terminate(Duration::from_secs(20)).expect("exit").code(),
+        Some(0)
+    );
+    assert_eq!(harness.committed_offsets().await, third.len() as i64);
+}
+
+/// Readings stamped far ahead of their Kafka record (a wrong clock, a hostile producer) are
+/// dead letters: they never move the watermark, so the readings after them all count.
+#[tokio::test(flavor = "multi_thread")]
+async fn readings_from_the_future_are_dead_letters_and_move_no_watermark() {
+    let harness = Harness::start().await;
+    let (readings, expected) = stream(base_time(10), 4, 12, 5);
+    let (before, after) = readings.split_at(readings.len() / 2);
+    harness.produce(before);
+    let future: Vec<WeatherReading> = (0..3)
+        .map(|i| WeatherReading {
+            city: format!("City {i}"),
+            temperature: 1.0,
+            ts: DateTime::parse_from_rfc3339("2099-01-01T00:00:00Z")
+                .expect("ts")
+                .to_utc(),
+        })
+        .collect();
+    harness.produce(&future);
+    harness.produce(after);
+    let mut aggregator = harness.aggregator(&[]);
+    assert_same(&harness.wait_for(&expected, Duration::from_secs(30)).await, &expected);
+    assert_eq!(harness.metric("window_aggregator_dead_letters_total").await, 3.0);
+    let metrics = http_get(&harness.metrics_addr, "/metrics").await.expect("metrics").body;
+    assert!(
+        !metrics.contains("outcome=\"dropped_late\""),
+        "nothing dropped as too late:\n{metrics}"
+    );
+    let dead =
+        weather_testkit::consume(&harness.kafka.brokers(), "weather.dlq", 3, Duration::from_secs(10)).expect("dlq");
+    assert_eq!(dead.len(), 3);
+    let reason = header(&dead[0], "error").expect("error header");
+    assert!(reason.contains("ahead of the record's Kafka timestamp"), "{reason}");
     assert_eq!(
         aggregator.terminate(Duration::from_secs(20)).expect("exit").code(),
         Some(0)

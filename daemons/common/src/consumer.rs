@@ -1,0 +1,777 @@
+//! The exactly-once consumer that the iceberg-sink and the window-aggregator are built on.
+//!
+//! A [`Store`] keeps, in the same atomic commit as its data, a [`Checkpoint`] per Kafka
+//! partition: the next offset to read and the identity of the record before it. This module
+//! does everything else the same way for both: it waits for the broker and the topic, opens
+//! the store, checks that the stored offsets belong to the log it is about to read (a broker
+//! that lost its log, or a topic deleted and created again, starts its offsets from 0 again),
+//! positions the consumer exactly there, validates records (bad ones go to the dead-letter
+//! topic), decides when to commit, and on any failure backs off, reopens the store and
+//! resumes from its last commit.
+//!
+//! Offsets are kept per partition so that ownership of partitions can later move between
+//! instances; today one instance reads every partition of the topic.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use rdkafka::{
+    Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer},
+    message::BorrowedMessage,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    WeatherReading,
+    http::PartitionLabel,
+    kafka::{DeadLetters, KafkaArgs},
+    runtime::{self, Backoff},
+};
+
+/// Where a partition's reading stands, as committed with the data it accounts for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The next offset to read.
+    pub next_offset: i64,
+    /// [`record_id`] of the record at `next_offset - 1`: which log the offset belongs to.
+    /// `None` before any record was read, and in state written by older versions.
+    pub last_record: Option<String>,
+}
+
+impl Checkpoint {
+    /// The beginning of a partition.
+    pub fn start(offset: i64) -> Self {
+        Self {
+            next_offset: offset,
+            last_record: None,
+        }
+    }
+}
+
+/// Checkpoints by partition.
+pub type Checkpoints = BTreeMap<i32, Checkpoint>;
+
+/// Identity of one record: its offset, timestamp, key and value, hashed (FNV-1a, 64 bits).
+/// Two logs that both have a record at some offset almost never have the same one there.
+pub fn record_id<M: Message>(message: &M) -> String {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for &b in bytes {
+            hash = (hash ^ u64::from(b)).wrapping_mul(PRIME);
+        }
+    };
+    feed(&message.offset().to_le_bytes());
+    feed(&message.timestamp().to_millis().unwrap_or(-1).to_le_bytes());
+    feed(&(message.key().map_or(-1, |k| k.len() as i64)).to_le_bytes());
+    feed(message.key().unwrap_or_default());
+    feed(message.payload().unwrap_or_default());
+    format!("{}:{hash:016x}", message.offset())
+}
+
+/// What a daemon does with the readings; [`run`] does the rest.
+pub trait Store: Send {
+    /// (Re)opens the store and returns its committed checkpoints; drops whatever was applied
+    /// but not committed. Called at start and after every failure. `None` on shutdown.
+    fn open(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> impl Future<Output = anyhow::Result<Option<Checkpoints>>> + Send;
+
+    /// `partition`'s stored checkpoint belongs to another log: it is read again from `start`.
+    fn restart_partition(&mut self, partition: i32, start: i64);
+
+    /// One valid reading, at `offset` of `partition`.
+    fn apply(&mut self, partition: i32, offset: i64, reading: WeatherReading);
+
+    /// Periodic work between records; true when it made something worth committing.
+    fn tick(&mut self) -> bool {
+        false
+    }
+
+    /// Commits everything applied since the last commit together with `checkpoints`, in one
+    /// atomic step. `Ok(false)`: there was nothing to commit and nothing was stored.
+    fn commit(&mut self, checkpoints: &Checkpoints) -> impl Future<Output = anyhow::Result<bool>> + Send;
+}
+
+/// How [`run`] consumes.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The daemon's name: the `source` header of its dead letters.
+    pub name: &'static str,
+    pub kafka: KafkaArgs,
+    pub topic: String,
+    /// Consumer group; its offsets are committed for lag monitoring only.
+    pub group_id: String,
+    pub dead_letter_topic: String,
+    /// Longest time between a record being read and its commit.
+    pub commit_interval: Duration,
+    /// Records after which a commit happens before the interval is up.
+    pub max_records: usize,
+    /// Largest amount a reading's `ts` may lie ahead of its record's Kafka timestamp; later
+    /// ones are dead letters (a clock far in the future would otherwise close every window).
+    pub max_clock_skew: Duration,
+}
+
+/// Metrics every consumer has, registered in the daemon's registry (so under its prefix).
+pub struct Metrics {
+    pub records_read: Counter,
+    pub dead_letters: Counter,
+    pub commits: Counter,
+    pub commit_duration: Histogram,
+    pub lag: Family<PartitionLabel, Gauge>,
+    pub read_offset: Family<PartitionLabel, Gauge>,
+    pub committed_offset: Family<PartitionLabel, Gauge>,
+    pub recoveries: Counter,
+    pub new_logs: Counter,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            records_read: Counter::default(),
+            dead_letters: Counter::default(),
+            commits: Counter::default(),
+            commit_duration: Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            lag: Family::default(),
+            read_offset: Family::default(),
+            committed_offset: Family::default(),
+            recoveries: Counter::default(),
+            new_logs: Counter::default(),
+        };
+        registry.register(
+            "records_read",
+            "Kafka records read, valid or not",
+            metrics.records_read.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Records sent to the dead-letter topic",
+            metrics.dead_letters.clone(),
+        );
+        registry.register(
+            "commits",
+            "Commits of data with its Kafka offsets",
+            metrics.commits.clone(),
+        );
+        registry.register(
+            "commit_duration_seconds",
+            "Time of one commit",
+            metrics.commit_duration.clone(),
+        );
+        registry.register(
+            "lag_records",
+            "Records in the partition not read yet",
+            metrics.lag.clone(),
+        );
+        registry.register(
+            "read_offset",
+            "Next Kafka offset per partition after what was read (committed or not)",
+            metrics.read_offset.clone(),
+        );
+        registry.register(
+            "committed_offset",
+            "Next Kafka offset per partition that the store holds everything before",
+            metrics.committed_offset.clone(),
+        );
+        registry.register(
+            "recoveries",
+            "Resumptions from the last commit after a failure",
+            metrics.recoveries.clone(),
+        );
+        registry.register(
+            "new_logs",
+            "Partitions found to hold another log than the stored offsets' and read from their beginning",
+            metrics.new_logs.clone(),
+        );
+        metrics
+    }
+
+    fn show(family: &Family<PartitionLabel, Gauge>, checkpoints: &Checkpoints) {
+        for (&partition, checkpoint) in checkpoints {
+            family
+                .get_or_create(&PartitionLabel { partition })
+                .set(checkpoint.next_offset);
+        }
+    }
+}
+
+/// Consumes `config.topic` into `store` until `shutdown`, then commits what was read and
+/// returns. Fails only if that last commit fails (what it held is read again next time).
+pub async fn run<S: Store>(
+    config: &Config,
+    store: &mut S,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let consumer = config.kafka.sink_consumer(&config.group_id)?;
+    let dead_letters = DeadLetters::new(&config.kafka, &config.dead_letter_topic, config.name)?;
+    let mut ready = false;
+    let mut backoff = Backoff::default();
+    loop {
+        let topics = [config.topic.as_str(), config.dead_letter_topic.as_str()];
+        let Some(partitions) = wait_for_partitions(&config.kafka, &consumer, &config.topic, &topics, shutdown).await
+        else {
+            return Ok(());
+        };
+        let committed = match store.open(shutdown).await {
+            Ok(Some(committed)) => committed,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "store unavailable");
+                if backoff.wait(shutdown).await {
+                    continue;
+                }
+                return Ok(());
+            }
+        };
+        let (consumer_, topic, kafka) = (consumer.clone(), config.topic.clone(), config.kafka.clone());
+        let positioned = tokio::task::spawn_blocking({
+            let committed = committed.clone();
+            move || position(&kafka, consumer_.as_ref(), &topic, partitions, &committed)
+        })
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
+        let Positioned { start, restarted } = match positioned {
+            Ok(positioned) => positioned,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not position the consumer");
+                if backoff.wait(shutdown).await {
+                    continue;
+                }
+                return Ok(());
+            }
+        };
+        for &(partition, offset) in &restarted {
+            store.restart_partition(partition, offset);
+            metrics.new_logs.inc();
+        }
+        Metrics::show(&metrics.committed_offset, &committed);
+        if !ready {
+            ready = true;
+            runtime::notify_ready();
+            tracing::info!(partitions, committed = ?offsets(&committed), "consuming");
+        }
+        let mut worker = Worker {
+            config,
+            consumer: &consumer,
+            dead_letters: &dead_letters,
+            metrics,
+            partitions,
+            read: start,
+            committed,
+            uncommitted: 0,
+            first_uncommitted: None,
+        };
+        match worker.consume(store, shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) if shutdown.is_cancelled() => {
+                return Err(e.context("the last commit failed; what it held is read again on the next start"));
+            }
+            Err(e) => {
+                metrics.recoveries.inc();
+                tracing::warn!(error = %format!("{e:#}"), "resuming from the last commit");
+                if !backoff.wait(shutdown).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn offsets(checkpoints: &Checkpoints) -> BTreeMap<i32, i64> {
+    checkpoints.iter().map(|(p, c)| (*p, c.next_offset)).collect()
+}
+
+struct Worker<'a> {
+    config: &'a Config,
+    consumer: &'a Arc<StreamConsumer>,
+    dead_letters: &'a DeadLetters,
+    metrics: &'a Metrics,
+    partitions: i32,
+    /// Position after what was read (applied to the store or dead-lettered).
+    read: Checkpoints,
+    /// What the store holds.
+    committed: Checkpoints,
+    uncommitted: usize,
+    first_uncommitted: Option<Instant>,
+}
+
+impl Worker<'_> {
+    async fn consume<S: Store>(&mut self, store: &mut S, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(self.config.commit_interval.min(Duration::from_millis(250)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut last_lag_check, mut last_partition_check) = (Instant::now(), Instant::now());
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    self.commit(store).await?;
+                    tracing::info!(committed = ?offsets(&self.committed), "committed what was read");
+                    return Ok(());
+                }
+                message = self.consumer.recv() => {
+                    let message = match message {
+                        Ok(message) => message,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "Kafka consumer error");
+                            continue;
+                        }
+                    };
+                    self.process(store, &message).await?;
+                    if self.uncommitted >= self.config.max_records {
+                        self.commit(store).await?;
+                    }
+                }
+                _ = tick.tick() => {
+                    if store.tick() {
+                        self.first_uncommitted.get_or_insert_with(Instant::now);
+                    }
+                    if self.first_uncommitted.is_some_and(|t| t.elapsed() >= self.config.commit_interval) {
+                        self.commit(store).await?;
+                    }
+                    Metrics::show(&self.metrics.read_offset, &self.read);
+                    if last_lag_check.elapsed() > Duration::from_secs(5) {
+                        last_lag_check = Instant::now();
+                        self.update_lag();
+                    }
+                    if last_partition_check.elapsed() > Duration::from_secs(30) {
+                        last_partition_check = Instant::now();
+                        self.check_new_partitions(store).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn process<S: Store>(&mut self, store: &mut S, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
+        let (partition, offset) = (message.partition(), message.offset());
+        if self.read.get(&partition).is_some_and(|c| offset < c.next_offset) {
+            return Ok(()); // Read before (a fetch may start below the position asked for).
+        }
+        self.metrics.records_read.inc();
+        match reading_of(message, self.config.max_clock_skew) {
+            Ok(reading) => store.apply(partition, offset, reading),
+            Err(reason) => {
+                // Acknowledged by the broker before the offset past it can be committed.
+                self.dead_letters.send(message, &reason).await?;
+                self.metrics.dead_letters.inc();
+                tracing::warn!(partition, offset, error = %reason, "record sent to the dead-letter topic");
+            }
+        }
+        self.read.insert(
+            partition,
+            Checkpoint {
+                next_offset: offset + 1,
+                last_record: Some(record_id(message)),
+            },
+        );
+        self.uncommitted += 1;
+        self.first_uncommitted.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    async fn commit<S: Store>(&mut self, store: &mut S) -> anyhow::Result<()> {
+        if self.first_uncommitted.is_none() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let stored = store.commit(&self.read).await?;
+        self.uncommitted = 0;
+        self.first_uncommitted = None;
+        if !stored {
+            return Ok(());
+        }
+        self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics.commits.inc();
+        self.committed = self.read.clone();
+        Metrics::show(&self.metrics.committed_offset, &self.committed);
+        Metrics::show(&self.metrics.read_offset, &self.read);
+        commit_for_monitoring(self.consumer.as_ref(), &self.config.topic, &self.committed);
+        Ok(())
+    }
+
+    /// Lag (high watermark − next offset) per partition, measured off the consume path.
+    fn update_lag(&self) {
+        let positions: Vec<(i32, i64)> = self.read.iter().map(|(p, c)| (*p, c.next_offset)).collect();
+        let (consumer, topic, lag) = (
+            self.consumer.clone(),
+            self.config.topic.clone(),
+            self.metrics.lag.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            for (partition, next_offset) in positions {
+                if let Ok((_, high)) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(1)) {
+                    lag.get_or_create(&PartitionLabel { partition })
+                        .set((high - next_offset).max(0));
+                }
+            }
+        });
+    }
+
+    /// Partitions added to the topic while running are read from their beginning.
+    async fn check_new_partitions<S: Store>(&mut self, store: &mut S) -> anyhow::Result<()> {
+        let (consumer, topic) = (self.consumer.clone(), self.config.topic.clone());
+        let count = tokio::task::spawn_blocking(move || partition_count(consumer.as_ref(), &topic).ok()).await?;
+        let Some(count) = count.filter(|&n| n > self.partitions) else {
+            return Ok(());
+        };
+        tracing::info!(from = self.partitions, to = count, "topic gained partitions");
+        self.commit(store).await?;
+        let (consumer, topic, kafka, read) = (
+            self.consumer.clone(),
+            self.config.topic.clone(),
+            self.config.kafka.clone(),
+            self.read.clone(),
+        );
+        let Positioned { start, restarted } =
+            tokio::task::spawn_blocking(move || position(&kafka, consumer.as_ref(), &topic, count, &read)).await??;
+        for (partition, offset) in restarted {
+            store.restart_partition(partition, offset);
+        }
+        self.read = start;
+        self.partitions = count;
+        Ok(())
+    }
+}
+
+/// The reading a record carries, or why it is a dead letter.
+pub fn reading_of<M: Message>(message: &M, max_clock_skew: Duration) -> Result<WeatherReading, String> {
+    let reading = match message.payload() {
+        Some(payload) => WeatherReading::from_json(payload).map_err(|e| e.to_string())?,
+        None => return Err("empty record value".to_owned()),
+    };
+    // Judged against the record's own timestamp, not the clock, so every consumer and every
+    // replay decides alike.
+    if let Some(stamped) = message
+        .timestamp()
+        .to_millis()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+    {
+        let skew = chrono::TimeDelta::from_std(max_clock_skew).unwrap_or(chrono::TimeDelta::MAX);
+        if reading.ts > stamped + skew {
+            return Err(format!(
+                "ts {} is more than {} ahead of the record's Kafka timestamp {}",
+                crate::reading::format_ts(&reading.ts),
+                humantime::format_duration(max_clock_skew),
+                crate::reading::format_ts(&stamped),
+            ));
+        }
+    }
+    Ok(reading)
+}
+
+/// Where to read each partition from, and which partitions start over on a new log.
+#[derive(Debug)]
+pub struct Positioned {
+    pub start: Checkpoints,
+    /// `(partition, first offset)` of partitions whose log is not the checkpoint's.
+    pub restarted: Vec<(i32, i64)>,
+}
+
+/// Assigns partitions `0..partitions` of `topic`, each at its checkpoint when the checkpoint
+/// belongs to this log, else at the log's beginning. Blocks (broker round trips).
+///
+/// The log is the checkpoint's when the record before the checkpoint's offset is the very
+/// record the checkpoint names. It is another log when the partition ends before that offset
+/// (logs do not shrink) or holds a different record there. When the record cannot be read
+/// (deleted by retention, or within a batch the broker will not split), the offset is trusted.
+pub fn position<C: Consumer>(
+    kafka: &KafkaArgs,
+    consumer: &C,
+    topic: &str,
+    partitions: i32,
+    committed: &Checkpoints,
+) -> anyhow::Result<Positioned> {
+    let timeout = Duration::from_secs(10);
+    let mut start = Checkpoints::new();
+    let mut restarted = Vec::new();
+    let mut reasons = Vec::new();
+    let mut to_verify = Vec::new();
+    for partition in 0..partitions {
+        let Some(checkpoint) = committed.get(&partition).filter(|c| c.next_offset > 0) else {
+            start.insert(partition, Checkpoint::start(0));
+            continue;
+        };
+        let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+        let next = checkpoint.next_offset;
+        if high < next {
+            reasons.push(format!(
+                "partition {partition} ends at {high}, before the stored offset {next}"
+            ));
+            restarted.push((partition, low));
+            continue;
+        }
+        if next < low {
+            tracing::error!(
+                topic,
+                partition,
+                stored = next,
+                log_start = low,
+                lost = low - next,
+                "records were deleted by retention before they were consumed"
+            );
+        } else if let Some(id) = &checkpoint.last_record {
+            to_verify.push((partition, next - 1, id.clone()));
+        }
+        start.insert(partition, checkpoint.clone());
+    }
+    for (partition, found) in records_at(kafka, topic, &to_verify, timeout)? {
+        if let Some((_, offset, expected)) = to_verify.iter().find(|(p, ..)| *p == partition) {
+            match found {
+                Some(id) if &id != expected => {
+                    reasons.push(format!(
+                        "partition {partition} holds another record at offset {offset} ({id}, stored {expected})"
+                    ));
+                    let (low, _) = consumer.fetch_watermarks(topic, partition, timeout)?;
+                    restarted.push((partition, low));
+                }
+                Some(_) => {}
+                None => tracing::debug!(
+                    partition,
+                    offset,
+                    "record not readable alone; trusting the stored offset"
+                ),
+            }
+        }
+    }
+    for &(partition, low) in &restarted {
+        start.insert(partition, Checkpoint::start(low));
+    }
+    if !reasons.is_empty() {
+        tracing::warn!(
+            topic,
+            "the topic holds another log than the stored offsets belong to (the broker lost its data, or the topic \
+             was created again); reading these partitions from their beginning: {}",
+            reasons.join("; ")
+        );
+    }
+    let mut assignment = TopicPartitionList::new();
+    for (&partition, checkpoint) in &start {
+        assignment.add_partition_offset(topic, partition, Offset::Offset(checkpoint.next_offset))?;
+    }
+    let current = consumer.assignment()?;
+    let unchanged = current.count() == start.len() && start.keys().all(|&p| current.find_partition(topic, p).is_some());
+    if unchanged {
+        // Resuming after a failure: a new assignment would not start fetching before every
+        // group commit in flight (for monitoring only) is answered, which a stuck coordinator
+        // stretches to the request timeout. A seek does not wait for them, and librdkafka drops
+        // messages fetched before it.
+        for element in consumer.seek_partitions(assignment, timeout)?.elements() {
+            element.error()?;
+        }
+    } else {
+        consumer.assign(&assignment)?;
+    }
+    Ok(Positioned { start, restarted })
+}
+
+/// Reads the record at each `(partition, offset)` with a consumer of its own: its
+/// [`record_id`], or `None` when the first record the broker returns lies past that offset.
+fn records_at(
+    kafka: &KafkaArgs,
+    topic: &str,
+    wanted: &[(i32, i64, String)],
+    timeout: Duration,
+) -> anyhow::Result<Vec<(i32, Option<String>)>> {
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let reader: BaseConsumer = kafka
+        .client_config()
+        .set("group.id", "weather-log-identity")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for (partition, offset, _) in wanted {
+        assignment.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+    }
+    reader.assign(&assignment)?;
+    let deadline = Instant::now() + timeout;
+    let mut found: BTreeMap<i32, Option<String>> = BTreeMap::new();
+    while found.len() < wanted.len() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "could not read the records the stored offsets name within {timeout:?}"
+        );
+        let Some(message) = reader.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        let Some((_, offset, _)) = wanted.iter().find(|(p, ..)| *p == message.partition()) else {
+            continue;
+        };
+        if message.offset() >= *offset {
+            found
+                .entry(message.partition())
+                .or_insert_with(|| (message.offset() == *offset).then(|| record_id(&message)));
+        }
+    }
+    Ok(found.into_iter().collect())
+}
+
+/// Partition count of `topic`, once the broker answers and the topic exists (the topics in
+/// `create` are created when missing). Retries with backoff; `None` on shutdown.
+pub async fn wait_for_partitions<C>(
+    kafka: &KafkaArgs,
+    consumer: &Arc<C>,
+    topic: &str,
+    create: &[&str],
+    shutdown: &CancellationToken,
+) -> Option<i32>
+where
+    C: Consumer + Send + Sync + 'static,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        if let Err(e) = kafka.ensure_topics(create).await {
+            tracing::debug!(error = %e, "could not create the topics");
+        }
+        let (consumer, name) = (consumer.clone(), topic.to_owned());
+        let found = tokio::task::spawn_blocking(move || partition_count(consumer.as_ref(), &name)).await;
+        match found {
+            Ok(Ok(n)) if n > 0 => return Some(n),
+            Ok(Ok(_)) => tracing::warn!(topic, "waiting for the topic to exist"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "waiting for the Kafka broker"),
+            Err(e) => tracing::warn!(error = %e, "metadata task failed"),
+        }
+        if !backoff.wait(shutdown).await {
+            return None;
+        }
+    }
+}
+
+/// Partitions of `topic` (0 when it does not exist). Blocks for up to 5 s.
+pub fn partition_count<C: Consumer>(consumer: &C, topic: &str) -> anyhow::Result<i32> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map_or(0, |t| t.partitions().len() as i32))
+}
+
+/// Commits `checkpoints` to the consumer group, for lag monitoring only: the store holds the
+/// position that counts.
+fn commit_for_monitoring<C: Consumer>(consumer: &C, topic: &str, checkpoints: &Checkpoints) {
+    let mut list = TopicPartitionList::new();
+    for (&partition, checkpoint) in checkpoints {
+        if list
+            .add_partition_offset(topic, partition, Offset::Offset(checkpoint.next_offset))
+            .is_err()
+        {
+            return;
+        }
+    }
+    if list.count() > 0 {
+        if let Err(e) = consumer.commit(&list, CommitMode::Async) {
+            tracing::debug!(error = %e, "group offset commit failed");
+        }
+    }
+}
+
+impl KafkaArgs {
+    /// A consumer for stores that keep their own offsets: no auto-commit, no offset store, and
+    /// the beginning of a partition when they have no offset for it yet.
+    pub fn sink_consumer(&self, group_id: &str) -> anyhow::Result<Arc<StreamConsumer>> {
+        let consumer = self
+            .client_config()
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        Ok(Arc::new(consumer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::{OwnedMessage, Timestamp};
+
+    use super::*;
+
+    fn record(offset: i64, ts_millis: i64, payload: &str) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(payload.as_bytes().to_vec()),
+            Some(b"Boston".to_vec()),
+            "weather".into(),
+            Timestamp::CreateTime(ts_millis),
+            0,
+            offset,
+            None,
+        )
+    }
+
+    const STAMP: i64 = 1_800_000_000_000;
+
+    #[test]
+    fn record_ids_tell_records_apart() {
+        let a = record(
+            7,
+            STAMP,
+            r#"{"city":"Boston","temperature":1.0,"ts":"2027-01-15T08:00:00.000Z"}"#,
+        );
+        let b = record(
+            7,
+            STAMP,
+            r#"{"city":"Boston","temperature":2.0,"ts":"2027-01-15T08:00:00.000Z"}"#,
+        );
+        let c = record(
+            7,
+            STAMP + 1,
+            r#"{"city":"Boston","temperature":1.0,"ts":"2027-01-15T08:00:00.000Z"}"#,
+        );
+        assert_eq!(record_id(&a), record_id(&a.clone()));
+        assert!(record_id(&a).starts_with("7:"));
+        assert_ne!(record_id(&a), record_id(&b));
+        assert_ne!(record_id(&a), record_id(&c));
+    }
+
+    #[test]
+    fn readings_far_ahead_of_their_record_are_refused() {
+        let skew = Duration::from_secs(60);
+        // 2027-01-15T08:00:00Z is STAMP; 59 s ahead passes, 61 s ahead does not.
+        let ok = record(
+            0,
+            STAMP,
+            r#"{"city":"Boston","temperature":1.0,"ts":"2027-01-15T08:00:59.000Z"}"#,
+        );
+        assert!(reading_of(&ok, skew).is_ok());
+        let ahead = record(
+            0,
+            STAMP,
+            r#"{"city":"Boston","temperature":1.0,"ts":"2027-01-15T08:01:01.000Z"}"#,
+        );
+        let reason = reading_of(&ahead, skew).expect_err("ahead");
+        assert!(reason.contains("more than 1m ahead"), "{reason}");
+        let future = record(
+            0,
+            STAMP,
+            r#"{"city":"Boston","temperature":1.0,"ts":"2099-01-01T00:00:00.000Z"}"#,
+        );
+        assert!(reading_of(&future, skew).is_err());
+        // Readings from the past are the windows' business (lateness), not a clock error.
+        let old = record(
+            0,
+            STAMP,
+            r#"{"city":"Boston","temperature":1.0,"ts":"2020-01-01T00:00:00.000Z"}"#,
+        );
+        assert!(reading_of(&old, skew).is_ok());
+        let bad = record(0, STAMP, r#"{"city":"Boston"}"#);
+        assert!(reading_of(&bad, skew).expect_err("bad").contains("temperature"));
+    }
+}
