@@ -5,33 +5,15 @@
 
 use std::{
     collections::BTreeMap,
+    os::unix::process::CommandExt,
     process::Command,
     time::{Duration, Instant},
 };
 
 use weather_testkit::{
-    ChildGuard, build_workspace_binaries, connect, free_port, http_get, metric, pyiceberg_check_with, workspace_binary,
+    ChildGuard, build_workspace_binaries, connect, descendants, free_port, http_get, metric, pyiceberg_check_with,
+    still_running, workspace_binary,
 };
-
-/// Every process below `pid`, from /proc.
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut all = Vec::new();
-    let mut queue = vec![pid];
-    while let Some(parent) = queue.pop() {
-        let tasks = std::fs::read_dir(format!("/proc/{parent}/task"))
-            .into_iter()
-            .flatten()
-            .flatten();
-        for task in tasks {
-            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-                all.push(child);
-                queue.push(child);
-            }
-        }
-    }
-    all
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pipeline_runs_end_to_end_and_stops_cleanly() {
@@ -52,7 +34,8 @@ async fn pipeline_runs_end_to_end_and_stops_cleanly() {
             .args(["--rate", "100", "--client-batches", "250", "--commit-interval", "2s"])
             .env_remove("KAFKA_BROKERS")
             .env_remove("DATABASE_URL")
-            .env("RUST_LOG", "warn"),
+            .env("RUST_LOG", "warn")
+            .process_group(0),
         Duration::from_secs(300),
     )
     .expect("pipeline ready");
@@ -182,19 +165,17 @@ async fn pipeline_runs_end_to_end_and_stops_cleanly() {
     assert!(status.contains("last window ends"), "{status}");
     assert!(status.contains("iceberg_sink_last_snapshot_id"), "{status}");
 
-    // Ctrl-C: everything stops, nothing is left running.
+    // Ctrl-C at a terminal reaches the whole process group: everything stops cleanly, nothing
+    // is left running.
     drop(client);
     let children = descendants(pipeline.child.id());
     assert!(
         children.len() >= 5,
         "backbone and daemons ran as children: {children:?}"
     );
-    pipeline.signal(2);
+    pipeline.signal_group(libc::SIGINT);
     let status = pipeline.wait(Duration::from_secs(120)).expect("pipeline exits");
     assert!(status.success(), "clean shutdown: {status:?}");
-    let alive: Vec<_> = children
-        .iter()
-        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
-        .collect();
+    let alive = still_running(&children, Duration::from_secs(5));
     assert!(alive.is_empty(), "orphans left: {alive:?}");
 }

@@ -10,23 +10,16 @@
 //! those separately, and both consumers must agree on them.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     process::Command,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-    },
     time::{Duration, Instant},
 };
 
-use weather_common::reading::DEMO_CITIES;
 use weather_testkit::{
     ChildGuard, MockKafka, Postgres, S3Server, build_workspace_binaries, connect, consume, free_port, http_get,
+    load::{Key, Load, Tally, per_city},
     produce, pyiceberg_readings, workspace_binary,
 };
-
-/// A reading's identity: city and temperature in hundredths.
-type Key = (String, i64);
 
 const DAEMONS: [&str; 4] = ["logging-server", "window-aggregator", "iceberg-sink", "dashboard"];
 
@@ -135,125 +128,6 @@ impl Stack {
     }
 }
 
-#[derive(Default)]
-struct Ledger {
-    sent: u64,
-    acknowledged: HashSet<Key>,
-    /// Answered 503, or cut off by a killed server: maybe stored, maybe not.
-    unacknowledged: HashSet<Key>,
-    unavailable: u64,
-    cut_off: u64,
-    /// Any other answer: a failure of the test.
-    unexpected: Vec<String>,
-    last_ack: Option<Instant>,
-}
-
-/// Clients sending unique readings with `GET /log` as fast as the server answers, with a
-/// short pause between requests.
-struct Load {
-    ledger: Arc<Mutex<Ledger>>,
-    paused: Arc<AtomicBool>,
-    in_flight: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    workers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: &str, clients: usize) -> Self {
-        let ledger = Arc::new(Mutex::new(Ledger::default()));
-        let (paused, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let sequence = Arc::new(AtomicU64::new(0));
-        let workers = (0..clients)
-            .map(|_| {
-                let (addr, ledger, paused, stop, in_flight, sequence) = (
-                    addr.to_owned(),
-                    ledger.clone(),
-                    paused.clone(),
-                    stop.clone(),
-                    in_flight.clone(),
-                    sequence.clone(),
-                );
-                tokio::spawn(async move {
-                    while !stop.load(Ordering::SeqCst) {
-                        // Counted in flight before looking at `paused`, so `pause` cannot miss it.
-                        in_flight.fetch_add(1, Ordering::SeqCst);
-                        if paused.load(Ordering::SeqCst) {
-                            in_flight.fetch_sub(1, Ordering::SeqCst);
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            continue;
-                        }
-                        let n = sequence.fetch_add(1, Ordering::SeqCst);
-                        let key: Key = (
-                            DEMO_CITIES[n as usize % DEMO_CITIES.len()].to_owned(),
-                            (n / DEMO_CITIES.len() as u64) as i64 - 10_000,
-                        );
-                        let target = format!(
-                            "/log?city={}&temperature={:.2}",
-                            key.0.replace(' ', "%20"),
-                            key.1 as f64 / 100.0
-                        );
-                        let answer = tokio::time::timeout(Duration::from_secs(30), http_get(&addr, &target)).await;
-                        if let Ok(mut ledger) = ledger.lock() {
-                            ledger.sent += 1;
-                            match answer {
-                                Ok(Ok(response)) if response.status == 200 => {
-                                    ledger.acknowledged.insert(key);
-                                    ledger.last_ack = Some(Instant::now());
-                                }
-                                Ok(Ok(response)) if response.status == 503 => {
-                                    ledger.unavailable += 1;
-                                    ledger.unacknowledged.insert(key);
-                                }
-                                Ok(Ok(response)) => {
-                                    ledger.unexpected.push(format!("{} {}", response.status, response.body));
-                                }
-                                // Connection refused or cut: only while the server is killed.
-                                Ok(Err(_)) => {
-                                    ledger.cut_off += 1;
-                                    ledger.unacknowledged.insert(key);
-                                }
-                                Err(_) => ledger.unexpected.push(format!("no answer in 30 s to {target}")),
-                            }
-                        }
-                        in_flight.fetch_sub(1, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                })
-            })
-            .collect();
-        Self {
-            ledger,
-            paused,
-            in_flight,
-            stop,
-            workers,
-        }
-    }
-
-    async fn pause(&self) {
-        self.paused.store(true, Ordering::SeqCst);
-        while self.in_flight.load(Ordering::SeqCst) > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn resume(&self) {
-        self.paused.store(false, Ordering::SeqCst);
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&Ledger) -> T) -> T {
-        f(&self.ledger.lock().expect("ledger"))
-    }
-
-    async fn stop(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for worker in self.workers {
-            worker.await.expect("load worker");
-        }
-    }
-}
-
 /// Ledger counts at the end of the previous scenario, so each summary line covers its own.
 #[derive(Default, Clone, Copy)]
 struct Totals {
@@ -305,17 +179,12 @@ async fn verify(stack: &Stack, load: &Load, scenario: &str, before: &mut Totals)
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
 
-    let mut copies: HashMap<&Key, u64> = HashMap::new();
-    for key in &stored {
-        *copies.entry(key).or_default() += 1;
-    }
-    let duplicates: u64 = copies.values().map(|c| c - 1).sum();
-    let lost = acknowledged.iter().filter(|k| !copies.contains_key(k)).count();
-    let unknown: Vec<_> = copies
-        .keys()
-        .filter(|k| !acknowledged.contains(**k) && !unacknowledged.contains(**k))
-        .collect();
-    let stored_unacknowledged = copies.keys().filter(|k| unacknowledged.contains(**k)).count();
+    let Tally {
+        duplicates,
+        lost,
+        unknown,
+        stored_unacknowledged,
+    } = Tally::of(&stored, &acknowledged, &unacknowledged);
     println!(
         "{scenario}: sent {}, acknowledged {} ({} answered 503, {} cut off); whole table: {} stored \
          (+{stored_unacknowledged} never acknowledged), duplicates {duplicates}, lost {lost}, \
@@ -371,14 +240,6 @@ async fn verify(stack: &Stack, load: &Load, scenario: &str, before: &mut Totals)
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     load.resume();
-}
-
-fn per_city(readings: &[Key]) -> BTreeMap<String, i64> {
-    let mut counts = BTreeMap::new();
-    for (city, _) in readings {
-        *counts.entry(city.clone()).or_default() += 1;
-    }
-    counts
 }
 
 #[tokio::test(flavor = "multi_thread")]

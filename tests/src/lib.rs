@@ -10,6 +10,8 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+
+pub mod load;
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
@@ -79,6 +81,16 @@ impl ChildGuard {
         }
     }
 
+    /// `signal` to the child's whole process group, as a terminal sends Ctrl-C (SIGINT) to
+    /// its foreground job. The child must lead its group (`Command::process_group(0)`).
+    pub fn signal_group(&self, signal: i32) {
+        // SAFETY: kill(2) on a process group we started; no memory is touched.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(-self.pid(), signal);
+        }
+    }
+
     /// SIGTERM: what systemd sends to stop a unit.
     pub fn sigterm(&self) {
         self.signal(libc::SIGTERM);
@@ -115,6 +127,47 @@ impl Drop for ChildGuard {
         if let Ok(None) = self.child.try_wait() {
             self.kill9();
         }
+    }
+}
+
+/// Every process below `pid`, from /proc.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut all = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(parent) = queue.pop() {
+        let tasks = std::fs::read_dir(format!("/proc/{parent}/task"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        for task in tasks {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                all.push(child);
+                queue.push(child);
+            }
+        }
+    }
+    all
+}
+
+/// Those of `pids` still running after up to `timeout` (zombies count as gone).
+pub fn still_running(pids: &[u32], timeout: Duration) -> Vec<u32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let alive: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    stat.rsplit_once(')')
+                        .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+                })
+            })
+            .collect();
+        if alive.is_empty() || Instant::now() > deadline {
+            return alive;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

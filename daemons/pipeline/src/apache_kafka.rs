@@ -4,13 +4,15 @@
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
-    time::Duration,
 };
 
 use anyhow::Context;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-use crate::backbone::{free_port, on_path, start_logged};
+use crate::{
+    backbone::{free_port, on_path},
+    supervisor::Spec,
+};
 
 /// The Kafka scripts' directory and their suffix: `.sh` in the Apache tarball and nixpkgs,
 /// none in some packages.
@@ -59,9 +61,9 @@ pub fn ports_of(properties: &str) -> Option<(u16, u16)> {
     Some((port_of("PLAINTEXT://")?, port_of("CONTROLLER://")?))
 }
 
-/// Formats the log directory the first time, then starts the node; returns the broker
-/// address and the process.
-pub async fn start(bin: &Path, suffix: &str, dir: &Path) -> anyhow::Result<(String, Child)> {
+/// Writes the configuration and formats the log directory the first time; returns the broker
+/// address and how to run the node.
+pub async fn prepare(bin: &Path, suffix: &str, dir: &Path) -> anyhow::Result<(String, Spec)> {
     std::fs::create_dir_all(dir)?;
     let config = dir.join("server.properties");
     let existing = std::fs::read_to_string(&config).ok();
@@ -90,18 +92,18 @@ pub async fn start(bin: &Path, suffix: &str, dir: &Path) -> anyhow::Result<(Stri
         anyhow::ensure!(format.success(), "kafka-storage format failed: {format}");
     }
     let brokers = format!("127.0.0.1:{port}");
-    let child = start_logged(
-        "Apache Kafka",
-        Command::new(tool("kafka-server-start"))
-            .arg(&config)
-            .env("LOG_DIR", dir.join("logs"))
-            .env("KAFKA_HEAP_OPTS", "-Xmx512m -Xms256m"),
-        &dir.join("kafka.log"),
-        &brokers,
-        Duration::from_secs(120),
-    )
-    .await?;
-    Ok((brokers, child))
+    let mut spec = Spec::server(
+        "kafka",
+        tool("kafka-server-start"),
+        vec![config.display().to_string()],
+        brokers.clone(),
+        dir.join("kafka.log"),
+    );
+    spec.env = vec![
+        ("LOG_DIR".to_owned(), dir.join("logs").display().to_string()),
+        ("KAFKA_HEAP_OPTS".to_owned(), "-Xmx512m -Xms256m".to_owned()),
+    ];
+    Ok((brokers, spec))
 }
 
 #[cfg(test)]

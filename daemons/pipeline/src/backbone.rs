@@ -10,7 +10,10 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use rustix::process::{Pid, Signal};
 use tokio::process::{Child, Command};
+
+use crate::supervisor::{Spec, Supervised};
 
 /// A TCP port nobody listens on right now.
 pub fn free_port() -> anyhow::Result<u16> {
@@ -39,6 +42,7 @@ pub async fn start_logged(
     timeout: Duration,
 ) -> anyhow::Result<Child> {
     let file = std::fs::File::create(log)?;
+    crate::supervisor::tie_to_pipeline(command, rustix::process::Signal::TERM);
     let child = command
         .stdout(file.try_clone()?)
         .stderr(file)
@@ -59,10 +63,10 @@ pub fn on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A private PostgreSQL server in the state directory.
+/// A private PostgreSQL server in the state directory, supervised like the daemons.
 pub struct LocalPostgres {
     pub port: u16,
-    pub child: Child,
+    pub server: Supervised,
 }
 
 /// The directory holding `initdb` and `postgres`: `PATH`, then Debian's location.
@@ -86,13 +90,11 @@ fn postgres_bin() -> Option<PathBuf> {
 
 /// PostgreSQL refuses to run as root; as root it runs as the `postgres` user (set directly on
 /// the process, so signals reach the postmaster itself).
-fn as_postgres_user(program: &Path) -> anyhow::Result<Command> {
-    let mut command = Command::new(program);
+fn postgres_user() -> anyhow::Result<Option<(u32, u32)>> {
     if rustix::process::geteuid().is_root() {
-        let (uid, gid) = postgres_ids()?;
-        command.uid(uid).gid(gid);
+        return Ok(Some(postgres_ids()?));
     }
-    Ok(command)
+    Ok(None)
 }
 
 fn postgres_ids() -> anyhow::Result<(u32, u32)> {
@@ -108,18 +110,23 @@ fn postgres_ids() -> anyhow::Result<(u32, u32)> {
 }
 
 impl LocalPostgres {
-    /// initdb (first time) and start `postgres` in `dir`, listening on 127.0.0.1 only.
-    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+    /// initdb (first time) and start `postgres` in `dir`, listening on 127.0.0.1 only, with
+    /// its log in `dir/postgres.log`.
+    pub async fn start(dir: &Path, notify_dir: &Path) -> anyhow::Result<Self> {
         let bin = postgres_bin()
             .context("PostgreSQL not found. Install it (Debian: apt-get install postgresql) or pass --database-url")?;
         let data = dir.join("data");
         std::fs::create_dir_all(dir)?;
-        if rustix::process::geteuid().is_root() {
-            let (uid, gid) = postgres_ids()?;
+        let user = postgres_user()?;
+        if let Some((uid, gid)) = user {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
         }
         if !data.join("PG_VERSION").is_file() {
-            let status = as_postgres_user(&bin.join("initdb"))?
+            let mut initdb = Command::new(bin.join("initdb"));
+            if let Some((uid, gid)) = user {
+                initdb.uid(uid).gid(gid);
+            }
+            let status = initdb
                 .arg("-D")
                 .arg(&data)
                 .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"])
@@ -128,18 +135,32 @@ impl LocalPostgres {
                 .await?;
             anyhow::ensure!(status.success(), "initdb failed: {status}");
         }
+        stop_stale_postmaster(&data).await?;
         let port = free_port()?;
-        let child = as_postgres_user(&bin.join("postgres"))?
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-k"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting postgres")?;
-        let postgres = Self { port, child };
+        let addr = format!("127.0.0.1:{port}");
+        let mut spec = Spec::server(
+            "postgresql",
+            bin.join("postgres"),
+            vec![
+                "-D".into(),
+                data.display().to_string(),
+                "-p".into(),
+                port.to_string(),
+                "-c".into(),
+                "listen_addresses=127.0.0.1".into(),
+                "-k".into(),
+                dir.display().to_string(),
+            ],
+            addr,
+            dir.join("postgres.log"),
+        );
+        spec.user = user;
+        // Fast shutdown: PostgreSQL does not wait for clients to disconnect.
+        spec.stop_signal = Signal::INT;
+        let server = Supervised::start(spec, notify_dir, Duration::from_secs(60))
+            .await
+            .context("PostgreSQL did not start")?;
+        let postgres = Self { port, server };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             match tokio_postgres::connect(&postgres.url("postgres"), tokio_postgres::NoTls).await {
@@ -158,7 +179,11 @@ impl LocalPostgres {
                 Err(_) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(200)).await
                 }
-                Err(e) => return Err(e).context("PostgreSQL did not come up"),
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("PostgreSQL did not come up; see {}", dir.join("postgres.log").display())
+                    });
+                }
             }
         }
     }
@@ -168,14 +193,53 @@ impl LocalPostgres {
     }
 }
 
+/// A postmaster that a killed pipeline left behind still holds the data directory (it stops
+/// by itself when its pipeline dies, but may still be finishing). The state directory's lock,
+/// which this pipeline holds, shows no other pipeline uses it: ask it to stop and wait.
+async fn stop_stale_postmaster(data: &Path) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string(data.join("postmaster.pid")) else {
+        return Ok(());
+    };
+    let Some(pid) = text.lines().next().and_then(|l| l.trim().parse().ok()) else {
+        return Ok(());
+    };
+    let running =
+        |pid: i32| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.windows(8).any(|w| w == b"postgres"));
+    if !running(pid) {
+        return Ok(()); // A stale file: PostgreSQL starts over it.
+    }
+    tracing::warn!(
+        pid,
+        "a PostgreSQL server from an earlier run still holds {}; stopping it",
+        data.display()
+    );
+    if let Some(process) = Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(process, Signal::INT);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while running(pid) {
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "PostgreSQL (pid {pid}) from an earlier run still holds {} after 30 s: stop it with `kill -QUIT {pid}` and start again",
+                data.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// The tansu release the pipeline runs, with the SQLite storage that keeps its log on disk.
+pub const TANSU_INSTALL: &str = "cargo install tansu@0.6.0 --locked --no-default-features --features dynostore,libsql";
+
 /// Where the Kafka protocol is spoken.
 pub enum Kafka {
     External(String),
-    /// A broker process in the state directory: Apache Kafka (KRaft, persistent) or tansu
-    /// (in memory).
+    /// A broker process with its log in the state directory: Apache Kafka (KRaft) or tansu
+    /// (SQLite), supervised like the daemons.
     Process {
         brokers: String,
-        child: Child,
+        server: Supervised,
         tansu: bool,
     },
     /// librdkafka's mock cluster inside this process: in memory, gone when the pipeline stops.
@@ -183,50 +247,66 @@ pub enum Kafka {
 }
 
 impl Kafka {
-    /// The given brokers; else Apache Kafka or tansu found on `PATH`, started in `dir`; else
-    /// an in-process broker.
-    pub async fn start(given: Option<String>, dir: &Path) -> anyhow::Result<Self> {
+    /// The given brokers; else Apache Kafka or tansu found on `PATH`, started with its log in
+    /// `dir`; else, only when `in_memory` allows it, an in-process broker.
+    pub async fn start(given: Option<String>, dir: &Path, notify_dir: &Path, in_memory: bool) -> anyhow::Result<Self> {
         if let Some(brokers) = given {
             return Ok(Self::External(brokers));
         }
+        if in_memory {
+            let cluster = rdkafka::mocking::MockCluster::new(1).context("starting the embedded Kafka broker")?;
+            for topic in ["weather", "weather.dlq"] {
+                cluster.create_topic(topic, 3, 1)?;
+            }
+            tracing::warn!(
+                "--in-memory-broker: the Kafka log lives in this process; readings acknowledged but not yet in \
+                 Iceberg and PostgreSQL when the pipeline stops are lost"
+            );
+            return Ok(Self::Embedded(cluster));
+        }
+        std::fs::create_dir_all(dir)?;
         if let Some((bin, suffix)) = crate::apache_kafka::find() {
-            let (brokers, child) = crate::apache_kafka::start(&bin, suffix, dir).await?;
+            let (brokers, spec) = crate::apache_kafka::prepare(&bin, suffix, dir).await?;
+            let server = Supervised::start(spec, notify_dir, Duration::from_secs(120)).await?;
             tracing::info!(%brokers, "Apache Kafka (KRaft) started, its log in {}", dir.display());
             return Ok(Self::Process {
                 brokers,
-                child,
+                server,
                 tansu: false,
             });
         }
-        if let Some(tansu) = on_path("tansu") {
-            let port = free_port()?;
-            let url = format!("tcp://127.0.0.1:{port}");
-            let child = Command::new(tansu)
-                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-                .args(["--storage-engine", "memory://tansu/"])
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .context("starting tansu")?;
-            let brokers = format!("127.0.0.1:{port}");
-            wait_for_port(&brokers, Duration::from_secs(30)).await?;
-            tracing::warn!("tansu broker keeps messages in memory: they are gone when the pipeline stops");
-            return Ok(Self::Process {
-                brokers,
-                child,
-                tansu: true,
-            });
-        }
-        let cluster = rdkafka::mocking::MockCluster::new(1).context("starting the embedded Kafka broker")?;
-        for topic in ["weather", "weather.dlq"] {
-            cluster.create_topic(topic, 3, 1)?;
-        }
-        tracing::warn!(
-            "no Kafka broker given (--kafka-brokers) and none on PATH (kafka-server-start.sh, tansu): using an \
-             in-process, in-memory broker; messages are gone when the pipeline stops"
+        let Some(tansu) = on_path("tansu") else {
+            bail!(
+                "no durable Kafka broker: install tansu ({TANSU_INSTALL}), put Apache Kafka's \
+                 kafka-server-start.sh on PATH, give --kafka-brokers, or accept losing readings with \
+                 --in-memory-broker"
+            );
+        };
+        let port = free_port()?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let brokers = format!("127.0.0.1:{port}");
+        let mut spec = Spec::server(
+            "tansu",
+            tansu,
+            ["broker", "--listener-url", &url, "--advertised-listener-url", &url]
+                .into_iter()
+                .chain(["--storage-engine", "sqlite://tansu.db"])
+                .map(String::from)
+                .collect(),
+            brokers.clone(),
+            dir.join("tansu.log"),
         );
-        Ok(Self::Embedded(cluster))
+        spec.env = vec![("RUST_LOG".to_owned(), "warn".to_owned())];
+        spec.dir = Some(dir.to_path_buf());
+        let server = Supervised::start(spec, notify_dir, Duration::from_secs(30))
+            .await
+            .with_context(|| format!("tansu needs its SQLite storage: {TANSU_INSTALL}"))?;
+        tracing::info!(%brokers, "tansu started, its log in {}", dir.join("tansu.db").display());
+        Ok(Self::Process {
+            brokers,
+            server,
+            tansu: true,
+        })
     }
 
     pub fn brokers(&self) -> String {
@@ -249,9 +329,10 @@ impl Kafka {
     }
 
     /// Stops a broker process cleanly (Apache Kafka then needs no log recovery next time).
-    pub async fn stop(self) {
-        if let Self::Process { mut child, .. } = self {
-            crate::supervisor::terminate(&mut child, rustix::process::Signal::TERM, Duration::from_secs(60)).await;
+    pub async fn stop(self) -> bool {
+        match self {
+            Self::Process { server, .. } => server.stop(Duration::from_secs(60)).await,
+            _ => true,
         }
     }
 }

@@ -88,6 +88,16 @@ struct RunArgs {
     /// Seconds between Iceberg commits.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     commit_interval: Duration,
+
+    /// Run a Kafka broker inside this process when none is given or found on PATH. Its log is
+    /// in memory: readings acknowledged but not yet in Iceberg and PostgreSQL when the
+    /// pipeline stops or dies are lost. For tests and demos only.
+    #[arg(long)]
+    in_memory_broker: bool,
+
+    /// How long a stop waits for the consumers to read what the logging-server acknowledged.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
 }
 
 /// What `pipeline status` reads back.
@@ -126,13 +136,14 @@ fn daemon(name: &str) -> anyhow::Result<PathBuf> {
 async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&state_dir)?;
     let state_dir = state_dir.canonicalize()?;
+    let _lock = lock_state_dir(&state_dir)?;
     let notify_dir = state_dir.join("notify");
     std::fs::create_dir_all(&notify_dir)?;
     let shutdown = runtime::shutdown_token()?;
 
     let postgres = match &args.database_url {
         Some(_) => None,
-        None => Some(LocalPostgres::start(&state_dir.join("postgres")).await?),
+        None => Some(LocalPostgres::start(&state_dir.join("postgres"), &notify_dir).await?),
     };
     let database_url = args
         .database_url
@@ -144,7 +155,13 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         .clone()
         .or_else(|| postgres.as_ref().map(|p| p.url("iceberg")))
         .context("--catalog-url is needed with --database-url")?;
-    let kafka = Kafka::start(args.kafka_brokers.clone(), &state_dir.join("kafka")).await?;
+    let kafka = Kafka::start(
+        args.kafka_brokers.clone(),
+        &state_dir.join("kafka"),
+        &notify_dir,
+        args.in_memory_broker,
+    )
+    .await?;
     let brokers = kafka.brokers();
     let local_s3 = match &args.s3_endpoint {
         Some(_) => None,
@@ -170,13 +187,7 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     let sink_admin = format!("127.0.0.1:{}", free_port()?);
     let kafka_env = vec![("KAFKA_BROKERS".to_owned(), brokers.clone())];
     let spec = |name: &'static str, args: Vec<String>, env: Vec<(String, String)>| -> anyhow::Result<Spec> {
-        Ok(Spec {
-            name,
-            program: daemon(name)?,
-            args,
-            env,
-            restart: true,
-        })
+        Ok(Spec::daemon(name, daemon(name)?, args, env))
     };
     let mut producer_env = kafka_env.clone();
     if !kafka.producer_options().is_empty() {
@@ -298,35 +309,146 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         shutdown.cancelled().await;
     }
 
-    // Reverse order: producers stop before the consumers that drain what they sent.
+    // Dependency order: no new readings, then the consumers read everything acknowledged (and
+    // commit it as they stop), then the backbone.
     let mut clean = true;
+    for name in ["weather-client", "logging-server"] {
+        if let Some(i) = running.iter().position(|c| c.name == name) {
+            clean &= stop(running.remove(i)).await;
+        }
+    }
+    let consumers: Vec<(&str, &str)> = [("window-aggregator", &aggregator_admin), ("iceberg-sink", &sink_admin)]
+        .into_iter()
+        .filter(|(name, _)| running.iter().any(|c| c.name == *name))
+        .map(|(name, addr)| (name, addr.as_str()))
+        .collect();
+    wait_for_consumers(&brokers, &consumers, args.drain_timeout).await;
     while let Some(child) = running.pop() {
-        let name = child.name;
-        let ok = child.stop(Duration::from_secs(60)).await;
-        tracing::info!("{name} stopped{}", if ok { "" } else { " (not cleanly)" });
-        clean &= ok;
+        clean &= stop(child).await;
     }
     if let Some(mut trino) = trino {
         supervisor::terminate(&mut trino.child, rustix::process::Signal::TERM, Duration::from_secs(30)).await;
     }
-    kafka.stop().await;
+    clean &= kafka.stop().await;
     if let Some(mut s3) = local_s3 {
         supervisor::terminate(&mut s3.child, rustix::process::Signal::TERM, Duration::from_secs(30)).await;
     }
-    if let Some(mut postgres) = postgres {
-        // SIGINT is PostgreSQL's fast shutdown: it does not wait for clients to disconnect.
-        supervisor::terminate(
-            &mut postgres.child,
-            rustix::process::Signal::INT,
-            Duration::from_secs(30),
-        )
-        .await;
+    if let Some(postgres) = postgres {
+        clean &= stop(postgres.server).await;
     }
     if let Some(e) = failure {
         return Err(e);
     }
-    anyhow::ensure!(clean, "some daemons did not stop cleanly");
+    anyhow::ensure!(clean, "some components did not stop cleanly");
     Ok(())
+}
+
+async fn stop(child: Supervised) -> bool {
+    let name = child.name;
+    let ok = child.stop(Duration::from_secs(60)).await;
+    tracing::info!("{name} stopped{}", if ok { "" } else { " (not cleanly)" });
+    ok
+}
+
+/// Holds `STATE/pipeline.lock` for the life of the run: one pipeline per state directory.
+fn lock_state_dir(state_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = state_dir.join("pipeline.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        anyhow::bail!(
+            "another pipeline (pid {}) runs on {}; stop it first, or give another --state-dir",
+            holder.trim(),
+            state_dir.display()
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
+/// The end of each partition of the `weather` topic.
+async fn log_ends(brokers: &str) -> anyhow::Result<Vec<(i32, i64)>> {
+    let brokers = brokers.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", "pipeline-drain")
+            .create()?;
+        let topic = weather_common::kafka::WEATHER_TOPIC;
+        let partitions = weather_common::consumer::partition_count(&consumer, topic)?;
+        (0..partitions)
+            .map(|p| Ok((p, consumer.fetch_watermarks(topic, p, Duration::from_secs(5))?.1)))
+            .collect()
+    })
+    .await?
+}
+
+/// `NAME_read_offset{partition="P"}` from a consumer's metrics (0 when absent).
+fn read_offset(metrics: &str, name: &str, partition: i32) -> i64 {
+    let prefix = format!("{}_read_offset{{partition=\"{partition}\"}} ", name.replace('-', "_"));
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until every consumer has read the topic to the end it has now, so that what the
+/// logging-server acknowledged is committed when they stop; at most `timeout`.
+async fn wait_for_consumers(brokers: &str, consumers: &[(&str, &str)], timeout: Duration) {
+    if consumers.is_empty() {
+        return;
+    }
+    let ends = match log_ends(brokers).await {
+        Ok(ends) => ends,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "could not read the end of the log; stopping the consumers");
+            return;
+        }
+    };
+    let started = tokio::time::Instant::now();
+    let mut reported = started;
+    loop {
+        let mut behind = Vec::new();
+        for (name, addr) in consumers {
+            let metrics = get(addr, "/metrics").await.unwrap_or_default();
+            let left: i64 = ends
+                .iter()
+                .map(|&(p, end)| (end - read_offset(&metrics, name, p)).max(0))
+                .sum();
+            if left > 0 {
+                behind.push(format!("{name} {left}"));
+            }
+        }
+        if behind.is_empty() {
+            return;
+        }
+        if started.elapsed() > timeout {
+            tracing::warn!(
+                "stopping the consumers before they read the whole log (records left: {}); a durable broker \
+                 keeps the rest for the next start",
+                behind.join(", ")
+            );
+            return;
+        }
+        if reported.elapsed() > Duration::from_secs(5) {
+            reported = tokio::time::Instant::now();
+            tracing::info!(
+                "waiting for the consumers to read the log to its end (records left: {})",
+                behind.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Trino, when its launcher is on `PATH` and the warehouse is on S3 (Trino's local file
