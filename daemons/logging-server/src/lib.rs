@@ -53,6 +53,10 @@ pub struct Args {
     #[arg(long, env = "PRODUCE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub produce_timeout: Duration,
 
+    /// Most readings one `POST /logs` may carry; more get 413 before any is produced.
+    #[arg(long, env = "MAX_BATCH_READINGS", default_value_t = 10_000)]
+    pub max_batch_readings: usize,
+
     /// Largest accepted request body (POST /log, POST /logs), in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 16 << 20)]
     pub max_body_bytes: usize,
@@ -84,6 +88,7 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
         producer,
         topic: args.topic.clone(),
         max_body_bytes: args.max_body_bytes,
+        max_batch_readings: args.max_batch_readings,
         broker_ready: AtomicBool::new(false),
         metrics: Metrics::new(),
     });
@@ -134,6 +139,7 @@ struct Server {
     producer: FutureProducer,
     topic: String,
     max_body_bytes: usize,
+    max_batch_readings: usize,
     broker_ready: AtomicBool,
     metrics: Metrics,
 }
@@ -142,6 +148,8 @@ struct Server {
 struct Refused {
     status: StatusCode,
     message: String,
+    /// Of a batch that failed part-way: the indices of the readings the broker did store.
+    stored: Option<Vec<usize>>,
 }
 
 impl Refused {
@@ -149,6 +157,7 @@ impl Refused {
         Self {
             status,
             message: message.into(),
+            stored: None,
         }
     }
 
@@ -156,8 +165,19 @@ impl Refused {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
-    fn into_response(self) -> Response<Body> {
-        let mut response = http::error(self.status, self.message);
+    /// `stored_lines` names the request lines (1-based) that were stored, so a client sends
+    /// again only the others.
+    fn into_response(self, lines: &[usize]) -> Response<Body> {
+        let mut response = match &self.stored {
+            Some(stored) => {
+                let stored_lines: Vec<usize> = stored.iter().filter_map(|&i| lines.get(i).copied()).collect();
+                http::json(
+                    self.status,
+                    &serde_json::json!({"status": "error", "message": self.message, "stored_lines": stored_lines}),
+                )
+            }
+            None => http::error(self.status, self.message),
+        };
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
@@ -166,6 +186,11 @@ impl Refused {
         response
     }
 }
+
+/// Most deliveries one request waits for at once: a large batch is handed to the producer as
+/// acknowledgements come back, so no reading waits long in the local queue (its
+/// `--produce-timeout` runs from the moment it is handed over).
+const MAX_IN_FLIGHT: usize = 1_000;
 
 impl Server {
     async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
@@ -197,7 +222,7 @@ impl Server {
         };
         match self.produce(std::slice::from_ref(&reading)).await {
             Ok(stored) => self.logged(&reading, stored),
-            Err(refused) => refused.into_response(),
+            Err(refused) => refused.into_response(&[]),
         }
     }
 
@@ -216,19 +241,23 @@ impl Server {
             return match WeatherReading::from_request_json(&body, ts) {
                 Ok(reading) => match self.produce(std::slice::from_ref(&reading)).await {
                     Ok(stored) => self.logged(&reading, stored),
-                    Err(refused) => refused.into_response(),
+                    Err(refused) => refused.into_response(&[]),
                 },
                 Err(e) => http::error(StatusCode::BAD_REQUEST, e),
             };
         }
         let mut readings = Vec::new();
+        let mut lines = Vec::new();
         for (index, line) in body.split(|&b| b == b'\n').enumerate() {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
             match WeatherReading::from_request_json(line, ts) {
-                Ok(reading) => readings.push(reading),
+                Ok(reading) => {
+                    readings.push(reading);
+                    lines.push(index + 1);
+                }
                 Err(e) => {
                     return http::error(StatusCode::BAD_REQUEST, format!("line {}: {e}", index + 1));
                 }
@@ -237,27 +266,38 @@ impl Server {
         if readings.is_empty() {
             return http::error(StatusCode::BAD_REQUEST, "body holds no readings");
         }
+        if readings.len() > self.max_batch_readings {
+            let message = format!(
+                "{} readings in one request; at most {} (split the batch)",
+                readings.len(),
+                self.max_batch_readings
+            );
+            return http::error(StatusCode::PAYLOAD_TOO_LARGE, message);
+        }
         match self.produce(&readings).await {
             Ok(_) => http::json(
                 StatusCode::OK,
                 &serde_json::json!({"status": "success", "message": "Weather data logged", "count": readings.len()}),
             ),
-            Err(refused) => refused.into_response(),
+            Err(refused) => refused.into_response(&lines),
         }
     }
 
     /// Produces every reading and waits for the broker's acknowledgement of each; returns
-    /// where the last one was stored.
+    /// where the last one was stored, or which ones were stored when not all were.
     async fn produce(&self, readings: &[WeatherReading]) -> Result<Delivery, Refused> {
         if !self.broker_ready.load(Ordering::Relaxed) {
             return Err(Refused::unavailable("Kafka broker not reachable yet"));
         }
         let started = Instant::now();
-        let mut pending: VecDeque<DeliveryFuture> = VecDeque::with_capacity(readings.len());
-        let mut acked = 0usize;
-        let mut last = None;
-        let mut failure = None;
-        for reading in readings {
+        let mut pending: VecDeque<(usize, DeliveryFuture)> = VecDeque::new();
+        let mut outcome = Outcome::default();
+        for (index, reading) in readings.iter().enumerate() {
+            if pending.len() >= MAX_IN_FLIGHT {
+                if let Some((i, delivery)) = pending.pop_front() {
+                    outcome.settle(i, delivery.await);
+                }
+            }
             let payload = reading.to_json();
             loop {
                 let record = FutureRecord::to(&self.topic)
@@ -265,59 +305,62 @@ impl Server {
                     .payload(&payload);
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
-                        pending.push_back(delivery);
+                        pending.push_back((index, delivery));
                         break;
                     }
-                    // A large batch outruns the local queue: wait for the oldest delivery, retry.
+                    // The local queue is full: wait for the oldest delivery, retry.
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) if !pending.is_empty() => {
-                        if let Some(delivery) = pending.pop_front() {
-                            match delivered(delivery.await) {
-                                Ok(stored) => {
-                                    acked += 1;
-                                    last = Some(stored);
-                                }
-                                Err(e) => failure = failure.or(Some(e)),
-                            }
+                        if let Some((i, delivery)) = pending.pop_front() {
+                            outcome.settle(i, delivery.await);
                         }
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        failure = Some("producer queue full".to_owned());
+                        outcome.failure = Some("producer queue full".to_owned());
                         break;
                     }
                     Err((e, _)) => {
-                        failure = Some(e.to_string());
+                        outcome.failure = Some(e.to_string());
                         break;
                     }
                 }
             }
-            if failure.is_some() {
+            if outcome.failure.is_some() {
                 break;
             }
         }
-        for delivery in pending {
-            match delivered(delivery.await) {
-                Ok(stored) => {
-                    acked += 1;
-                    last = Some(stored);
-                }
-                Err(e) => failure = failure.or(Some(e)),
-            }
+        for (i, delivery) in pending {
+            outcome.settle(i, delivery.await);
         }
         self.metrics.produce_latency.observe(started.elapsed().as_secs_f64());
-        self.metrics.produced.inc_by(acked as u64);
-        match (failure, last) {
-            (None, Some(stored)) => Ok(stored),
-            (None, None) => Err(Refused::unavailable("nothing was acknowledged")),
-            (Some(reason), _) if readings.len() == 1 => {
+        self.metrics.produced.inc_by(outcome.stored.len() as u64);
+        match outcome {
+            Outcome {
+                failure: None,
+                last: Some(stored),
+                ..
+            } => Ok(stored),
+            Outcome { failure: None, .. } => Err(Refused::unavailable("nothing was acknowledged")),
+            Outcome {
+                failure: Some(reason), ..
+            } if readings.len() == 1 => {
                 tracing::warn!(%reason, "reading not stored");
                 Err(Refused::unavailable(format!("not stored: {reason}")))
             }
-            (Some(reason), _) => {
-                tracing::warn!(%reason, acked, total = readings.len(), "batch partly stored");
-                Err(Refused::unavailable(format!(
-                    "{acked} of {} readings stored before the broker failed: {reason}",
+            Outcome {
+                failure: Some(reason),
+                mut stored,
+                ..
+            } => {
+                tracing::warn!(%reason, stored = stored.len(), total = readings.len(), "batch partly stored");
+                stored.sort_unstable();
+                let mut refused = Refused::unavailable(format!(
+                    "{} of {} readings stored before the broker failed ({reason}); send again only the lines not in \
+                     stored_lines",
+                    stored.len(),
                     readings.len()
-                )))
+                ));
+                refused.stored = Some(stored);
+                Err(refused)
             }
         }
     }
@@ -338,7 +381,7 @@ impl Server {
                 self.broker_ready.store(true, Ordering::Relaxed);
                 http::json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
             }
-            Err(e) => Refused::unavailable(e).into_response(),
+            Err(e) => Refused::unavailable(e).into_response(&[]),
         }
     }
 
@@ -348,6 +391,30 @@ impl Server {
         tokio::task::spawn_blocking(move || topic_available(producer.client(), &topic, Duration::from_secs(2)))
             .await
             .map_err(|e| e.to_string())?
+    }
+}
+
+/// What the broker said of a request's readings.
+#[derive(Default)]
+struct Outcome {
+    /// Indices of the readings it stored.
+    stored: Vec<usize>,
+    /// Where the last one went.
+    last: Option<Delivery>,
+    failure: Option<String>,
+}
+
+impl Outcome {
+    fn settle<Canceled>(&mut self, index: usize, result: Result<OwnedDeliveryResult, Canceled>) {
+        match delivered(result) {
+            Ok(stored) => {
+                self.stored.push(index);
+                self.last = Some(stored);
+            }
+            Err(e) => {
+                self.failure.get_or_insert(e);
+            }
+        }
     }
 }
 

@@ -69,3 +69,51 @@ async fn ten_thousand_readings_produced_and_consumed_back() {
     shutdown.cancel();
     server.await.expect("join").expect("clean exit");
 }
+
+/// A batch at the documented limit on a healthy broker is answered 200, even with one record
+/// per broker batch as the pipeline sends to tansu: readings are handed to the producer as
+/// acknowledgements come back, so none waits out its produce timeout in the local queue.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_at_the_limit_is_stored_whole() {
+    let tansu = Tansu::start().expect("tansu");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let shutdown = CancellationToken::new();
+    let mut args = Args::with_brokers(&tansu.brokers);
+    args.kafka.kafka_options.push(("batch.num.messages".into(), "1".into()));
+    let limit = args.max_batch_readings;
+    let server = tokio::spawn(logging_server::run(args, listener, shutdown.clone()));
+    let mut ready = false;
+    for _ in 0..150 {
+        if http_get(&addr, "/ready").await.is_ok_and(|r| r.status == 200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ready, "logging-server never became ready against tansu");
+    let body: String = (0..limit)
+        .map(|i| {
+            format!(
+                "{{\"city\":\"City {}\",\"temperature\":{}}}\n",
+                i % 10,
+                i as f64 / 100.0
+            )
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let response = weather_testkit::http_request(&addr, "POST", "/logs", body.as_bytes())
+        .await
+        .expect("post");
+    eprintln!("{limit} readings in one POST /logs: {:?}", started.elapsed());
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.json()["count"], limit);
+    let brokers = tansu.brokers.clone();
+    let messages = tokio::task::spawn_blocking(move || consume(&brokers, "weather", limit, Duration::from_secs(120)))
+        .await
+        .expect("join")
+        .expect("consume");
+    assert_eq!(messages.len(), limit, "every reading once");
+    shutdown.cancel();
+    server.await.expect("join").expect("clean exit");
+}
