@@ -165,6 +165,29 @@ async fn pipeline_runs_end_to_end_and_stops_cleanly() {
     assert!(status.contains("last window ends"), "{status}");
     assert!(status.contains("iceberg_sink_last_snapshot_id"), "{status}");
 
+    // PostgreSQL is supervised like the daemons: killed, it is started again on its data.
+    let postmaster = || {
+        descendants(pipeline.child.id()).into_iter().find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with(b"/") && c.windows(3).any(|w| w == b"-D\0"))
+                && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres")
+        })
+    };
+    let killed = postmaster().expect("PostgreSQL runs under the pipeline");
+    Command::new("kill")
+        .args(["-9", &killed.to_string()])
+        .status()
+        .expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let back = postmaster().is_some_and(|pid| pid != killed);
+        if back && connect(&database_url).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "PostgreSQL not restarted");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
     // Ctrl-C at a terminal reaches the whole process group: everything stops cleanly, nothing
     // is left running.
     drop(client);
