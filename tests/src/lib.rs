@@ -305,7 +305,7 @@ impl Tansu {
     /// Starts tansu from `TANSU_BIN`, `PATH` or `~/.cargo/bin`; `.ci/run` installs it.
     pub fn start() -> anyhow::Result<Self> {
         let binary = find_tool("TANSU_BIN", "tansu").context(
-            "tansu not found: cargo install tansu@0.6.0 --locked --no-default-features --features dynostore",
+            "tansu not found: cargo install tansu@0.6.0 --locked --no-default-features --features dynostore,libsql",
         )?;
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");

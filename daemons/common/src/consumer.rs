@@ -63,6 +63,10 @@ pub type Checkpoints = BTreeMap<i32, Checkpoint>;
 /// Identity of one record: its offset, timestamp, key and value, hashed (FNV-1a, 64 bits).
 /// Two logs that both have a record at some offset almost never have the same one there.
 pub fn record_id<M: Message>(message: &M) -> String {
+    format_record_id(message.offset(), record_hash(message))
+}
+
+fn record_hash<M: Message>(message: &M) -> u64 {
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |bytes: &[u8]| {
@@ -75,7 +79,11 @@ pub fn record_id<M: Message>(message: &M) -> String {
     feed(&(message.key().map_or(-1, |k| k.len() as i64)).to_le_bytes());
     feed(message.key().unwrap_or_default());
     feed(message.payload().unwrap_or_default());
-    format!("{}:{hash:016x}", message.offset())
+    hash
+}
+
+fn format_record_id(offset: i64, hash: u64) -> String {
+    format!("{offset}:{hash:016x}")
 }
 
 /// What a daemon does with the readings; [`run`] does the rest.
@@ -271,6 +279,7 @@ pub async fn run<S: Store>(
             metrics,
             partitions,
             read: start,
+            last_read: BTreeMap::new(),
             committed,
             uncommitted: 0,
             first_uncommitted: None,
@@ -301,8 +310,12 @@ struct Worker<'a> {
     dead_letters: &'a DeadLetters,
     metrics: &'a Metrics,
     partitions: i32,
-    /// Position after what was read (applied to the store or dead-lettered).
+    /// Position after what was read (applied to the store or dead-lettered); the identities of
+    /// the last records are in `last_read` until the next commit.
     read: Checkpoints,
+    /// `(offset, hash)` of the last record read per partition since the last commit: formatted
+    /// into `read` only when committing, to keep the per-record path free of allocations.
+    last_read: BTreeMap<i32, (i64, u64)>,
     /// What the store holds.
     committed: Checkpoints,
     uncommitted: usize,
@@ -371,13 +384,11 @@ impl Worker<'_> {
                 tracing::warn!(partition, offset, error = %reason, "record sent to the dead-letter topic");
             }
         }
-        self.read.insert(
-            partition,
-            Checkpoint {
-                next_offset: offset + 1,
-                last_record: Some(record_id(message)),
-            },
-        );
+        self.read
+            .entry(partition)
+            .or_insert_with(|| Checkpoint::start(0))
+            .next_offset = offset + 1;
+        self.last_read.insert(partition, (offset, record_hash(message)));
         self.uncommitted += 1;
         self.first_uncommitted.get_or_insert_with(Instant::now);
         Ok(())
@@ -386,6 +397,11 @@ impl Worker<'_> {
     async fn commit<S: Store>(&mut self, store: &mut S) -> anyhow::Result<()> {
         if self.first_uncommitted.is_none() {
             return Ok(());
+        }
+        for (partition, (offset, hash)) in std::mem::take(&mut self.last_read) {
+            if let Some(checkpoint) = self.read.get_mut(&partition) {
+                checkpoint.last_record = Some(format_record_id(offset, hash));
+            }
         }
         let started = Instant::now();
         let stored = store.commit(&self.read).await?;
