@@ -4,34 +4,33 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use logging_server::Args;
 use rdkafka::Message;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use weather_common::WeatherReading;
 use weather_testkit::{Tansu, consume, http_get};
 
 const READINGS: usize = 10_000;
 
+/// Runs the server in this process and waits until it is ready against the broker.
+async fn start_ready(args: Args) -> (String, CancellationToken, JoinHandle<anyhow::Result<()>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(logging_server::run(args, listener, shutdown.clone()));
+    for _ in 0..150 {
+        if http_get(&addr, "/ready").await.is_ok_and(|r| r.status == 200) {
+            return (addr, shutdown, server);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("logging-server never became ready against tansu");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_thousand_readings_produced_and_consumed_back() {
     let tansu = Tansu::start().expect("tansu");
     // The broker starts empty: the server must create the topic itself.
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(logging_server::run(
-        Args::with_brokers(&tansu.brokers),
-        listener,
-        shutdown.clone(),
-    ));
-    let mut ready = false;
-    for _ in 0..150 {
-        if http_get(&addr, "/ready").await.is_ok_and(|r| r.status == 200) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(ready, "logging-server never became ready against tansu");
+    let (addr, shutdown, server) = start_ready(Args::with_brokers(&tansu.brokers)).await;
 
     let permits = Arc::new(Semaphore::new(32));
     let requests: Vec<_> = (0..READINGS)
@@ -76,22 +75,10 @@ async fn ten_thousand_readings_produced_and_consumed_back() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_at_the_limit_is_stored_whole() {
     let tansu = Tansu::start().expect("tansu");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let shutdown = CancellationToken::new();
     let mut args = Args::with_brokers(&tansu.brokers);
     args.kafka.kafka_options.push(("batch.num.messages".into(), "1".into()));
     let limit = args.max_batch_readings;
-    let server = tokio::spawn(logging_server::run(args, listener, shutdown.clone()));
-    let mut ready = false;
-    for _ in 0..150 {
-        if http_get(&addr, "/ready").await.is_ok_and(|r| r.status == 200) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(ready, "logging-server never became ready against tansu");
+    let (addr, shutdown, server) = start_ready(args).await;
     let body: String = (0..limit)
         .map(|i| {
             format!(

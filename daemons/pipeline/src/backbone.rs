@@ -328,11 +328,11 @@ impl Kafka {
         }
     }
 
-    /// Stops a broker process cleanly (Apache Kafka then needs no log recovery next time).
-    pub async fn stop(self) -> bool {
+    /// The broker process this pipeline supervises, if any.
+    pub fn into_server(self) -> Option<Supervised> {
         match self {
-            Self::Process { server, .. } => server.stop(Duration::from_secs(60)).await,
-            _ => true,
+            Self::Process { server, .. } => Some(server),
+            _ => None,
         }
     }
 }

@@ -329,7 +329,10 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     if let Some(mut trino) = trino {
         supervisor::terminate(&mut trino.child, rustix::process::Signal::TERM, Duration::from_secs(30)).await;
     }
-    clean &= kafka.stop().await;
+    // Stopped cleanly, Apache Kafka needs no log recovery next time.
+    if let Some(broker) = kafka.into_server() {
+        clean &= stop(broker).await;
+    }
     if let Some(mut s3) = local_s3 {
         supervisor::terminate(&mut s3.child, rustix::process::Signal::TERM, Duration::from_secs(30)).await;
     }

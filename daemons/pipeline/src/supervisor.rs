@@ -137,7 +137,9 @@ impl Supervised {
 }
 
 /// Keeps `command`'s child out of the terminal's process group and has the kernel send it
-/// `signal` when the pipeline dies.
+/// `signal` when the pipeline dies. (The kernel watches the thread that forks: children are
+/// started from the main thread and the runtime's worker threads, which live as long as the
+/// pipeline.)
 pub fn tie_to_pipeline(command: &mut Command, signal: Signal) {
     let pipeline = rustix::process::getpid();
     command.process_group(0);
@@ -149,7 +151,7 @@ pub fn tie_to_pipeline(command: &mut Command, signal: Signal) {
             rustix::process::set_parent_process_death_signal(Some(signal))?;
             // The pipeline may have died before the line above: then no signal would come.
             if rustix::process::getppid() != Some(pipeline) {
-                return Err(std::io::Error::other("the pipeline is gone"));
+                return Err(rustix::io::Errno::SRCH.into());
             }
             Ok(())
         });
