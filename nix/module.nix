@@ -19,7 +19,12 @@ let
     listen = mkOption {
       type = types.nullOr types.str;
       default = defaultListen;
-      description = "Address of the daemon's HTTP endpoints (--listen).";
+      description = "Address of the daemon's HTTP endpoints (--listen); loopback unless you open it.";
+    };
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open the port of `listen` in the firewall (give `listen` a non-loopback address too).";
     };
     extraArgs = mkOption {
       type = types.listOf types.str;
@@ -33,9 +38,21 @@ let
     };
   };
 
+  # PostgreSQL's databases and roles exist once postgresql-setup.service (in postgresql.target)
+  # and our ownership step have run, not when postgresql.service is up.
   backboneUnits =
-    lib.optionals cfg.backbone.enable [ "postgresql.service" "apache-kafka.service" ]
+    lib.optionals cfg.backbone.enable [
+      "postgresql.target"
+      "weather-pipeline-database.service"
+      "apache-kafka.service"
+    ]
     ++ lib.optional (cfg.backbone.enable && cfg.backbone.minio) "minio.service";
+
+  # The daemons that talk to Kafka; the others are not given its address.
+  kafkaDaemons = [ "logging-server" "window-aggregator" "iceberg-sink" ];
+  # The daemons that use PostgreSQL run as the dynamic user `weather`, which peer
+  # authentication maps to the role `weather`.
+  databaseDaemons = [ "window-aggregator" "iceberg-sink" "dashboard" ];
 
   unit =
     name: extraEnv:
@@ -49,9 +66,9 @@ let
       after = [ "network-online.target" ] ++ backboneUnits;
       environment =
         {
-          KAFKA_BROKERS = cfg.kafkaBrokers;
           RUST_LOG = "info";
         }
+        // lib.optionalAttrs (lib.elem name kafkaDaemons) { KAFKA_BROKERS = cfg.kafkaBrokers; }
         // lib.optionalAttrs (d.listen != null) { LISTEN = d.listen; }
         // extraEnv
         // d.environment;
@@ -64,6 +81,7 @@ let
         RestartSec = "2s";
         TimeoutStopSec = "90s";
         DynamicUser = true;
+        User = if lib.elem name databaseDaemons then "weather" else "weather-pipeline-${name}";
         # Hardening: the daemons only need the network and their credentials.
         ProtectSystem = "strict";
         ProtectHome = true;
@@ -77,6 +95,10 @@ let
         ProtectClock = true;
         ProtectHostname = true;
         ProtectProc = "invisible";
+        ProcSubset = "pid";
+        PrivateUsers = true;
+        PrivateMounts = true;
+        RemoveIPC = true;
         RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
         RestrictNamespaces = true;
         RestrictRealtime = true;
@@ -84,10 +106,14 @@ let
         LockPersonality = true;
         MemoryDenyWriteExecute = true;
         SystemCallArchitectures = "native";
-        SystemCallFilter = [ "@system-service" "~@privileged" ];
+        SystemCallFilter = [ "@system-service" "~@privileged" "~@resources" ];
+        # A call outside the filter fails with EPERM (and is logged) instead of killing the daemon.
+        SystemCallErrorNumber = "EPERM";
         CapabilityBoundingSet = "";
         AmbientCapabilities = "";
         UMask = "0077";
+        # Every socket and file the daemon holds, with room for a connection cap of a few thousand.
+        LimitNOFILE = 65536;
       };
     };
 in
@@ -128,10 +154,10 @@ in
       '';
     };
 
-    logging-server = daemonOptions "logging-server" "0.0.0.0:9998";
+    logging-server = daemonOptions "logging-server" "127.0.0.1:9998";
     window-aggregator = daemonOptions "window-aggregator" "127.0.0.1:9102";
     iceberg-sink = daemonOptions "iceberg-sink" "127.0.0.1:9101";
-    dashboard = daemonOptions "dashboard" "0.0.0.0:3000";
+    dashboard = daemonOptions "dashboard" "127.0.0.1:3000";
     weather-client = daemonOptions "weather-client" null;
 
     backbone = {
@@ -149,6 +175,17 @@ in
   };
 
   config = lib.mkMerge [
+    {
+      networking.firewall.allowedTCPPorts = lib.concatMap (
+        name:
+        let
+          d = cfg.${name};
+        in
+        lib.optional (d.enable && d.openFirewall && d.listen != null) (
+          lib.toInt (lib.last (lib.splitString ":" d.listen))
+        )
+      ) [ "logging-server" "window-aggregator" "iceberg-sink" "dashboard" ];
+    }
     (mkIf cfg.logging-server.enable {
       systemd.services.weather-pipeline-logging-server = unit "logging-server" { };
     })
@@ -161,12 +198,14 @@ in
       systemd.services.weather-pipeline-dashboard = unit "dashboard" { DATABASE_URL = cfg.databaseUrl; };
     })
     (mkIf cfg.weather-client.enable {
-      systemd.services.weather-pipeline-weather-client =
+      # mkMerge, not //: the unit keeps its own after/wants (network-online.target).
+      systemd.services.weather-pipeline-weather-client = lib.mkMerge [
         (unit "weather-client" { LOGGING_SERVER_URL = "http://127.0.0.1:9998"; })
-        // {
+        {
           after = [ "weather-pipeline-logging-server.service" ];
           wants = [ "weather-pipeline-logging-server.service" ];
-        };
+        }
+      ];
     })
     (mkIf cfg.iceberg-sink.enable {
       systemd.services.weather-pipeline-iceberg-sink = lib.recursiveUpdate
@@ -188,23 +227,35 @@ in
       services.postgresql = {
         enable = true;
         ensureDatabases = [ "weather" "iceberg" ];
+        # Owner of `weather` (so of its `public` schema on PostgreSQL >= 15); `iceberg` below.
         ensureUsers = [
           {
             name = "weather";
+            ensureDBOwnership = true;
           }
         ];
-        # The daemons run as dynamic users: let the local socket trust the `weather` role.
+        # The daemons run as the dynamic user `weather`: peer authentication, no password.
         authentication = ''
-          local weather,iceberg weather trust
+          local weather,iceberg weather peer
         '';
-        initialScript = pkgs.writeText "weather-init.sql" ''
-          ALTER DATABASE weather OWNER TO weather;
-          ALTER DATABASE iceberg OWNER TO weather;
-        '';
+      };
+      # ensureDBOwnership covers only the database named like the role.
+      systemd.services.weather-pipeline-database = {
+        description = "weather-pipeline: the weather role owns the iceberg database";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ "postgresql.target" ];
+        after = [ "postgresql.target" "postgresql-setup.service" ];
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          User = "postgres";
+          ExecStart = "${lib.getExe' config.services.postgresql.package "psql"} -d postgres -v ON_ERROR_STOP=1 -c 'ALTER DATABASE iceberg OWNER TO weather'";
+        };
       };
       services.apache-kafka = {
         enable = true;
-        clusterId = "weather-pipeline-kraft1";
+        # 16 bytes, base64url without padding, as `kafka-storage.sh random-uuid` prints.
+        clusterId = "d2VhdGhlci1waXBlbGluZQ";
         formatLogDirs = true;
         settings = {
           "node.id" = 1;

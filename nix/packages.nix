@@ -14,19 +14,32 @@ let
     "pipeline"
   ];
 
-  # Cargo sources, plus the SQL migrations compiled in with include_str! and the test helpers.
   source = lib.cleanSourceWith {
     inherit src;
-    filter =
-      path: type:
-      (craneLib.filterCargoSources path type)
-      || lib.hasSuffix ".sql" path
-      || lib.hasSuffix ".py" path
-      || lib.hasSuffix "requirements.txt" path;
+    filter = import ./source-filter.nix { inherit lib craneLib; };
+  };
+
+  # rdkafka-sys builds the bundled librdkafka from the vendored, read-only sources with
+  # `cp -a` and `#!/usr/bin/env bash`: nix/patch-rdkafka-sys.sh makes that work in the sandbox
+  # (the same patch is tried outside Nix by scripts/check-nix-build).
+  cargoVendorDir = craneLib.vendorCargoDeps {
+    src = source;
+    overrideVendorCargoPackage =
+      p: drv:
+      if p.name == "rdkafka-sys" then
+        drv.overrideAttrs (old: {
+          nativeBuildInputs = (old.nativeBuildInputs or [ ]) ++ [ pkgs.python3 ];
+          postInstall = (old.postInstall or "") + ''
+            sh ${./patch-rdkafka-sys.sh} "$out"
+          '';
+        })
+      else
+        drv;
   };
 
   commonArgs = {
     src = source;
+    inherit cargoVendorDir;
     strictDeps = true;
     # librdkafka is built from rdkafka-sys's bundled sources.
     nativeBuildInputs = with pkgs; [ pkg-config perl python3 ];

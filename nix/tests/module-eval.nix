@@ -1,0 +1,149 @@
+# Evaluates nix/module.nix with lib.evalModules alone, without nixpkgs' packages or NixOS: the
+# NixOS options the module sets are declared here with the names and types nixpkgs gives them,
+# and no freeform types, so a misspelt option fails. scripts/check-nix-module renders the
+# systemd units of each scenario below and checks them.
+#   nix eval --json --impure --expr 'import nix/tests/module-eval.nix { lib = …; }'
+{ lib }:
+let
+  inherit (lib) mkOption types;
+
+  # A stand-in for a package: what lib.getExe and types.package need of one.
+  fakePackage = name: {
+    type = "derivation";
+    inherit name;
+    outPath = "/nix/store/00000000000000000000000000000000-${name}";
+    meta.mainProgram = name;
+  };
+  daemons = [ "logging-server" "weather-client" "window-aggregator" "iceberg-sink" "dashboard" "pipeline" ];
+  self.packages.x86_64-linux = lib.genAttrs daemons fakePackage;
+
+  unitAtom = types.oneOf [ types.bool types.int types.str types.path ];
+
+  # The NixOS options the module touches (nixos/modules/system/boot/systemd.nix, …/firewall.nix,
+  # services/databases/postgresql.nix, services/misc/apache-kafka.nix, services/web-servers/minio.nix).
+  nixosOptions = {
+    options = {
+      systemd.services = mkOption {
+        default = { };
+        type = types.attrsOf (
+          types.submodule {
+            options = {
+              description = mkOption { type = types.str; default = ""; };
+              wantedBy = mkOption { type = types.listOf types.str; default = [ ]; };
+              requiredBy = mkOption { type = types.listOf types.str; default = [ ]; };
+              wants = mkOption { type = types.listOf types.str; default = [ ]; };
+              requires = mkOption { type = types.listOf types.str; default = [ ]; };
+              after = mkOption { type = types.listOf types.str; default = [ ]; };
+              before = mkOption { type = types.listOf types.str; default = [ ]; };
+              environment = mkOption { type = types.attrsOf (types.nullOr unitAtom); default = { }; };
+              path = mkOption { type = types.listOf types.package; default = [ ]; };
+              script = mkOption { type = types.lines; default = ""; };
+              serviceConfig = mkOption {
+                type = types.attrsOf (types.either unitAtom (types.listOf unitAtom));
+                default = { };
+              };
+            };
+          }
+        );
+      };
+      networking.firewall.allowedTCPPorts = mkOption {
+        type = types.listOf types.port;
+        default = [ ];
+      };
+      services.postgresql = {
+        enable = mkOption { type = types.bool; default = false; };
+        package = mkOption { type = types.package; default = fakePackage "postgresql"; };
+        ensureDatabases = mkOption { type = types.listOf types.str; default = [ ]; };
+        ensureUsers = mkOption {
+          default = [ ];
+          type = types.listOf (
+            types.submodule {
+              options = {
+                name = mkOption { type = types.str; };
+                ensureDBOwnership = mkOption { type = types.bool; default = false; };
+                ensureClauses = mkOption { type = types.attrsOf types.bool; default = { }; };
+              };
+            }
+          );
+        };
+        authentication = mkOption { type = types.lines; default = ""; };
+      };
+      services.apache-kafka = {
+        enable = mkOption { type = types.bool; default = false; };
+        clusterId = mkOption { type = types.nullOr types.str; default = null; };
+        formatLogDirs = mkOption { type = types.bool; default = false; };
+        settings = mkOption {
+          type = types.attrsOf (
+            types.nullOr (types.oneOf [ types.bool types.int types.str (types.listOf types.str) ])
+          );
+          default = { };
+        };
+      };
+      services.minio = {
+        enable = mkOption { type = types.bool; default = false; };
+        listenAddress = mkOption { type = types.str; default = ":9000"; };
+      };
+    };
+  };
+
+  module = import ../module.nix { inherit self; };
+
+  evaluate =
+    config:
+    (lib.evalModules {
+      modules = [
+        nixosOptions
+        module
+        { config.services.weather-pipeline = config; }
+      ];
+      specialArgs.pkgs.stdenv.hostPlatform.system = "x86_64-linux";
+    }).config;
+
+  allDaemons = lib.genAttrs [ "logging-server" "weather-client" "window-aggregator" "iceberg-sink" "dashboard" ] (
+    _: { enable = true; }
+  );
+
+  scenarios = {
+    # Each daemon alone, with its defaults.
+    logging-server.logging-server.enable = true;
+    weather-client.weather-client.enable = true;
+    window-aggregator.window-aggregator.enable = true;
+    iceberg-sink.iceberg-sink.enable = true;
+    dashboard.dashboard.enable = true;
+    # Everything on one host with the backbone.
+    backbone = allDaemons // {
+      backbone.enable = true;
+    };
+    # Credentials, extra arguments and environment, exposed listeners.
+    configured = lib.recursiveUpdate allDaemons {
+      s3Endpoint = "http://127.0.0.1:3900";
+      s3CredentialsFile = "/run/secrets/weather-s3";
+      iceberg-sink.extraArgs = [ "--commit-interval" "30s" ];
+      window-aggregator.environment.MAX_CLOCK_SKEW = "30s";
+      logging-server = {
+        listen = "0.0.0.0:9998";
+        openFirewall = true;
+        extraArgs = [ "--max-batch-readings" "5000" ];
+      };
+      dashboard = {
+        listen = "[::]:3000";
+        openFirewall = true;
+      };
+    };
+  };
+in
+lib.mapAttrs (
+  _: scenario:
+  let
+    config = evaluate scenario;
+  in
+  {
+    inherit (config.systemd) services;
+    firewall = config.networking.firewall.allowedTCPPorts;
+    postgresql = {
+      inherit (config.services.postgresql) enable ensureDatabases authentication;
+      ensureUsers = map (u: { inherit (u) name ensureDBOwnership; }) config.services.postgresql.ensureUsers;
+    };
+    kafka = { inherit (config.services.apache-kafka) enable clusterId; };
+  }
+) scenarios
