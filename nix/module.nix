@@ -46,7 +46,94 @@ let
       "weather-pipeline-database.service"
       "apache-kafka.service"
     ]
-    ++ lib.optional (cfg.backbone.enable && cfg.backbone.minio) "minio.service";
+    ++ lib.optional (s3Backbone != null) "weather-pipeline-s3-bucket.service";
+
+  # The S3 server the backbone runs, if any; its generated secrets live in s3State (root, 0700).
+  s3Backbone =
+    if !cfg.backbone.enable then
+      null
+    else if cfg.backbone.minio then
+      "minio"
+    else
+      "garage";
+  s3State = "/var/lib/weather-pipeline-s3";
+
+  # Creates the secrets the S3 server and the sink share, once, readable by root only.
+  s3Secrets = {
+    description = "weather-pipeline: secrets of the backbone's S3 server";
+    requiredBy = [ "${s3Backbone}.service" ];
+    before = [ "${s3Backbone}.service" ];
+    serviceConfig = {
+      Type = "oneshot";
+      RemainAfterExit = true;
+      StateDirectory = baseNameOf s3State;
+      StateDirectoryMode = "0700";
+      UMask = "0077";
+    };
+    script = ''
+      random() { od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'; }
+      cd ${s3State}
+      if [ ! -s server.env ]; then
+        ${
+          if s3Backbone == "minio" then
+            ''
+              printf 'MINIO_ROOT_USER=weather-pipeline\nMINIO_ROOT_PASSWORD=%s\n' "$(random 24)" > server.env
+            ''
+          else
+            ''
+              printf 'GARAGE_RPC_SECRET=%s\n' "$(random 32)" > server.env
+            ''
+        }
+      fi
+    '';
+  };
+
+  # Creates the bucket `warehouse` and a key that may use it, and writes the key for the sink.
+  s3Bucket = {
+    description = "weather-pipeline: the warehouse bucket and the sink's key";
+    wantedBy = [ "multi-user.target" ];
+    requires = [ "${s3Backbone}.service" ];
+    after = [ "${s3Backbone}.service" ];
+    before = [ "weather-pipeline-iceberg-sink.service" ];
+    path = [ pkgs.gawk ];
+    serviceConfig = {
+      Type = "oneshot";
+      RemainAfterExit = true;
+      EnvironmentFile = "${s3State}/server.env";
+      UMask = "0077";
+    };
+    script =
+      if s3Backbone == "minio" then
+        ''
+          export MC_CONFIG_DIR=${s3State}/mc MC_HOST_local="http://$MINIO_ROOT_USER:$MINIO_ROOT_PASSWORD@127.0.0.1:9000"
+          for _ in $(seq 60); do ${lib.getExe' pkgs.minio-client "mc"} ready local >/dev/null 2>&1 && break; sleep 1; done
+          ${lib.getExe' pkgs.minio-client "mc"} mb --ignore-existing local/warehouse
+          printf 'AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\n' "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" > ${s3State}/credentials
+        ''
+      else
+        let
+          garage = "${cfg.backbone.garagePackage}/bin/garage";
+        in
+        ''
+          for _ in $(seq 60); do ${garage} status >/dev/null 2>&1 && break; sleep 1; done
+          node=$(${garage} node id -q | cut -d@ -f1)
+          if ${garage} layout show | grep -q 'No nodes currently have a role'; then
+            ${garage} layout assign -z local -c 1G "$node"
+            ${garage} layout apply --version 1
+          fi
+          ${garage} bucket info warehouse >/dev/null 2>&1 || ${garage} bucket create warehouse
+          ${garage} key info weather-pipeline-sink >/dev/null 2>&1 || ${garage} key create weather-pipeline-sink
+          ${garage} bucket allow --read --write warehouse --key weather-pipeline-sink
+          ${garage} key info weather-pipeline-sink --show-secret | awk '
+            /Key ID:/ { id = $NF }
+            /Secret key:/ { secret = $NF }
+            END {
+              if (id == "" || secret == "") exit 1
+              printf "AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\n", id, secret
+            }' > ${s3State}/credentials.new
+          mv ${s3State}/credentials.new ${s3State}/credentials
+        '';
+  };
 
   # The daemons that talk to Kafka; the others are not given its address.
   kafkaDaemons = [ "logging-server" "window-aggregator" "iceberg-sink" ];
@@ -141,12 +228,26 @@ in
     };
     s3Endpoint = mkOption {
       type = types.nullOr types.str;
-      default = if cfg.backbone.enable && cfg.backbone.minio then "http://127.0.0.1:9000" else null;
+      default =
+        if s3Backbone == "garage" then
+          "http://127.0.0.1:3900"
+        else if s3Backbone == "minio" then
+          "http://127.0.0.1:9000"
+        else
+          null;
+      defaultText = lib.literalMD "the backbone's S3 server, else null";
       description = "S3 endpoint of an S3-compatible server; null for AWS.";
+    };
+    s3Region = mkOption {
+      type = types.str;
+      default = if s3Backbone == "garage" then "garage" else "us-east-1";
+      defaultText = lib.literalMD "`garage` with the Garage backbone, else `us-east-1`";
+      description = "S3 region of the warehouse.";
     };
     s3CredentialsFile = mkOption {
       type = types.nullOr types.path;
-      default = null;
+      default = if s3Backbone != null then "${s3State}/credentials" else null;
+      defaultText = lib.literalMD "the key the backbone creates for the sink, else null";
       example = "/run/secrets/weather-s3";
       description = ''
         File with AWS_ACCESS_KEY_ID=… and AWS_SECRET_ACCESS_KEY=… lines, handed to iceberg-sink
@@ -161,15 +262,20 @@ in
     weather-client = daemonOptions "weather-client" null;
 
     backbone = {
-      enable = mkEnableOption "PostgreSQL and Apache Kafka (KRaft) from nixpkgs, wired to the daemons";
+      enable = mkEnableOption "PostgreSQL, Apache Kafka (KRaft) and an S3 server (Garage) from nixpkgs, wired to the daemons";
       minio = mkOption {
         type = types.bool;
         default = false;
         description = ''
-          Also run MinIO as the S3 server. nixpkgs marks MinIO insecure; enabling this is the
-          explicit opt-in (and needs it permitted in nixpkgs.config). Otherwise point
-          s3Endpoint at an S3 server of your own (Garage, …).
+          Run MinIO as the S3 server instead of Garage. nixpkgs marks MinIO insecure; enabling
+          this is the explicit opt-in (and needs it permitted in nixpkgs.config).
         '';
+      };
+      garagePackage = mkOption {
+        type = types.package;
+        default = pkgs.garage_2;
+        defaultText = lib.literalExpression "pkgs.garage_2";
+        description = "Garage, the backbone's S3 server (unless `minio`).";
       };
     };
   };
@@ -214,7 +320,10 @@ in
             CATALOG_URL = cfg.catalogUrl;
             WAREHOUSE = cfg.warehouse;
           }
-          // lib.optionalAttrs (cfg.s3Endpoint != null) { S3_ENDPOINT = cfg.s3Endpoint; }
+          // lib.optionalAttrs (cfg.s3Endpoint != null) {
+            S3_ENDPOINT = cfg.s3Endpoint;
+            S3_REGION = cfg.s3Region;
+          }
           // lib.optionalAttrs (cfg.s3CredentialsFile != null) {
             S3_CREDENTIALS_FILE = "%d/s3";
           }
@@ -268,9 +377,30 @@ in
           "log.dirs" = [ "/var/lib/apache-kafka" ];
         };
       };
-      services.minio = mkIf cfg.backbone.minio {
+      systemd.services.weather-pipeline-s3-secrets = s3Secrets;
+      systemd.services.weather-pipeline-s3-bucket = s3Bucket;
+      services.minio = mkIf (s3Backbone == "minio") {
         enable = true;
         listenAddress = "127.0.0.1:9000";
+        consoleAddress = "127.0.0.1:9001";
+        rootCredentialsFile = "${s3State}/server.env";
+      };
+      services.garage = mkIf (s3Backbone == "garage") {
+        enable = true;
+        package = cfg.backbone.garagePackage;
+        # GARAGE_RPC_SECRET, read by systemd (as root) into the server's environment.
+        environmentFile = "${s3State}/server.env";
+        settings = {
+          replication_factor = 1;
+          db_engine = "sqlite";
+          rpc_bind_addr = "127.0.0.1:3901";
+          rpc_public_addr = "127.0.0.1:3901";
+          s3_api = {
+            s3_region = "garage";
+            api_bind_addr = "127.0.0.1:3900";
+            root_domain = ".s3.garage.localhost";
+          };
+        };
       };
     })
   ];

@@ -82,6 +82,15 @@ let
       services.minio = {
         enable = mkOption { type = types.bool; default = false; };
         listenAddress = mkOption { type = types.str; default = ":9000"; };
+        consoleAddress = mkOption { type = types.str; default = ":9001"; };
+        rootCredentialsFile = mkOption { type = types.nullOr types.path; default = null; };
+      };
+      # services/web-servers/garage.nix: `settings` is freeform TOML there too.
+      services.garage = {
+        enable = mkOption { type = types.bool; default = false; };
+        package = mkOption { type = types.package; };
+        environmentFile = mkOption { type = types.nullOr types.path; default = null; };
+        settings = mkOption { type = types.attrsOf types.anything; default = { }; };
       };
     };
   };
@@ -96,7 +105,12 @@ let
         module
         { config.services.weather-pipeline = config; }
       ];
-      specialArgs.pkgs.stdenv.hostPlatform.system = "x86_64-linux";
+      specialArgs.pkgs = {
+        stdenv.hostPlatform.system = "x86_64-linux";
+        garage_2 = fakePackage "garage";
+        minio-client = fakePackage "mc";
+        gawk = fakePackage "gawk";
+      };
     }).config;
 
   allDaemons = lib.genAttrs [ "logging-server" "weather-client" "window-aggregator" "iceberg-sink" "dashboard" ] (
@@ -113,6 +127,13 @@ let
     # Everything on one host with the backbone.
     backbone = allDaemons // {
       backbone.enable = true;
+    };
+    # The backbone with MinIO, the explicit opt-in.
+    minio = allDaemons // {
+      backbone = {
+        enable = true;
+        minio = true;
+      };
     };
     # Credentials, extra arguments and environment, exposed listeners.
     configured = lib.recursiveUpdate allDaemons {
@@ -145,5 +166,7 @@ lib.mapAttrs (
       ensureUsers = map (u: { inherit (u) name ensureDBOwnership; }) config.services.postgresql.ensureUsers;
     };
     kafka = { inherit (config.services.apache-kafka) enable clusterId; };
+    garage = { inherit (config.services.garage) enable environmentFile settings; };
+    minio = { inherit (config.services.minio) enable listenAddress rootCredentialsFile; };
   }
 ) scenarios

@@ -1,5 +1,5 @@
-# NixOS VM test: the module with its backbone; readings sent to the logging-server must arrive
-# as window rows in PostgreSQL and as rows of the Iceberg table.
+# NixOS VM test: the module with its backbone (PostgreSQL, Kafka, Garage); readings sent to the
+# logging-server must arrive as window rows in PostgreSQL and as rows of the Iceberg table.
 { self }:
 {
   name = "weather-pipeline";
@@ -14,17 +14,15 @@
         logging-server.enable = true;
         window-aggregator.enable = true;
         dashboard.enable = true;
-        iceberg-sink = {
-          enable = true;
-          # No S3 server in the VM: a filesystem warehouse the sink's unit may write.
-          environment.WAREHOUSE = "file:///var/lib/weather-warehouse";
-        };
+        # The warehouse is bucket `warehouse` of the backbone's Garage, with the key it made.
+        iceberg-sink.enable = true;
       };
-      systemd.services.weather-pipeline-iceberg-sink.serviceConfig.StateDirectory = "weather-warehouse";
       environment.systemPackages = [ pkgs.curl pkgs.postgresql ];
     };
 
   testScript = ''
+    machine.wait_for_unit("weather-pipeline-s3-bucket.service")
+    machine.succeed("test $(stat -c %a /var/lib/weather-pipeline-s3/credentials) = 600")
     machine.wait_for_unit("weather-pipeline-logging-server.service")
     machine.wait_for_unit("weather-pipeline-window-aggregator.service")
     machine.wait_for_unit("weather-pipeline-iceberg-sink.service")
