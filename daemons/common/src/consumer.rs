@@ -760,33 +760,17 @@ mod tests {
     #[test]
     fn readings_far_ahead_of_their_record_are_refused() {
         let skew = Duration::from_secs(60);
+        let stamped_at = |ts: &str| {
+            let payload = format!(r#"{{"city":"Boston","temperature":1.0,"ts":"{ts}"}}"#);
+            reading_of(&record(0, STAMP, &payload), skew)
+        };
         // 2027-01-15T08:00:00Z is STAMP; 59 s ahead passes, 61 s ahead does not.
-        let ok = record(
-            0,
-            STAMP,
-            r#"{"city":"Boston","temperature":1.0,"ts":"2027-01-15T08:00:59.000Z"}"#,
-        );
-        assert!(reading_of(&ok, skew).is_ok());
-        let ahead = record(
-            0,
-            STAMP,
-            r#"{"city":"Boston","temperature":1.0,"ts":"2027-01-15T08:01:01.000Z"}"#,
-        );
-        let reason = reading_of(&ahead, skew).expect_err("ahead");
+        assert!(stamped_at("2027-01-15T08:00:59.000Z").is_ok());
+        let reason = stamped_at("2027-01-15T08:01:01.000Z").expect_err("ahead");
         assert!(reason.contains("more than 1m ahead"), "{reason}");
-        let future = record(
-            0,
-            STAMP,
-            r#"{"city":"Boston","temperature":1.0,"ts":"2099-01-01T00:00:00.000Z"}"#,
-        );
-        assert!(reading_of(&future, skew).is_err());
+        assert!(stamped_at("2099-01-01T00:00:00.000Z").is_err());
         // Readings from the past are the windows' business (lateness), not a clock error.
-        let old = record(
-            0,
-            STAMP,
-            r#"{"city":"Boston","temperature":1.0,"ts":"2020-01-01T00:00:00.000Z"}"#,
-        );
-        assert!(reading_of(&old, skew).is_ok());
+        assert!(stamped_at("2020-01-01T00:00:00.000Z").is_ok());
         let bad = record(0, STAMP, r#"{"city":"Boston"}"#);
         assert!(reading_of(&bad, skew).expect_err("bad").contains("temperature"));
     }
