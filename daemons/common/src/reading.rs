@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization;
 
 /// The cities of the original demo: what the client sends by default and the dashboard
 /// always charts.
@@ -46,6 +47,8 @@ pub enum ReadingError {
     CityTooLong(usize),
     #[error("city must not contain control characters")]
     CityControlCharacter,
+    #[error("city must not contain invisible or text-direction characters (found U+{0:04X})")]
+    CityInvisibleCharacter(u32),
     #[error("temperature is required")]
     MissingTemperature,
     #[error("temperature must be a number, got {0:?}")]
@@ -108,9 +111,11 @@ impl WeatherReading {
             return Err(Self::diagnose(json));
         };
         let valid = Self::new(&reading.city, reading.temperature, reading.ts)?;
-        // A trimmed city differs from what the producer sent: that producer is not ours.
+        // The city as validated differs from what the producer sent: that producer is not ours.
         if valid.city != reading.city {
-            return Err(ReadingError::Json("city has surrounding whitespace".into()));
+            return Err(ReadingError::Json(
+                "city is not in normal form (trimmed, Unicode NFC)".into(),
+            ));
         }
         Ok(valid)
     }
@@ -178,9 +183,10 @@ fn number_field(object: &serde_json::Map<String, serde_json::Value>) -> Result<f
     }
 }
 
-/// Trims `raw` and checks it is a usable city name.
+/// Trims `raw`, brings it to Unicode NFC (one spelling per name: "é" typed as one code point
+/// or as "e" and a combining accent) and checks it is a usable city name.
 pub fn validate_city(raw: &str) -> Result<String, ReadingError> {
-    let city = raw.trim();
+    let city: String = raw.trim().nfc().collect();
     if city.is_empty() {
         return Err(ReadingError::EmptyCity);
     }
@@ -191,7 +197,36 @@ pub fn validate_city(raw: &str) -> Result<String, ReadingError> {
     if city.chars().any(char::is_control) {
         return Err(ReadingError::CityControlCharacter);
     }
-    Ok(city.to_owned())
+    if let Some(c) = city.chars().find(|&c| is_invisible(c)) {
+        return Err(ReadingError::CityInvisibleCharacter(c.into()));
+    }
+    Ok(city)
+}
+
+/// Characters that render as nothing or reorder the text around them: a city holding one can
+/// look exactly like another ("Bos\u{200b}ton" shows as "Boston"). Unicode's format characters
+/// (bidi controls, zero-width joiners and spaces, the BOM, tags), fillers, variation selectors
+/// and line and paragraph separators.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x00AD
+            | 0x034F
+            | 0x061C
+            | 0x115F..=0x1160
+            | 0x17B4..=0x17B5
+            | 0x180B..=0x180F
+            | 0x200B..=0x200F
+            | 0x2028..=0x202E
+            | 0x2060..=0x206F
+            | 0x3164
+            | 0xFE00..=0xFE0F
+            | 0xFEFF
+            | 0xFFA0
+            | 0xFFF0..=0xFFFB
+            | 0x1D173..=0x1D17A
+            | 0xE0000..=0xE0FFF
+    )
 }
 
 /// Parses a temperature given as text and checks its range.
@@ -269,6 +304,33 @@ mod tests {
         assert_eq!(validate_city("Bo\u{7}ston"), Err(ReadingError::CityControlCharacter));
         assert_eq!(validate_city(&"é".repeat(255)).map(|c| c.chars().count()), Ok(255));
         assert_eq!(validate_city(&"x".repeat(256)), Err(ReadingError::CityTooLong(256)));
+    }
+
+    #[test]
+    fn cities_that_look_like_others_are_refused_or_normalised() {
+        for (city, code) in [
+            ("Bos\u{200b}ton", 0x200B),
+            ("\u{feff}Boston", 0xFEFF),
+            ("Boston\u{202e}notsoB", 0x202E),
+            ("Bos\u{2066}ton\u{2069}", 0x2066),
+            ("Bost\u{ad}on", 0x00AD),
+            ("Boston\u{e0041}", 0xE0041),
+            ("Bos\u{2028}ton", 0x2028),
+        ] {
+            assert_eq!(
+                validate_city(city),
+                Err(ReadingError::CityInvisibleCharacter(code)),
+                "{city:?}"
+            );
+        }
+        let message = ReadingError::CityInvisibleCharacter(0x200B).to_string();
+        assert!(message.contains("U+200B"), "{message}");
+        // Decomposed and composed spellings are one city.
+        assert_eq!(validate_city("Bogota\u{301}"), Ok("Bogotá".into()));
+        assert_eq!(validate_city("São Paulo"), Ok("São Paulo".into()));
+        // A producer that is not ours sending a decomposed name is caught at the consumers.
+        let decomposed = br#"{"city":"Bogota\u0301","temperature":1.0,"ts":"2027-01-15T08:00:00.000Z"}"#;
+        assert!(WeatherReading::from_json(decomposed).is_err());
     }
 
     #[test]

@@ -95,6 +95,10 @@ async fn invalid_input_gets_400_naming_the_field_and_produces_nothing() {
         ("/log?city=%20%20&temperature=10".into(), "city"),
         (format!("/log?city={long_city}&temperature=10"), "city"),
         ("/log?city=Bos%0Aton&temperature=10".into(), "city"),
+        // Invisible and text-direction characters: "Bos\u{200b}ton" would show as "Boston".
+        ("/log?city=Bos%E2%80%8Bton&temperature=10".into(), "city"),
+        ("/log?city=%EF%BB%BFBoston&temperature=10".into(), "city"),
+        ("/log?city=Boston%E2%80%AE&temperature=10".into(), "city"),
         ("/log?city=A&city=B&temperature=10".into(), "city"),
         ("/log?city=Boston".into(), "temperature"),
         ("/log?city=Boston&temperature=".into(), "temperature"),
