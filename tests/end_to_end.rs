@@ -202,3 +202,25 @@ async fn pipeline_runs_end_to_end_and_stops_cleanly() {
     let alive = still_running(&children, Duration::from_secs(5));
     assert!(alive.is_empty(), "orphans left: {alive:?}");
 }
+
+/// Standalone, no daemon listens beyond this machine unless told to: every `--listen` default
+/// is a loopback address (admin and metrics ports included).
+#[test]
+fn every_listener_defaults_to_loopback() {
+    build_workspace_binaries();
+    for daemon in ["logging-server", "window-aggregator", "iceberg-sink", "dashboard"] {
+        let help = Command::new(workspace_binary(daemon))
+            .arg("--help")
+            .output()
+            .expect("--help");
+        let text = String::from_utf8_lossy(&help.stdout);
+        let listen = text
+            .split("--listen")
+            .nth(1)
+            .and_then(|rest| rest.split("[default: ").nth(1))
+            .and_then(|rest| rest.split(']').next())
+            .unwrap_or_else(|| panic!("{daemon} --help shows no --listen default:\n{text}"));
+        let addr: std::net::SocketAddr = listen.parse().expect("a socket address");
+        assert!(addr.ip().is_loopback(), "{daemon} listens on {addr} by default");
+    }
+}

@@ -32,7 +32,7 @@ use crate::db::{Db, Snapshot};
 #[command(version, about)]
 pub struct Args {
     /// Address to listen on.
-    #[arg(long, env = "LISTEN", default_value = "0.0.0.0:3000")]
+    #[arg(long, env = "LISTEN", default_value = "127.0.0.1:3000")]
     pub listen: SocketAddr,
 
     /// PostgreSQL connection URL.

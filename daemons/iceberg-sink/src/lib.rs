@@ -37,7 +37,7 @@ use crate::table::{CatalogConfig, WeatherTable};
 #[command(version, about)]
 pub struct Args {
     /// Address of the /health and /metrics endpoints.
-    #[arg(long, env = "LISTEN", default_value = "0.0.0.0:9101")]
+    #[arg(long, env = "LISTEN", default_value = "127.0.0.1:9101")]
     pub listen: SocketAddr,
 
     #[command(flatten)]

@@ -39,7 +39,7 @@ use weather_common::{
 #[command(version, about)]
 pub struct Args {
     /// Address to listen on.
-    #[arg(long, env = "LISTEN", default_value = "0.0.0.0:9998")]
+    #[arg(long, env = "LISTEN", default_value = "127.0.0.1:9998")]
     pub listen: SocketAddr,
 
     #[command(flatten)]

@@ -42,7 +42,7 @@ use crate::{
 #[command(version, about)]
 pub struct Args {
     /// Address of the /health and /metrics endpoints.
-    #[arg(long, env = "LISTEN", default_value = "0.0.0.0:9102")]
+    #[arg(long, env = "LISTEN", default_value = "127.0.0.1:9102")]
     pub listen: SocketAddr,
 
     #[command(flatten)]
