@@ -87,14 +87,46 @@ pub fn not_routed(method_allowed: bool) -> Response<Body> {
     }
 }
 
+/// Limits every server applies to its clients, so that slow or many clients cannot hold it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Limits {
+    /// Connections served at once; more are answered 503 and closed.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Time a client has to send a request's headers, and to start its next request on a
+    /// kept-alive connection; then the connection is closed.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Serves HTTP/1 connections from `listener` until `shutdown` is cancelled, then stops
 /// accepting, lets every request already received finish (up to `drain`), and returns.
-pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: CancellationToken, drain: Duration)
-where
+/// Applies `limits` to every connection.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    shutdown: CancellationToken,
+    drain: Duration,
+    limits: &Limits,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -108,18 +140,22 @@ where
             },
             () = shutdown.cancelled() => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(stream));
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let service = hyper::service::service_fn(move |request| {
             let response = handler(request);
             async move { Ok::<_, Infallible>(response.await) }
         });
-        let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);
@@ -127,6 +163,18 @@ where
         () = graceful.shutdown() => tracing::debug!("all connections drained"),
         () = tokio::time::sleep(drain) => tracing::warn!(?drain, "drain timed out, closing the remaining connections"),
     }
+}
+
+/// Answers a connection over the limit with 503 and closes it, without reading its request.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = r#"{"status":"error","message":"too many connections"}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(response.as_bytes())).await;
 }
 
 /// Handler of a consumer daemon's small HTTP port: `/health` and `/metrics`.
@@ -157,11 +205,19 @@ pub async fn spawn_admin(
 ) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let task = tokio::spawn(serve(
-        listener,
-        admin_handler(registry),
-        shutdown,
-        Duration::from_secs(5),
-    ));
+    let limits = Limits {
+        max_connections: 64,
+        ..Limits::default()
+    };
+    let task = tokio::spawn(async move {
+        serve(
+            listener,
+            admin_handler(registry),
+            shutdown,
+            Duration::from_secs(5),
+            &limits,
+        )
+        .await
+    });
     Ok((local, task))
 }

@@ -54,6 +54,9 @@ pub struct Args {
     /// Fallback re-read of the table, for notifications missed while disconnected.
     #[arg(long, env = "POLL_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
+
+    #[command(flatten)]
+    pub limits: http::Limits,
 }
 
 /// The latest snapshot and the fragments pushed to pages.
@@ -110,7 +113,7 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
             async move { app.handle(request).await }
         }
     };
-    http::serve(listener, handler, shutdown, Duration::from_secs(10)).await;
+    http::serve(listener, handler, shutdown, Duration::from_secs(10), &args.limits).await;
     tracing::info!("dashboard stopped");
     Ok(())
 }

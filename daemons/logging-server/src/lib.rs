@@ -64,6 +64,13 @@ pub struct Args {
     /// How long requests in flight at shutdown may take to finish.
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+
+    /// Time a client has to send a request body (POST /log, POST /logs); then 408.
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub body_read_timeout: Duration,
+
+    #[command(flatten)]
+    pub limits: http::Limits,
 }
 
 impl Args {
@@ -89,6 +96,7 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
         topic: args.topic.clone(),
         max_body_bytes: args.max_body_bytes,
         max_batch_readings: args.max_batch_readings,
+        body_read_timeout: args.body_read_timeout,
         broker_ready: AtomicBool::new(false),
         metrics: Metrics::new(),
     });
@@ -102,7 +110,7 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
             async move { server.handle(request).await }
         }
     };
-    http::serve(listener, handler, shutdown, args.drain_timeout).await;
+    http::serve(listener, handler, shutdown, args.drain_timeout, &args.limits).await;
 
     // Every answered request was acknowledged already; this only waits for stray retries.
     let producer = server.producer.clone();
@@ -140,6 +148,7 @@ struct Server {
     topic: String,
     max_body_bytes: usize,
     max_batch_readings: usize,
+    body_read_timeout: Duration,
     broker_ready: AtomicBool,
     metrics: Metrics,
 }
@@ -228,7 +237,16 @@ impl Server {
 
     /// `POST /log` (one JSON object) or `POST /logs` (NDJSON, all or nothing).
     async fn log_body(&self, request: Request<Incoming>, many: bool) -> Response<Body> {
-        let body = match Limited::new(request.into_body(), self.max_body_bytes).collect().await {
+        let collected = tokio::time::timeout(
+            self.body_read_timeout,
+            Limited::new(request.into_body(), self.max_body_bytes).collect(),
+        )
+        .await;
+        let Ok(collected) = collected else {
+            let message = format!("body not received within {:?}", self.body_read_timeout);
+            return http::error(StatusCode::REQUEST_TIMEOUT, message);
+        };
+        let body = match collected {
             Ok(collected) => collected.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 let message = format!("body larger than {} bytes", self.max_body_bytes);

@@ -542,3 +542,95 @@ async fn fuzzed_requests_get_clear_answers_and_only_accepted_readings_are_stored
     }
     server.stop().await;
 }
+
+/// Reads from `stream` until the server closes it (or `limit` passes); what it sent.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    tokio::time::timeout(limit, stream.read_to_end(&mut received))
+        .await
+        .ok()?
+        .ok()?;
+    Some(String::from_utf8_lossy(&received).into_owned())
+}
+
+/// A client trickling its headers (slowloris), an idle connection and a stalled upload are
+/// each closed within their timeout, instead of holding the server for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_and_idle_clients_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let kafka = MockKafka::start(&["weather"]);
+    let mut args = Args::with_brokers(&kafka.brokers());
+    args.limits.header_read_timeout = Duration::from_secs(1);
+    args.body_read_timeout = Duration::from_secs(1);
+    let server = Running::start(args).await;
+    server.wait_ready().await;
+
+    let started = std::time::Instant::now();
+    let mut slow = tokio::net::TcpStream::connect(&server.addr).await.expect("connect");
+    slow.write_all(b"GET /log?city=Bo").await.expect("write");
+    let mut idle = tokio::net::TcpStream::connect(&server.addr).await.expect("connect");
+    let mut upload = tokio::net::TcpStream::connect(&server.addr).await.expect("connect");
+    upload
+        .write_all(b"POST /logs HTTP/1.1\r\nHost: test\r\nContent-Length: 1000\r\n\r\n{\"city\":")
+        .await
+        .expect("write");
+    for _ in 0..3 {
+        // Keep trickling: each byte comes well within a second of the last.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = slow.write_all(b"s").await;
+    }
+    assert!(
+        read_until_closed(&mut slow, Duration::from_secs(5)).await.is_some(),
+        "slowloris closed"
+    );
+    assert!(
+        read_until_closed(&mut idle, Duration::from_secs(5)).await.is_some(),
+        "idle closed"
+    );
+    let answer = read_until_closed(&mut upload, Duration::from_secs(5))
+        .await
+        .expect("upload closed");
+    assert!(answer.starts_with("HTTP/1.1 408"), "stalled upload: {answer}");
+    assert!(started.elapsed() < Duration::from_secs(4), "all within their timeouts");
+
+    // The server still serves.
+    let response = http_get(&server.addr, "/log?city=Boston&temperature=1")
+        .await
+        .expect("request");
+    assert_eq!(response.status, 200, "{}", response.body);
+    server.stop().await;
+}
+
+/// Beyond --max-connections a client is told 503 at once, and served again once others left.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_beyond_the_cap_get_503() {
+    let kafka = MockKafka::start(&["weather"]);
+    let mut args = Args::with_brokers(&kafka.brokers());
+    args.limits.max_connections = 2;
+    let server = Running::start(args).await;
+    server.wait_ready().await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(tokio::net::TcpStream::connect(&server.addr).await.expect("connect"));
+    }
+    // Let the server take both before the third arrives.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut surplus = tokio::net::TcpStream::connect(&server.addr).await.expect("connect");
+    let answer = read_until_closed(&mut surplus, Duration::from_secs(5))
+        .await
+        .expect("answered");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too many connections"), "{answer}");
+    drop(held);
+    let mut served = false;
+    for _ in 0..20 {
+        if http_get(&server.addr, "/health").await.is_ok_and(|r| r.status == 200) {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "served again once the held connections closed");
+    server.stop().await;
+}
