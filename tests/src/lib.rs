@@ -528,6 +528,30 @@ impl Postgres {
         Ok(())
     }
 
+    /// Freezes the postmaster and every backend (SIGSTOP), the way a stalled machine looks to
+    /// clients: connections stay open, nothing is answered.
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        self.signal_all(libc::SIGSTOP)
+    }
+
+    /// Undoes [`Postgres::freeze`].
+    pub fn thaw(&self) -> anyhow::Result<()> {
+        self.signal_all(libc::SIGCONT)
+    }
+
+    fn signal_all(&self, signal: i32) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(self.data.join("postmaster.pid"))?;
+        let postmaster: u32 = text.lines().next().context("empty postmaster.pid")?.trim().parse()?;
+        for pid in std::iter::once(postmaster).chain(descendants(postmaster)) {
+            // SAFETY: kill(2) on processes of the cluster this harness started.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+        Ok(())
+    }
+
     /// The server log, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()

@@ -53,13 +53,25 @@ impl Snapshot {
 pub struct Db {
     url: String,
     client: Mutex<Option<Client>>,
+    /// The longest a read may take, connecting included.
+    timeout: Duration,
+}
+
+/// Why a read gave no rows.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("PostgreSQL did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 impl Db {
-    pub fn new(url: &str) -> Self {
+    pub fn new(url: &str, timeout: Duration) -> Self {
         Self {
             url: url.to_owned(),
             client: Mutex::new(None),
+            timeout,
         }
     }
 
@@ -73,6 +85,10 @@ impl Db {
                 }
             });
             let mut client = client;
+            // The server ends a query that runs too long; a server that does not answer at
+            // all is the caller's timeout.
+            let statement_timeout = format!("SET statement_timeout = {}", self.timeout.as_millis());
+            client.batch_execute(&statement_timeout).await?;
             client.batch_execute("SET TIME ZONE 'UTC'").await?;
             // The dashboard may start before the aggregator: the table must exist to be read.
             weather_common::schema::migrate(&mut client).await?;
@@ -81,12 +97,22 @@ impl Db {
         Ok(guard)
     }
 
-    /// Windows that started within `history` of now, and after `since` if given.
-    pub async fn snapshot(
-        &self,
-        history: Duration,
-        since: Option<DateTime<Utc>>,
-    ) -> Result<Snapshot, tokio_postgres::Error> {
+    /// Windows that started within `history` of now, and after `since` if given; fails after
+    /// the timeout when PostgreSQL does not answer (stopped, frozen, unreachable).
+    pub async fn snapshot(&self, history: Duration, since: Option<DateTime<Utc>>) -> Result<Snapshot, DbError> {
+        match tokio::time::timeout(self.timeout, self.read(history, since)).await {
+            Ok(read) => Ok(read?),
+            Err(_) => {
+                // The connection may be stuck behind the unanswered query: start a new one.
+                if let Ok(mut guard) = self.client.try_lock() {
+                    *guard = None;
+                }
+                Err(DbError::Timeout(self.timeout))
+            }
+        }
+    }
+
+    async fn read(&self, history: Duration, since: Option<DateTime<Utc>>) -> Result<Snapshot, tokio_postgres::Error> {
         let guard = self.client().await?;
         let Some(client) = guard.as_ref() else {
             unreachable!("client() always leaves a client");

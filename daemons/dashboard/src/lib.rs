@@ -55,6 +55,11 @@ pub struct Args {
     #[arg(long, env = "POLL_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
 
+    /// The longest a read of PostgreSQL may take; then the API answers 503 and the page shows
+    /// its data as stale.
+    #[arg(long, env = "QUERY_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub query_timeout: Duration,
+
     #[command(flatten)]
     pub limits: http::Limits,
 }
@@ -92,7 +97,7 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
     tracing::info!(listen = %listener.local_addr()?, "dashboard starting");
     let (latest, _) = watch::channel(Arc::new(Update::new(Snapshot::default())));
     let app = Arc::new(App {
-        db: Db::new(&args.database_url),
+        db: Db::new(&args.database_url, args.query_timeout),
         history: args.history,
         stale_after: args.window * 3,
         latest,

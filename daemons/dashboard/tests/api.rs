@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use common::{database, insert, recent, start_dashboard};
+use common::{database, insert, recent, start_dashboard, start_dashboard_with};
 use weather_testkit::{Postgres, http_get, http_request};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -144,4 +144,47 @@ async fn starts_on_an_empty_database_before_the_aggregator() {
     assert_eq!(response.json(), serde_json::json!({"cities": [], "data": {}}));
     dashboard.shutdown.cancel();
     dashboard.task.await.expect("join").expect("clean exit");
+}
+
+/// A PostgreSQL that stops answering (connections open, nothing said) gives the API a 503
+/// within the query timeout, never a hang, and the page keeps serving its last data; once the
+/// database answers again, so does the API.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_database_gives_a_fast_503() {
+    let postgres = Postgres::start().expect("PostgreSQL");
+    let (url, client) = database(&postgres).await;
+    insert(&client, "Boston", recent(30), 50.0, 1).await;
+    let dashboard = start_dashboard_with(&url, &["--query-timeout", "1s"]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        http_get(&dashboard.addr, "/api/weather").await.expect("api").status,
+        200
+    );
+
+    postgres.freeze().expect("freeze");
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(10), http_get(&dashboard.addr, "/api/weather")).await;
+    let page = tokio::time::timeout(Duration::from_secs(10), http_get(&dashboard.addr, "/")).await;
+    let elapsed = started.elapsed();
+    postgres.thaw().expect("thaw");
+    let answer = answer.expect("the API answered").expect("response");
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    assert!(elapsed < Duration::from_secs(3), "answered in {elapsed:?}");
+    let page = page.expect("the page answered").expect("response");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("Boston"), "the page shows what it had");
+
+    let mut recovered = false;
+    for _ in 0..50 {
+        if http_get(&dashboard.addr, "/api/weather")
+            .await
+            .is_ok_and(|r| r.status == 200)
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(recovered, "the API answers again once PostgreSQL does");
+    drop(client);
 }

@@ -14,9 +14,14 @@ pub struct Running {
 }
 
 pub async fn start_dashboard(database_url: &str) -> Running {
+    start_dashboard_with(database_url, &[]).await
+}
+
+/// [`start_dashboard`] with further flags.
+pub async fn start_dashboard_with(database_url: &str, flags: &[&str]) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
-    let args = <Args as clap::Parser>::parse_from(["dashboard", "--database-url", database_url]);
+    let args = <Args as clap::Parser>::parse_from(["dashboard", "--database-url", database_url].iter().chain(flags));
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(dashboard::run(args, listener, shutdown.clone()));
     Running { addr, shutdown, task }
