@@ -158,6 +158,21 @@ async fn refresh(app: Arc<App>, changed: Arc<Notify>, poll: Duration) {
 
 impl App {
     async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let mut response = self.route(request).await;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            header::HeaderValue::from_static(render::content_security_policy()),
+        );
+        headers.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            header::HeaderValue::from_static("nosniff"),
+        );
+        headers.insert(header::REFERRER_POLICY, header::HeaderValue::from_static("no-referrer"));
+        response
+    }
+
+    async fn route(self: &Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         let path = request.uri().path();
         let label = match path {
             "/" | "/fragments" | "/events" | "/api/weather" | "/api/weather/latest" | "/health" | "/metrics" => path,

@@ -121,6 +121,16 @@ async fn malicious_city_names_render_as_text() {
         "escaped in the page"
     );
     assert!(!page.contains(evil), "never raw");
+    // And were one to slip through, the browser would not run it: only the page's own script
+    // and style, by hash, and nothing sniffed into another type.
+    let response = http_get(&dashboard.addr, "/").await.expect("page");
+    let policy = response.header("content-security-policy").expect("CSP").to_owned();
+    assert!(policy.contains("default-src 'none'"), "{policy}");
+    assert!(policy.contains("script-src 'sha256-"), "{policy}");
+    assert!(!policy.contains("unsafe-inline"), "{policy}");
+    let api = http_get(&dashboard.addr, "/api/weather").await.expect("api");
+    assert_eq!(api.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(api.header("referrer-policy"), Some("no-referrer"));
     let fragments = http_get(&dashboard.addr, "/fragments").await.expect("fragments").json();
     assert!(
         !fragments["charts"].as_str().unwrap_or_default().contains(evil),
