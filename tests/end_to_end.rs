@@ -117,6 +117,53 @@ async fn pipeline_runs_end_to_end_and_stops_cleanly() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
 
+    // The trust boundary: PostgreSQL takes no one without the password, the password is on no
+    // command line, and what holds secrets is the pipeline's own.
+    let password = std::fs::read_to_string(state.path().join("postgres/password")).expect("password file");
+    let password = password.trim();
+    assert!(database_url.contains(password), "the daemons' URL carries the password");
+    for pid in descendants(pipeline.child.id()) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains(password),
+            "pid {pid} has the password on its command line"
+        );
+    }
+    // As root the postgres user may pass through the state directory (its group, no listing).
+    let state_mode = if running_as_root() { 0o710 } else { 0o700 };
+    for (path, mode) in [("", state_mode), ("postgres/password", 0o600), ("state.json", 0o600)] {
+        let meta = std::fs::metadata(state.path().join(path)).expect("exists");
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            mode,
+            "{path}"
+        );
+    }
+    let port = database_url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .expect("port");
+    let psql_as_nobody = |host: &str| {
+        Command::new("runuser")
+            .args([
+                "-u", "nobody", "--", "psql", "-w", "-h", host, "-p", port, "-U", "postgres",
+            ])
+            .args(["-d", "weather", "-c", "SELECT 1"])
+            .env_remove("PGPASSWORD")
+            .output()
+            .expect("runuser psql")
+    };
+    if running_as_root() {
+        let socket = state.path().join("postgres/socket");
+        for host in ["127.0.0.1", socket.to_str().expect("path")] {
+            let output = psql_as_nobody(host);
+            assert!(
+                !output.status.success(),
+                "another OS user connected through {host} without the password"
+            );
+        }
+    }
+
     // The dashboard serves those windows.
     let api = http_get(&dashboard, "/api/weather").await.expect("api").json();
     for (city, count) in &windows {
@@ -201,6 +248,15 @@ async fn pipeline_runs_end_to_end_and_stops_cleanly() {
     assert!(status.success(), "clean shutdown: {status:?}");
     let alive = still_running(&children, Duration::from_secs(5));
     assert!(alive.is_empty(), "orphans left: {alive:?}");
+}
+
+/// Whether this test runs as root (then it can try things as another OS user).
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    })
 }
 
 /// Standalone, no daemon listens beyond this machine unless told to: every `--listen` default

@@ -134,7 +134,24 @@ fn daemon(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
+    // Everything the pipeline and its children write (the database password and the S3 keys,
+    // the warehouse, state.json with the database URL) is for its own OS user only.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     std::fs::create_dir_all(&state_dir)?;
+    // As root, PostgreSQL runs as the postgres user, which must pass through (not list) the
+    // state directory to reach its own.
+    let postgres_user = match args.database_url {
+        Some(_) => None,
+        None => backbone::postgres_user()?,
+    };
+    let mode = match postgres_user {
+        Some((_, gid)) => {
+            std::os::unix::fs::chown(&state_dir, None, Some(gid))?;
+            0o710
+        }
+        None => 0o700,
+    };
+    std::fs::set_permissions(&state_dir, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
     let state_dir = state_dir.canonicalize()?;
     let _lock = lock_state_dir(&state_dir)?;
     let notify_dir = state_dir.join("notify");
@@ -205,17 +222,16 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         let file = s3.credentials_file.display().to_string();
         sink_env.push(("S3_CREDENTIALS_FILE".to_owned(), file));
     }
+    let database_env = ("DATABASE_URL".to_owned(), database_url.clone());
+    // What a person sees of a URL: the local server's password stays in its file.
+    let shown = |url: &str| postgres.as_ref().map_or_else(|| url.to_owned(), |p| p.shown(url));
     let mut specs = vec![
         spec("logging-server", vec!["--listen".into(), logging.clone()], producer_env)?,
+        // The database URLs hold the password: by environment, never on a command line.
         spec(
             "window-aggregator",
-            vec![
-                "--listen".into(),
-                aggregator_admin.clone(),
-                "--database-url".into(),
-                database_url.clone(),
-            ],
-            kafka_env.clone(),
+            vec!["--listen".into(), aggregator_admin.clone()],
+            [kafka_env.clone(), vec![database_env.clone()]].concat(),
         )?,
         spec(
             "iceberg-sink",
@@ -229,13 +245,8 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         )?,
         spec(
             "dashboard",
-            vec![
-                "--listen".into(),
-                dashboard.clone(),
-                "--database-url".into(),
-                database_url.clone(),
-            ],
-            vec![],
+            vec!["--listen".into(), dashboard.clone()],
+            vec![database_env.clone()],
         )?,
     ];
     if !args.no_client {
@@ -303,8 +314,10 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     if failure.is_none() && !shutdown.is_cancelled() {
         runtime::notify_ready();
         eprintln!(
-            "\nweather-pipeline is running (Ctrl-C stops it)\n  dashboard       http://{dashboard}/\n  logging-server  http://{logging}/log?city=Boston&temperature=72.5\n  metrics         http://{logging}/metrics  http://{aggregator_admin}/metrics  http://{sink_admin}/metrics\n  PostgreSQL      {database_url}\n  Iceberg         catalog {catalog_url}, warehouse {warehouse}\n  Kafka           {brokers}\n{}\n",
-            query_hint(&catalog_url, &warehouse, local_s3.as_ref(), trino.as_ref())
+            "\nweather-pipeline is running (Ctrl-C stops it)\n  dashboard       http://{dashboard}/\n  logging-server  http://{logging}/log?city=Boston&temperature=72.5\n  metrics         http://{logging}/metrics  http://{aggregator_admin}/metrics  http://{sink_admin}/metrics\n  PostgreSQL      {}\n  Iceberg         catalog {}, warehouse {warehouse}\n  Kafka           {brokers}\n{}\n",
+            shown(&database_url),
+            shown(&catalog_url),
+            query_hint(&shown(&catalog_url), &warehouse, local_s3.as_ref(), trino.as_ref())
         );
         shutdown.cancelled().await;
     }
