@@ -47,12 +47,14 @@ def main() -> None:
             for g in range(metadata.num_row_groups):
                 for c in range(metadata.num_columns):
                     compressions.add(metadata.row_group(g).column(c).compression)
+    # One grouping for both columns: two group_by calls may list the groups in different orders.
+    per_city = data.group_by("city").aggregate([("city", "count")])
     snapshot = table.current_snapshot()
     found = {
         "rows": data.num_rows,
         "distinct_ts": len(pc.unique(data["ts"])),
         "temperature_sum": pc.sum(data["temperature"]).as_py() if data.num_rows else 0,
-        "per_city": {c: n for c, n in zip(*[data.group_by("city").aggregate([("city", "count")])[k].to_pylist() for k in ("city", "city_count")])},
+        "per_city": dict(zip(per_city["city"].to_pylist(), per_city["city_count"].to_pylist())),
         "format_version": table.format_version,
         "partition_fields": [f"{f.transform}({table.schema().find_field(f.source_id).name})" for f in table.spec().fields],
         "partition_hours": sorted({f["partition"]["ts_hour"] for f in files}),
