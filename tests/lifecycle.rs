@@ -53,12 +53,12 @@ struct Told {
 }
 
 impl Told {
-    /// Stops `load` and adds its ledger; answers other than 200, 503 and a cut connection
-    /// fail the test.
+    /// Stops `load` and adds its final ledger, requests that were in flight included; answers
+    /// other than 200, 503 and a cut connection fail the test.
     async fn add(&mut self, load: Load, run: &str) {
-        let (acknowledged, unacknowledged, unexpected) =
-            load.with(|l| (l.acknowledged.clone(), l.unacknowledged.clone(), l.unexpected.clone()));
-        load.stop().await;
+        let ledger = load.stop().await;
+        let (acknowledged, unacknowledged) = (ledger.acknowledged, ledger.unacknowledged);
+        let unexpected = ledger.unexpected;
         assert!(unexpected.is_empty(), "{run}: unexpected answers {unexpected:?}");
         assert!(!acknowledged.is_empty(), "{run}: the load got answers");
         eprintln!(

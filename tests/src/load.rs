@@ -137,11 +137,13 @@ impl Load {
         f(&self.ledger.lock().expect("ledger"))
     }
 
-    pub async fn stop(self) {
+    /// Stops the clients once their requests in flight are answered; the final ledger.
+    pub async fn stop(self) -> Ledger {
         self.stop.store(true, Ordering::SeqCst);
         for worker in self.workers {
             worker.await.expect("load worker");
         }
+        std::mem::take(&mut *self.ledger.lock().expect("ledger"))
     }
 }
 
