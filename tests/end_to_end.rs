@@ -11,8 +11,8 @@ use std::{
 };
 
 use weather_testkit::{
-    ChildGuard, build_workspace_binaries, connect, descendants, free_port, http_get, metric, pyiceberg_check_with,
-    still_running, workspace_binary,
+    ChildGuard, build_workspace_binaries, connect, descendants, free_port, http_get, is_root, metric,
+    pyiceberg_check_with, still_running, workspace_binary,
 };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -130,7 +130,7 @@ async fn pipeline_runs_end_to_end_and_stops_cleanly() {
         );
     }
     // As root the postgres user may pass through the state directory (its group, no listing).
-    let state_mode = if running_as_root() { 0o710 } else { 0o700 };
+    let state_mode = if is_root() { 0o710 } else { 0o700 };
     for (path, mode) in [("", state_mode), ("postgres/password", 0o600), ("state.json", 0o600)] {
         let meta = std::fs::metadata(state.path().join(path)).expect("exists");
         assert_eq!(
@@ -153,7 +153,7 @@ async fn pipeline_runs_end_to_end_and_stops_cleanly() {
             .output()
             .expect("runuser psql")
     };
-    if running_as_root() {
+    if is_root() {
         let socket = state.path().join("postgres/socket");
         for host in ["127.0.0.1", socket.to_str().expect("path")] {
             let output = psql_as_nobody(host);
@@ -182,10 +182,7 @@ async fn pipeline_runs_end_to_end_and_stops_cleanly() {
         })
     };
     let crashed = aggregator().expect("window-aggregator runs");
-    Command::new("kill")
-        .args(["-9", &crashed.to_string()])
-        .status()
-        .expect("kill");
+    kill_9(crashed);
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         let output = Command::new(workspace_binary("pipeline"))
@@ -221,10 +218,7 @@ async fn pipeline_runs_end_to_end_and_stops_cleanly() {
         })
     };
     let killed = postmaster().expect("PostgreSQL runs under the pipeline");
-    Command::new("kill")
-        .args(["-9", &killed.to_string()])
-        .status()
-        .expect("kill");
+    kill_9(killed);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let back = postmaster().is_some_and(|pid| pid != killed);
@@ -250,13 +244,13 @@ async fn pipeline_runs_end_to_end_and_stops_cleanly() {
     assert!(alive.is_empty(), "orphans left: {alive:?}");
 }
 
-/// Whether this test runs as root (then it can try things as another OS user).
-fn running_as_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-    })
+/// SIGKILL to `pid`, as `kill -9` from a shell.
+fn kill_9(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -9 {pid}");
 }
 
 /// Standalone, no daemon listens beyond this machine unless told to: every `--listen` default

@@ -608,7 +608,8 @@ fn postgres_bin_dir() -> Option<PathBuf> {
         .or_else(|| find_tool("INITDB", "initdb").and_then(|p| p.parent().map(Path::to_path_buf)))
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     #[allow(unsafe_code)]
     unsafe {

@@ -206,10 +206,6 @@ impl Aggregator {
         self.deltas.len()
     }
 
-    pub fn has_pending(&self) -> bool {
-        !self.deltas.is_empty() || !self.dirty.is_empty()
-    }
-
     /// Takes what changed since the last batch.
     pub fn take_batch(&mut self) -> Batch {
         let deltas = self
