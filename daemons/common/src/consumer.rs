@@ -26,6 +26,7 @@ use prometheus_client::{
 use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer},
+    error::{KafkaError, RDKafkaErrorCode},
     message::BorrowedMessage,
 };
 use tokio_util::sync::CancellationToken;
@@ -502,8 +503,14 @@ pub struct Positioned {
 ///
 /// The log is the checkpoint's when the record before the checkpoint's offset is the very
 /// record the checkpoint names. It is another log when the partition ends before that offset
-/// (logs do not shrink) or holds a different record there. When the record cannot be read
-/// (deleted by retention, or within a batch the broker will not split), the offset is trusted.
+/// (logs do not shrink) or holds a different record there. When the record is gone (deleted by
+/// retention) while the log goes on past it, the offset is trusted.
+///
+/// The high watermark is not used to judge: some brokers (tansu 0.6) report the start of the
+/// last batch plus one. Nor is the checkpoint's offset fetched directly: such brokers answer a
+/// fetch with the first *batch* starting at or after the offset asked for, which would skip
+/// the rest of a batch the last commit ended inside. The consumer is assigned where the record
+/// before the checkpoint was found instead, and drops what it reads below the checkpoint.
 pub fn position<C: Consumer>(
     kafka: &KafkaArgs,
     consumer: &C,
@@ -513,53 +520,51 @@ pub fn position<C: Consumer>(
 ) -> anyhow::Result<Positioned> {
     let timeout = Duration::from_secs(10);
     let mut start = Checkpoints::new();
+    let mut fetch_from = BTreeMap::new();
     let mut restarted = Vec::new();
     let mut reasons = Vec::new();
-    let mut to_verify = Vec::new();
     for partition in 0..partitions {
         let Some(checkpoint) = committed.get(&partition).filter(|c| c.next_offset > 0) else {
             start.insert(partition, Checkpoint::start(0));
             continue;
         };
-        let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+        let (low, _) = consumer.fetch_watermarks(topic, partition, timeout)?;
         let next = checkpoint.next_offset;
-        if high < next {
-            reasons.push(format!(
-                "partition {partition} ends at {high}, before the stored offset {next}"
-            ));
-            restarted.push((partition, low));
+        if next <= low {
+            if next < low {
+                tracing::error!(
+                    topic,
+                    partition,
+                    stored = next,
+                    log_start = low,
+                    lost = low - next,
+                    "records were deleted by retention before they were consumed"
+                );
+            }
+            start.insert(partition, checkpoint.clone());
             continue;
         }
-        if next < low {
-            tracing::error!(
-                topic,
-                partition,
-                stored = next,
-                log_start = low,
-                lost = low - next,
-                "records were deleted by retention before they were consumed"
-            );
-        } else if let Some(id) = &checkpoint.last_record {
-            to_verify.push((partition, next - 1, id.clone()));
-        }
-        start.insert(partition, checkpoint.clone());
-    }
-    for (partition, found) in records_at(kafka, topic, &to_verify, timeout)? {
-        if let Some((_, offset, expected)) = to_verify.iter().find(|(p, ..)| *p == partition) {
-            match found {
-                Some(id) if &id != expected => {
+        match locate(kafka, topic, partition, next - 1, low)? {
+            Located::Found { from, id } => match &checkpoint.last_record {
+                Some(expected) if &id != expected => {
                     reasons.push(format!(
-                        "partition {partition} holds another record at offset {offset} ({id}, stored {expected})"
+                        "partition {partition} holds another record at offset {} ({id}, stored {expected})",
+                        next - 1
                     ));
-                    let (low, _) = consumer.fetch_watermarks(topic, partition, timeout)?;
                     restarted.push((partition, low));
                 }
-                Some(_) => {}
-                None => tracing::debug!(
-                    partition,
-                    offset,
-                    "record not readable alone; trusting the stored offset"
-                ),
+                _ => {
+                    fetch_from.insert(partition, from);
+                    start.insert(partition, checkpoint.clone());
+                }
+            },
+            Located::Missing => {
+                tracing::debug!(partition, offset = next - 1, "record gone; trusting the stored offset");
+                start.insert(partition, checkpoint.clone());
+            }
+            Located::LogEndsBefore => {
+                reasons.push(format!("partition {partition} ends before the stored offset {next}"));
+                restarted.push((partition, low));
             }
         }
     }
@@ -576,7 +581,8 @@ pub fn position<C: Consumer>(
     }
     let mut assignment = TopicPartitionList::new();
     for (&partition, checkpoint) in &start {
-        assignment.add_partition_offset(topic, partition, Offset::Offset(checkpoint.next_offset))?;
+        let from = fetch_from.get(&partition).copied().unwrap_or(checkpoint.next_offset);
+        assignment.add_partition_offset(topic, partition, Offset::Offset(from))?;
     }
     let current = consumer.assignment()?;
     let unchanged = current.count() == start.len() && start.keys().all(|&p| current.find_partition(topic, p).is_some());
@@ -594,49 +600,106 @@ pub fn position<C: Consumer>(
     Ok(Positioned { start, restarted })
 }
 
-/// Reads the record at each `(partition, offset)` with a consumer of its own: its
-/// [`record_id`], or `None` when the first record the broker returns lies past that offset.
-fn records_at(
-    kafka: &KafkaArgs,
-    topic: &str,
-    wanted: &[(i32, i64, String)],
-    timeout: Duration,
-) -> anyhow::Result<Vec<(i32, Option<String>)>> {
-    if wanted.is_empty() {
-        return Ok(Vec::new());
-    }
+/// What [`locate`] found at an offset.
+#[derive(Debug, PartialEq, Eq)]
+enum Located {
+    /// A fetch from `from` returns the record, whose [`record_id`] is `id`.
+    Found { from: i64, id: String },
+    /// The partition goes on past the offset, but holds no record there (retention).
+    Missing,
+    /// The partition ends before the offset.
+    LogEndsBefore,
+}
+
+/// Finds the record at `offset` of `partition` with a consumer of its own, fetching from
+/// `offset` and then from ever further back (down to the log's start `low`) until a fetch
+/// returns records from at or before it: the only way to reach a record inside a batch on
+/// brokers that serve whole batches only.
+fn locate(kafka: &KafkaArgs, topic: &str, partition: i32, offset: i64, low: i64) -> anyhow::Result<Located> {
     let reader: BaseConsumer = kafka
         .client_config()
         .set("group.id", "weather-log-identity")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "error")
         .create()?;
-    let mut assignment = TopicPartitionList::new();
-    for (partition, offset, _) in wanted {
-        assignment.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
-    }
-    reader.assign(&assignment)?;
-    let deadline = Instant::now() + timeout;
-    let mut found: BTreeMap<i32, Option<String>> = BTreeMap::new();
-    while found.len() < wanted.len() {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut back = 0;
+    loop {
+        let from = (offset - back).max(low);
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(topic, partition, Offset::Offset(from))?;
+        reader.assign(&assignment)?;
+        // The first and last offsets this fetch returned, and whether the broker said the log
+        // ends there (or that `from` lies past its end) rather than just falling silent.
+        let (mut first, mut last, mut eof) = (None, None, false);
+        let mut last_heard = Instant::now();
+        while last_heard.elapsed() < Duration::from_secs(2) && Instant::now() < deadline {
+            let Some(polled) = reader.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            last_heard = Instant::now();
+            let message = match polled {
+                Ok(message) => message,
+                Err(KafkaError::PartitionEOF(_)) => {
+                    eof = true;
+                    break;
+                }
+                Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OffsetOutOfRange) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading back the checkpoint's record");
+                    continue;
+                }
+            };
+            if message.partition() != partition || message.offset() < from {
+                continue;
+            }
+            let first = *first.get_or_insert(message.offset());
+            last = Some(message.offset());
+            if first > offset {
+                break;
+            }
+            if message.offset() == offset {
+                return Ok(Located::Found {
+                    from,
+                    id: record_id(&message),
+                });
+            }
+            if message.offset() > offset {
+                return Ok(Located::Missing); // A gap in the log where the record was.
+            }
+        }
+        // The end as the broker reports it: tansu's lies inside its last batch, so having read
+        // a record at or past it means having read that whole batch too.
+        let (_, high) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+        match (first, last) {
+            (Some(first), Some(last)) if first <= offset => {
+                anyhow::ensure!(
+                    eof || last + 1 >= high,
+                    "could not read partition {partition} of {topic} up to offset {offset}: the broker fell silent at \
+                     offset {last}, before its end {high}"
+                );
+                return Ok(Located::LogEndsBefore);
+            }
+            (Some(_), _) if from == low => return Ok(Located::Missing),
+            (None, _) if from == low => {
+                anyhow::ensure!(
+                    eof || high <= low,
+                    "could not read partition {partition} of {topic} from its start {low}"
+                );
+                return Ok(Located::LogEndsBefore);
+            }
+            // Nothing from `from` on, or only later records: the batch holding the offset, if
+            // any, starts further back.
+            _ => {}
+        }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "could not read the records the stored offsets name within {timeout:?}"
+            "could not read partition {partition} of {topic} up to offset {offset} within 30 s"
         );
-        let Some(message) = reader.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        let message = message?;
-        let Some((_, offset, _)) = wanted.iter().find(|(p, ..)| *p == message.partition()) else {
-            continue;
-        };
-        if message.offset() >= *offset {
-            found
-                .entry(message.partition())
-                .or_insert_with(|| (message.offset() == *offset).then(|| record_id(&message)));
-        }
+        back = if back == 0 { 64 } else { back * 8 };
     }
-    Ok(found.into_iter().collect())
 }
 
 /// Partition count of `topic`, once the broker answers and the topic exists (the topics in

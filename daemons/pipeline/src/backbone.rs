@@ -330,7 +330,6 @@ pub enum Kafka {
     Process {
         brokers: String,
         server: Supervised,
-        tansu: bool,
     },
     /// librdkafka's mock cluster inside this process: in memory, gone when the pipeline stops.
     Embedded(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
@@ -359,11 +358,7 @@ impl Kafka {
             let (brokers, spec) = crate::apache_kafka::prepare(&bin, suffix, dir).await?;
             let server = Supervised::start(spec, notify_dir, Duration::from_secs(120)).await?;
             tracing::info!(%brokers, "Apache Kafka (KRaft) started, its log in {}", dir.display());
-            return Ok(Self::Process {
-                brokers,
-                server,
-                tansu: false,
-            });
+            return Ok(Self::Process { brokers, server });
         }
         let Some(tansu) = on_path("tansu") else {
             bail!(
@@ -392,29 +387,13 @@ impl Kafka {
             .await
             .with_context(|| format!("tansu needs its SQLite storage: {TANSU_INSTALL}"))?;
         tracing::info!(%brokers, "tansu started, its log in {}", dir.join("tansu.db").display());
-        Ok(Self::Process {
-            brokers,
-            server,
-            tansu: true,
-        })
+        Ok(Self::Process { brokers, server })
     }
 
     pub fn brokers(&self) -> String {
         match self {
             Self::External(brokers) | Self::Process { brokers, .. } => brokers.clone(),
             Self::Embedded(cluster) => cluster.bootstrap_servers(),
-        }
-    }
-
-    /// librdkafka properties the producers need for this broker. tansu 0.6 answers a fetch
-    /// with the first record batch that starts at or after the offset asked for, and gives the
-    /// start of the last batch plus one as the log end: with batches of several records, a
-    /// consumer resuming inside one would skip the rest of it, or take the log for one that
-    /// started over. One record per batch makes both exact.
-    pub fn producer_options(&self) -> &'static [&'static str] {
-        match self {
-            Self::Process { tansu: true, .. } => &["batch.num.messages=1"],
-            _ => &[],
         }
     }
 

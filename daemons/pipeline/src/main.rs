@@ -206,10 +206,6 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     let spec = |name: &'static str, args: Vec<String>, env: Vec<(String, String)>| -> anyhow::Result<Spec> {
         Ok(Spec::daemon(name, daemon(name)?, args, env))
     };
-    let mut producer_env = kafka_env.clone();
-    if !kafka.producer_options().is_empty() {
-        producer_env.push(("KAFKA_OPTIONS".to_owned(), kafka.producer_options().join(",")));
-    }
     let mut sink_env = kafka_env.clone();
     sink_env.extend([
         ("CATALOG_URL".to_owned(), catalog_url.clone()),
@@ -226,7 +222,11 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     // What a person sees of a URL: the local server's password stays in its file.
     let shown = |url: &str| postgres.as_ref().map_or_else(|| url.to_owned(), |p| p.shown(url));
     let mut specs = vec![
-        spec("logging-server", vec!["--listen".into(), logging.clone()], producer_env)?,
+        spec(
+            "logging-server",
+            vec!["--listen".into(), logging.clone()],
+            kafka_env.clone(),
+        )?,
         // The database URLs hold the password: by environment, never on a command line.
         spec(
             "window-aggregator",
