@@ -52,11 +52,20 @@ impl KafkaArgs {
 
     /// Base client configuration: brokers, then the operator's overrides.
     pub fn client_config(&self) -> ClientConfig {
+        self.client_config_with(&[])
+    }
+
+    /// Base client configuration with a daemon's own `defaults`, which the operator's
+    /// `--kafka-option`s override.
+    pub fn client_config_with(&self, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.kafka_brokers);
         // librdkafka backs off up to 10 s between reconnects; a broker that is back should be
         // used within a second (the logging-server answers 503 until then).
         config.set("reconnect.backoff.max.ms", "1000");
+        for (key, value) in defaults {
+            config.set(*key, *value);
+        }
         for (key, value) in &self.kafka_options {
             config.set(key, value);
         }

@@ -61,6 +61,12 @@ pub struct Args {
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 16 << 20)]
     pub max_body_bytes: usize,
 
+    /// Largest single reading: a `POST /log` body, or one line of `POST /logs`, in bytes.
+    /// `POST /logs` is read line by line, so a request holds at most one line of this size
+    /// plus the readings parsed so far (at most `--max-batch-readings`).
+    #[arg(long, env = "MAX_READING_BYTES", default_value_t = 64 << 10)]
+    pub max_reading_bytes: usize,
+
     /// How long requests in flight at shutdown may take to finish.
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -82,19 +88,24 @@ impl Args {
 
 /// Serves `listener` until `shutdown` is cancelled; every request accepted by then is answered.
 pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let message_timeout = args.produce_timeout.as_millis().to_string();
     let producer: FutureProducer = args
         .kafka
-        .client_config()
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "2")
-        .set("message.timeout.ms", args.produce_timeout.as_millis().to_string())
+        .client_config_with(&[
+            ("acks", "all"),
+            ("enable.idempotence", "true"),
+            // No linger: a lone request is sent at once. Under load, readings that arrive while
+            // a produce request is in flight go out together in the next one.
+            ("linger.ms", "0"),
+            ("message.timeout.ms", &message_timeout),
+        ])
         .create()
         .context("creating the Kafka producer")?;
     let server = Arc::new(Server {
         producer,
         topic: args.topic.clone(),
         max_body_bytes: args.max_body_bytes,
+        max_reading_bytes: args.max_reading_bytes,
         max_batch_readings: args.max_batch_readings,
         body_read_timeout: args.body_read_timeout,
         broker_ready: AtomicBool::new(false),
@@ -147,10 +158,24 @@ struct Server {
     producer: FutureProducer,
     topic: String,
     max_body_bytes: usize,
+    max_reading_bytes: usize,
     max_batch_readings: usize,
     body_read_timeout: Duration,
     broker_ready: AtomicBool,
     metrics: Metrics,
+}
+
+/// A `POST /logs` body as read so far.
+struct Batch {
+    /// Receipt time, for readings without `ts`.
+    ts: chrono::DateTime<chrono::Utc>,
+    readings: Vec<WeatherReading>,
+    /// The request line (1-based) of each reading.
+    lines: Vec<usize>,
+    /// The line being received.
+    line: Vec<u8>,
+    /// Lines completed so far.
+    number: usize,
 }
 
 /// Why readings were not stored; becomes a non-200 response.
@@ -206,8 +231,8 @@ impl Server {
         let route = Route::of(request.uri().path());
         let response = match (request.method(), route) {
             (&Method::GET, Route::Log) => self.log_query(request.uri().query().unwrap_or("")).await,
-            (&Method::POST, Route::Log) => self.log_body(request, false).await,
-            (&Method::POST, Route::Logs) => self.log_body(request, true).await,
+            (&Method::POST, Route::Log) => self.log_body(request).await,
+            (&Method::POST, Route::Logs) => self.log_lines(request).await,
             (&Method::GET, Route::Health) => http::health(),
             (&Method::GET, Route::Ready) => self.ready().await,
             (&Method::GET, Route::Metrics) => http::metrics(&self.metrics.registry),
@@ -235,70 +260,131 @@ impl Server {
         }
     }
 
-    /// `POST /log` (one JSON object) or `POST /logs` (NDJSON, all or nothing).
-    async fn log_body(&self, request: Request<Incoming>, many: bool) -> Response<Body> {
+    /// `POST /log`: one JSON object.
+    async fn log_body(&self, request: Request<Incoming>) -> Response<Body> {
+        let limit = self.max_body_bytes.min(self.max_reading_bytes);
         let collected = tokio::time::timeout(
             self.body_read_timeout,
-            Limited::new(request.into_body(), self.max_body_bytes).collect(),
+            Limited::new(request.into_body(), limit).collect(),
         )
         .await;
         let Ok(collected) = collected else {
-            let message = format!("body not received within {:?}", self.body_read_timeout);
-            return http::error(StatusCode::REQUEST_TIMEOUT, message);
+            return self.body_timeout();
         };
         let body = match collected {
             Ok(collected) => collected.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                let message = format!("body larger than {} bytes", self.max_body_bytes);
-                return http::error(StatusCode::PAYLOAD_TOO_LARGE, message);
+                return http::error(StatusCode::PAYLOAD_TOO_LARGE, format!("body larger than {limit} bytes"));
             }
             Err(e) => return http::error(StatusCode::BAD_REQUEST, format!("reading body: {e}")),
         };
-        let ts = WeatherReading::now();
-        if !many {
-            return match WeatherReading::from_request_json(&body, ts) {
-                Ok(reading) => match self.produce(std::slice::from_ref(&reading)).await {
-                    Ok(stored) => self.logged(&reading, stored),
-                    Err(refused) => refused.into_response(&[]),
+        match WeatherReading::from_request_json(&body, WeatherReading::now()) {
+            Ok(reading) => match self.produce(std::slice::from_ref(&reading)).await {
+                Ok(stored) => self.logged(&reading, stored),
+                Err(refused) => refused.into_response(&[]),
+            },
+            Err(e) => http::error(StatusCode::BAD_REQUEST, e),
+        }
+    }
+
+    fn body_timeout(&self) -> Response<Body> {
+        let message = format!("body not received within {:?}", self.body_read_timeout);
+        http::error(StatusCode::REQUEST_TIMEOUT, message)
+    }
+
+    /// `POST /logs`: NDJSON, all or nothing. Read and parsed line by line as it arrives, so a
+    /// request holds one partial line and the readings so far, never the whole body; every
+    /// line is checked before any reading is produced.
+    async fn log_lines(&self, request: Request<Incoming>) -> Response<Body> {
+        let deadline = tokio::time::Instant::now() + self.body_read_timeout;
+        let mut batch = Batch {
+            ts: WeatherReading::now(),
+            readings: Vec::new(),
+            lines: Vec::new(),
+            line: Vec::new(),
+            number: 0,
+        };
+        let mut body = request.into_body();
+        let mut received = 0;
+        loop {
+            let data = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => return self.body_timeout(),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return http::error(StatusCode::BAD_REQUEST, format!("reading body: {e}")),
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue, // trailers
                 },
-                Err(e) => http::error(StatusCode::BAD_REQUEST, e),
             };
-        }
-        let mut readings = Vec::new();
-        let mut lines = Vec::new();
-        for (index, line) in body.split(|&b| b == b'\n').enumerate() {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
+            received += data.len();
+            if received > self.max_body_bytes {
+                let message = format!("body larger than {} bytes", self.max_body_bytes);
+                return http::error(StatusCode::PAYLOAD_TOO_LARGE, message);
             }
-            match WeatherReading::from_request_json(line, ts) {
-                Ok(reading) => {
-                    readings.push(reading);
-                    lines.push(index + 1);
-                }
-                Err(e) => {
-                    return http::error(StatusCode::BAD_REQUEST, format!("line {}: {e}", index + 1));
+            let mut rest = &data[..];
+            while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+                batch.line.extend_from_slice(&rest[..end]);
+                rest = &rest[end + 1..];
+                if let Err(refused) = self.take_line(&mut batch) {
+                    return refused.into_response(&[]);
                 }
             }
+            batch.line.extend_from_slice(rest);
+            if batch.line.len() > self.max_reading_bytes {
+                let message = format!(
+                    "line {}: longer than {} bytes",
+                    batch.number + 1,
+                    self.max_reading_bytes
+                );
+                return http::error(StatusCode::PAYLOAD_TOO_LARGE, message);
+            }
         }
-        if readings.is_empty() {
+        if !batch.line.is_empty() {
+            if let Err(refused) = self.take_line(&mut batch) {
+                return refused.into_response(&[]);
+            }
+        }
+        if batch.readings.is_empty() {
             return http::error(StatusCode::BAD_REQUEST, "body holds no readings");
         }
-        if readings.len() > self.max_batch_readings {
-            let message = format!(
-                "{} readings in one request; at most {} (split the batch)",
-                readings.len(),
-                self.max_batch_readings
-            );
-            return http::error(StatusCode::PAYLOAD_TOO_LARGE, message);
-        }
-        match self.produce(&readings).await {
+        match self.produce(&batch.readings).await {
             Ok(_) => http::json(
                 StatusCode::OK,
-                &serde_json::json!({"status": "success", "message": "Weather data logged", "count": readings.len()}),
+                &serde_json::json!({"status": "success", "message": "Weather data logged", "count": batch.readings.len()}),
             ),
-            Err(refused) => refused.into_response(&lines),
+            Err(refused) => refused.into_response(&batch.lines),
         }
+    }
+
+    /// Parses the complete line in `batch.line` into the batch, or says why the request fails.
+    fn take_line(&self, batch: &mut Batch) -> Result<(), Refused> {
+        batch.number += 1;
+        let line = batch.line.strip_suffix(b"\r").unwrap_or(&batch.line);
+        if line.len() > self.max_reading_bytes {
+            let message = format!("line {}: longer than {} bytes", batch.number, self.max_reading_bytes);
+            return Err(Refused::new(StatusCode::PAYLOAD_TOO_LARGE, message));
+        }
+        if !line.iter().all(u8::is_ascii_whitespace) {
+            match WeatherReading::from_request_json(line, batch.ts) {
+                Ok(reading) => {
+                    batch.readings.push(reading);
+                    batch.lines.push(batch.number);
+                }
+                Err(e) => {
+                    let message = format!("line {}: {e}", batch.number);
+                    return Err(Refused::new(StatusCode::BAD_REQUEST, message));
+                }
+            }
+            if batch.readings.len() > self.max_batch_readings {
+                let message = format!(
+                    "more than {} readings in one request; at most {} (split the batch)",
+                    self.max_batch_readings, self.max_batch_readings
+                );
+                return Err(Refused::new(StatusCode::PAYLOAD_TOO_LARGE, message));
+            }
+        }
+        batch.line.clear();
+        Ok(())
     }
 
     /// Produces every reading and waits for the broker's acknowledgement of each; returns
