@@ -43,6 +43,9 @@ struct Args {
     /// How long the end-to-end load runs.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     e2e_duration: Duration,
+    /// Run only these parts (http, consumers, end-to-end); all by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Where to write the results table.
     #[arg(long, default_value = "bench/RESULTS.md")]
     output: std::path::PathBuf,
@@ -57,15 +60,26 @@ struct Row {
 async fn main() -> anyhow::Result<()> {
     let args = <Args as clap::Parser>::parse();
     let mut rows = Vec::new();
-    http_benchmarks(&args, &mut rows).await?;
-    consumer_benchmarks(&args, &mut rows).await?;
-    end_to_end::benchmark(&args, &mut rows).await?;
+    let runs = |part: &str| args.only.is_empty() || args.only.iter().any(|p| p == part);
+    if runs("http") {
+        http_benchmarks(&args, &mut rows).await?;
+    }
+    if runs("consumers") {
+        consumer_benchmarks(&args, &mut rows).await?;
+    }
+    if runs("end-to-end") {
+        end_to_end::benchmark(&args, &mut rows).await?;
+    }
 
     let mut table = String::from("| measurement | result |\n| --- | --- |\n");
     for row in &rows {
         writeln!(table, "| {} | {} |", row.what, row.value)?;
     }
     println!("\n{table}");
+    if !args.only.is_empty() {
+        println!("a partial run: {} left as it is", args.output.display());
+        return Ok(());
+    }
     let machine = format!(
         "{} cores, {} MiB memory, {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -83,12 +97,12 @@ async fn main() -> anyhow::Result<()> {
     let report = format!(
         "# Benchmark results\n\nMachine: {machine}. Date: {}.\n\nCommand: `cargo build --release --workspace && cargo run --release -p bench -- --readings {} --duration {} --e2e-rate {} --e2e-duration {}`\n\n\
          HTTP numbers are `GET /log` with broker acknowledgement (`acks=all`, idempotent producer) against a tansu broker \
-         process on the same machine; load generator and server share the two cores. Consumer numbers feed a \
+         process on the same machine, first with its log in SQLite on disk as `pipeline` runs it, then in memory; load generator and server share the two cores. Consumer numbers feed a \
          pre-filled topic on tansu to the daemon binary and time until its commits cover every reading. End-to-end numbers run \
          the four daemons together against tansu, PostgreSQL and moto with default settings while a load generator sends \
          `GET /log` at a fixed rate; each acknowledgement names its Kafka partition and offset and its timestamp, so its \
          Iceberg commit (the sink's committed offsets) and its window (dashboard API, polled every 50 ms) are found exactly. \
-         Reading the table: one connection waits for each acknowledgement in turn, so its rate is bound by the producer's 2 ms linger plus the broker round trip; the consumers spend most of their wall time waiting for tansu's fetches, so readings per CPU-second is their per-core rate; end-to-end times are dominated by the 5 s window plus 2 s allowed lateness (dashboard) and the 10 s commit interval (Iceberg), both defaults.\n\n{table}",
+         Reading the table: one connection waits for each acknowledgement in turn, so its rate is bound by the broker's round trip (the producer does not linger: a lone reading is sent at once, and readings that arrive while a request is in flight share the next one); the consumers spend most of their wall time waiting for tansu's fetches, so readings per CPU-second is their per-core rate; end-to-end times are dominated by the 5 s window plus 2 s allowed lateness (dashboard) and the 10 s commit interval (Iceberg), both defaults.\n\n{table}",
         Utc::now().format("%Y-%m-%d"),
         args.readings,
         humantime::format_duration(args.duration),
@@ -227,12 +241,34 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Res
 }
 
 async fn http_benchmarks(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    let tansu = Tansu::start()?;
+    // The broker `pipeline` runs by default, then the same broker without a disk under it.
+    for (tansu, broker, with_batches) in [
+        (
+            Tansu::start_on_disk()?,
+            "tansu, log in SQLite on disk (`pipeline`'s default)",
+            true,
+        ),
+        (Tansu::start()?, "tansu, log in memory", false),
+    ] {
+        http_benchmark(args, &tansu.brokers, broker, with_batches, rows).await?;
+    }
+    Ok(())
+}
+
+/// `GET /log` at 1, 16 and 64 connections against a logging-server on `brokers`, and
+/// `POST /logs` when `with_batches`.
+async fn http_benchmark(
+    args: &Args,
+    brokers: &str,
+    broker: &str,
+    with_batches: bool,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(logging_server::run(
-        logging_server::Args::with_brokers(&tansu.brokers),
+        logging_server::Args::with_brokers(brokers),
         listener,
         shutdown.clone(),
     ));
@@ -250,35 +286,37 @@ async fn http_benchmarks(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()>
             percentile(&latencies, 0.5).as_secs_f64() * 1e3,
             percentile(&latencies, 0.99).as_secs_f64() * 1e3
         );
-        println!("GET /log, {connections} connections: {line}");
+        println!("GET /log, {connections} connections, {broker}: {line}");
         rows.push(Row {
-            what: format!("logging-server `GET /log`, {connections} connections"),
+            what: format!("logging-server `GET /log`, {connections} connections, {broker}"),
             value: line,
         });
     }
-    let lines = 1000;
-    let body: String = (0..lines)
-        .map(|i| format!("{{\"city\":\"City {}\",\"temperature\":{}.25}}\n", i % 10, i % 100))
-        .collect();
-    let post = Arc::new(
-        format!(
-            "POST /logs HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes(),
-    );
-    let (latencies, errors) = load(&addr, post, 4, args.duration).await?;
-    let rate = (latencies.len() * lines) as f64 / args.duration.as_secs_f64();
-    let line = format!(
-        "{rate:.0} readings/s ({lines} per request), p50 {:.1} ms, p99 {:.1} ms per request, {errors} non-200",
-        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3
-    );
-    println!("POST /logs: {line}");
-    rows.push(Row {
-        what: "logging-server `POST /logs` NDJSON, 4 connections".into(),
-        value: line,
-    });
+    if with_batches {
+        let lines = 1000;
+        let body: String = (0..lines)
+            .map(|i| format!("{{\"city\":\"City {}\",\"temperature\":{}.25}}\n", i % 10, i % 100))
+            .collect();
+        let post = Arc::new(
+            format!(
+                "POST /logs HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        );
+        let (latencies, errors) = load(&addr, post, 4, args.duration).await?;
+        let rate = (latencies.len() * lines) as f64 / args.duration.as_secs_f64();
+        let line = format!(
+            "{rate:.0} readings/s ({lines} per request), p50 {:.1} ms, p99 {:.1} ms per request, {errors} non-200",
+            percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+            percentile(&latencies, 0.99).as_secs_f64() * 1e3
+        );
+        println!("POST /logs, {broker}: {line}");
+        rows.push(Row {
+            what: format!("logging-server `POST /logs` NDJSON, 4 connections, {broker}"),
+            value: line,
+        });
+    }
     shutdown.cancel();
     server.await??;
     Ok(())

@@ -299,11 +299,24 @@ pub fn consume(brokers: &str, topic: &str, count: usize, timeout: Duration) -> a
 pub struct Tansu {
     pub brokers: String,
     _child: ChildGuard,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Tansu {
-    /// Starts tansu from `TANSU_BIN`, `PATH` or `~/.cargo/bin`; `.ci/run` installs it.
+    /// Starts tansu from `TANSU_BIN`, `PATH` or `~/.cargo/bin` with its log in memory;
+    /// `scripts/test` installs it.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with("memory://tansu/", None)
+    }
+
+    /// Starts tansu with its log in SQLite in a private directory, as `pipeline` runs it.
+    pub fn start_on_disk() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("weather-tansu-").tempdir()?;
+        let url = format!("sqlite://{}", dir.path().join("tansu.db").display());
+        Self::start_with(&url, Some(dir))
+    }
+
+    fn start_with(storage: &str, dir: Option<tempfile::TempDir>) -> anyhow::Result<Self> {
         let binary = find_tool("TANSU_BIN", "tansu").context(
             "tansu not found: cargo install tansu@0.6.0 --locked --no-default-features --features dynostore,libsql",
         )?;
@@ -313,13 +326,17 @@ impl Tansu {
             "tansu",
             Command::new(binary)
                 .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-                .args(["--storage-engine", "memory://tansu/"])
+                .args(["--storage-engine", storage])
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null()),
         )?;
         let brokers = format!("127.0.0.1:{port}");
         wait_for_port(&brokers, Duration::from_secs(30))?;
-        Ok(Self { brokers, _child: child })
+        Ok(Self {
+            brokers,
+            _child: child,
+            _dir: dir,
+        })
     }
 }
 
