@@ -312,8 +312,8 @@ impl Tansu {
     /// Starts tansu with its log in SQLite in a private directory, as `pipeline` runs it.
     pub fn start_on_disk() -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("weather-tansu-").tempdir()?;
-        let url = format!("sqlite://{}", dir.path().join("tansu.db").display());
-        Self::start_with(&url, Some(dir))
+        // tansu reads the path relative to its working directory, even one starting with `/`.
+        Self::start_with("sqlite://tansu.db", Some(dir))
     }
 
     fn start_with(storage: &str, dir: Option<tempfile::TempDir>) -> anyhow::Result<Self> {
@@ -322,14 +322,16 @@ impl Tansu {
         )?;
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = ChildGuard::spawn(
-            "tansu",
-            Command::new(binary)
-                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-                .args(["--storage-engine", storage])
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null()),
-        )?;
+        let mut command = Command::new(binary);
+        command
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", storage])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null());
+        if let Some(dir) = &dir {
+            command.current_dir(dir.path());
+        }
+        let child = ChildGuard::spawn("tansu", &mut command)?;
         let brokers = format!("127.0.0.1:{port}");
         wait_for_port(&brokers, Duration::from_secs(30))?;
         Ok(Self {

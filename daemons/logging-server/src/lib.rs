@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -57,6 +57,11 @@ pub struct Args {
     #[arg(long, env = "MAX_BATCH_READINGS", default_value_t = 10_000)]
     pub max_batch_readings: usize,
 
+    /// How long a reading that arrives while other requests are producing waits for more to
+    /// share its produce request with. A request alone never waits; 0 turns batching off.
+    #[arg(long, env = "BATCH_LINGER", default_value = "1ms", value_parser = humantime::parse_duration)]
+    pub batch_linger: Duration,
+
     /// Largest accepted request body (POST /log, POST /logs), in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 16 << 20)]
     pub max_body_bytes: usize,
@@ -89,20 +94,30 @@ impl Args {
 /// Serves `listener` until `shutdown` is cancelled; every request accepted by then is answered.
 pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let message_timeout = args.produce_timeout.as_millis().to_string();
-    let producer: FutureProducer = args
-        .kafka
-        .client_config_with(&[
-            ("acks", "all"),
-            ("enable.idempotence", "true"),
-            // No linger: a lone request is sent at once. Under load, readings that arrive while
-            // a produce request is in flight go out together in the next one.
-            ("linger.ms", "0"),
-            ("message.timeout.ms", &message_timeout),
-        ])
-        .create()
-        .context("creating the Kafka producer")?;
+    let producer = |linger: Duration| -> anyhow::Result<FutureProducer> {
+        let linger = linger.as_secs_f64() * 1e3;
+        args.kafka
+            .client_config_with(&[
+                ("acks", "all"),
+                ("enable.idempotence", "true"),
+                ("linger.ms", &linger.to_string()),
+                ("message.timeout.ms", &message_timeout),
+            ])
+            .create()
+            .context("creating the Kafka producer")
+    };
+    // A request alone is sent at once; requests that arrive while others are producing wait a
+    // moment for company, so that under load a broker round trip carries many readings.
+    let prompt = producer(Duration::ZERO)?;
+    let batching = if args.batch_linger.is_zero() {
+        prompt.clone()
+    } else {
+        producer(args.batch_linger)?
+    };
     let server = Arc::new(Server {
-        producer,
+        prompt,
+        batching,
+        producing: AtomicUsize::new(0),
         topic: args.topic.clone(),
         max_body_bytes: args.max_body_bytes,
         max_reading_bytes: args.max_reading_bytes,
@@ -124,8 +139,8 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
     http::serve(listener, handler, shutdown, args.drain_timeout, &args.limits).await;
 
     // Every answered request was acknowledged already; this only waits for stray retries.
-    let producer = server.producer.clone();
-    tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
+    let producers = [server.prompt.clone(), server.batching.clone()];
+    tokio::task::spawn_blocking(move || producers.iter().try_for_each(|p| p.flush(Duration::from_secs(10))))
         .await?
         .context("flushing the producer")?;
     tracing::info!("logging-server stopped");
@@ -155,7 +170,12 @@ async fn wait_until_ready(server: Arc<Server>, kafka: KafkaArgs, shutdown: Cance
 }
 
 struct Server {
-    producer: FutureProducer,
+    /// Sends at once: for a request while no other is producing.
+    prompt: FutureProducer,
+    /// Lingers `--batch-linger`: for requests while others are producing.
+    batching: FutureProducer,
+    /// Requests producing now.
+    producing: AtomicUsize,
     topic: String,
     max_body_bytes: usize,
     max_reading_bytes: usize,
@@ -163,6 +183,26 @@ struct Server {
     body_read_timeout: Duration,
     broker_ready: AtomicBool,
     metrics: Metrics,
+}
+
+/// One request producing, counted in `Server::producing` while it lives.
+struct Producing<'a> {
+    count: &'a AtomicUsize,
+    /// No other request was producing when this one started.
+    alone: bool,
+}
+
+impl<'a> Producing<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        let alone = count.fetch_add(1, Ordering::Relaxed) == 0;
+        Self { count, alone }
+    }
+}
+
+impl Drop for Producing<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A `POST /logs` body as read so far.
@@ -394,6 +434,8 @@ impl Server {
             return Err(Refused::unavailable("Kafka broker not reachable yet"));
         }
         let started = Instant::now();
+        let producing = Producing::enter(&self.producing);
+        let producer = if producing.alone { &self.prompt } else { &self.batching };
         let mut pending: VecDeque<(usize, DeliveryFuture)> = VecDeque::new();
         let mut outcome = Outcome::default();
         for (index, reading) in readings.iter().enumerate() {
@@ -407,7 +449,7 @@ impl Server {
                 let record = FutureRecord::to(&self.topic)
                     .key(reading.city.as_bytes())
                     .payload(&payload);
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(delivery) => {
                         pending.push_back((index, delivery));
                         break;
@@ -490,7 +532,7 @@ impl Server {
     }
 
     async fn check_broker(&self) -> Result<(), String> {
-        let producer = self.producer.clone();
+        let producer = self.prompt.clone();
         let topic = self.topic.clone();
         tokio::task::spawn_blocking(move || topic_available(producer.client(), &topic, Duration::from_secs(2)))
             .await
