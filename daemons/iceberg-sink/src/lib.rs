@@ -8,6 +8,7 @@
 //! buffered but not committed is simply read again. Before committing, the sink checks the
 //! table's offsets are still the ones it started from, so a second sink cannot double data.
 
+pub mod maintenance;
 pub mod table;
 
 use std::{
@@ -20,7 +21,11 @@ use std::{
 
 use anyhow::Context;
 use prometheus_client::{
-    metrics::{counter::Counter, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 use tokio_util::sync::CancellationToken;
@@ -31,7 +36,10 @@ use weather_common::{
     kafka::{DEAD_LETTER_TOPIC, KafkaArgs, WEATHER_TOPIC},
 };
 
-use crate::table::{CatalogConfig, WeatherTable};
+use crate::{
+    maintenance::{Maintenance, Policy},
+    table::{CatalogConfig, WeatherTable},
+};
 
 #[derive(clap::Parser, Debug, Clone)]
 #[command(version, about)]
@@ -103,6 +111,24 @@ pub struct Args {
     /// Parquet files roll over at about this size, in bytes.
     #[arg(long, env = "TARGET_FILE_SIZE", default_value_t = 128 << 20)]
     pub target_file_size: usize,
+
+    /// How often table maintenance runs (merging manifests, expiring snapshots, deleting the
+    /// files no one needs any more), after a commit; 0 turns it off.
+    #[arg(long, env = "MAINTENANCE_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub maintenance_interval: Duration,
+
+    /// Snapshots older than this are expired (time travel reaches back this far)...
+    #[arg(long, env = "SNAPSHOT_RETENTION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub snapshot_retention: Duration,
+
+    /// ...but the newest this many are always kept.
+    #[arg(long, env = "MIN_SNAPSHOTS", default_value_t = 10)]
+    pub min_snapshots: usize,
+
+    /// Manifests written by appends (one each) are merged into one per hour partition once
+    /// more than this many wait.
+    #[arg(long, env = "MAX_UNMERGED_MANIFESTS", default_value_t = 20)]
+    pub max_unmerged_manifests: usize,
 
     /// A reading whose `ts` lies further ahead of its Kafka record's timestamp is a dead letter.
     #[arg(long, env = "MAX_CLOCK_SKEW", default_value = "1m", value_parser = humantime::parse_duration)]
@@ -181,6 +207,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         committed: Checkpoints::new(),
         buffer: Vec::new(),
         metrics,
+        maintenance: Maintenance::default(),
+        last_maintenance: None,
     };
     let consumed = consumer::run(&args.consumer_config(), &mut sink, &consumed, &shutdown).await;
     shutdown.cancel();
@@ -200,6 +228,69 @@ struct Sink<'a> {
     committed: Checkpoints,
     buffer: Vec<WeatherReading>,
     metrics: Metrics,
+    maintenance: Maintenance,
+    last_maintenance: Option<Instant>,
+}
+
+impl Sink<'_> {
+    fn policy(&self) -> Policy {
+        Policy {
+            snapshot_retention: self.args.snapshot_retention,
+            min_snapshots: self.args.min_snapshots,
+            max_unmerged_manifests: self.args.max_unmerged_manifests,
+        }
+    }
+
+    /// Maintenance when it is due. A failure is logged and retried next time: the appends do
+    /// not depend on it.
+    async fn maintain_if_due(&mut self) {
+        let interval = self.args.maintenance_interval;
+        if interval.is_zero() || self.last_maintenance.is_some_and(|t| t.elapsed() < interval) {
+            return;
+        }
+        self.last_maintenance = Some(Instant::now());
+        let policy = self.policy();
+        let Some(table) = self.table.as_mut() else {
+            return;
+        };
+        let started = Instant::now();
+        match table.maintain(&mut self.maintenance, &policy).await {
+            Ok(report) => {
+                self.metrics.maintenance_runs.inc();
+                self.metrics.expired_snapshots.inc_by(report.expired_snapshots as u64);
+                self.metrics.deleted_files.inc_by(report.deleted_files as u64);
+                if report.merged.is_some() {
+                    self.metrics.manifest_merges.inc();
+                }
+                tracing::info!(
+                    merged = ?report.merged,
+                    expired_snapshots = report.expired_snapshots,
+                    deleted_files = report.deleted_files,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "table maintenance"
+                );
+            }
+            Err(e) => {
+                self.metrics.maintenance_failures.inc();
+                tracing::warn!(error = %format!("{e:#}"), "table maintenance failed; retried next time");
+            }
+        }
+        self.show_shape().await;
+    }
+
+    async fn show_shape(&self) {
+        let Some(table) = self.table.as_ref() else {
+            return;
+        };
+        match table.shape().await {
+            Ok(shape) => {
+                self.metrics.snapshots.set(shape.snapshots as i64);
+                self.metrics.manifests.set(shape.manifests as i64);
+                self.metrics.metadata_bytes.set(shape.metadata_bytes as i64);
+            }
+            Err(e) => tracing::debug!(error = %e, "could not measure the table's metadata"),
+        }
+    }
 }
 
 impl consumer::Store for Sink<'_> {
@@ -254,8 +345,15 @@ impl consumer::Store for Sink<'_> {
             snapshot = ?table.current_snapshot_id(),
             "committed"
         );
+        self.metrics.files_per_commit.observe(file_count as f64);
+        self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
+        if file_count > 0 {
+            self.metrics.bytes_per_file.observe(bytes as f64 / file_count as f64);
+        }
         self.committed = checkpoints.clone();
         self.buffer.clear();
+        self.show_shape().await;
+        self.maintain_if_due().await;
         Ok(true)
     }
 }
@@ -265,6 +363,17 @@ struct Metrics {
     records_written: Counter,
     bytes_written: Counter,
     snapshot_id: Gauge,
+    files_per_commit: Histogram,
+    bytes_per_file: Histogram,
+    commit_duration: Histogram,
+    snapshots: Gauge,
+    manifests: Gauge,
+    metadata_bytes: Gauge,
+    maintenance_runs: Counter,
+    maintenance_failures: Counter,
+    manifest_merges: Counter,
+    expired_snapshots: Counter,
+    deleted_files: Counter,
 }
 
 impl Metrics {
@@ -274,7 +383,77 @@ impl Metrics {
             records_written: Counter::default(),
             bytes_written: Counter::default(),
             snapshot_id: Gauge::default(),
+            files_per_commit: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 64.0]),
+            bytes_per_file: Histogram::new(exponential_buckets(1024.0, 4.0, 10)),
+            commit_duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            snapshots: Gauge::default(),
+            manifests: Gauge::default(),
+            metadata_bytes: Gauge::default(),
+            maintenance_runs: Counter::default(),
+            maintenance_failures: Counter::default(),
+            manifest_merges: Counter::default(),
+            expired_snapshots: Counter::default(),
+            deleted_files: Counter::default(),
         };
+        for (name, help, metric) in [
+            (
+                "table_snapshots",
+                "Snapshots in the table's current metadata",
+                &metrics.snapshots,
+            ),
+            (
+                "table_manifests",
+                "Manifests the current snapshot lists",
+                &metrics.manifests,
+            ),
+            (
+                "table_metadata_bytes",
+                "Size of the current metadata file",
+                &metrics.metadata_bytes,
+            ),
+        ] {
+            registry.register(name, help, metric.clone());
+        }
+        for (name, help, metric) in [
+            (
+                "maintenance_runs",
+                "Table maintenance runs that finished",
+                &metrics.maintenance_runs,
+            ),
+            (
+                "maintenance_failures",
+                "Table maintenance runs that failed",
+                &metrics.maintenance_failures,
+            ),
+            ("manifest_merges", "Manifest merges committed", &metrics.manifest_merges),
+            ("expired_snapshots", "Snapshots expired", &metrics.expired_snapshots),
+            (
+                "deleted_files",
+                "Metadata files deleted by maintenance",
+                &metrics.deleted_files,
+            ),
+        ] {
+            registry.register(name, help, metric.clone());
+        }
+        for (name, help, metric) in [
+            (
+                "files_per_commit",
+                "Parquet files one commit adds",
+                &metrics.files_per_commit,
+            ),
+            (
+                "bytes_per_file",
+                "Average size of the Parquet files of one commit",
+                &metrics.bytes_per_file,
+            ),
+            (
+                "table_commit_duration_seconds",
+                "Writing and committing one snapshot",
+                &metrics.commit_duration,
+            ),
+        ] {
+            registry.register(name, help, metric.clone());
+        }
         registry.register("records_consumed", "Valid readings consumed", metrics.records.clone());
         registry.register(
             "records_written",

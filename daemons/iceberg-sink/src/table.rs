@@ -36,6 +36,8 @@ use weather_common::{
     consumer::{Checkpoint, Checkpoints},
 };
 
+use crate::maintenance::{CatalogRow, Maintenance, Policy, Report};
+
 /// Where the Kafka position is kept: snapshot summary key `kafka.offsets.<topic>`, value a JSON
 /// object of partition → next offset to read, as the Iceberg Kafka Connect sink does.
 pub fn offsets_key(topic: &str) -> String {
@@ -47,6 +49,17 @@ pub fn offsets_key(topic: &str) -> String {
 /// of the record before the offset.
 pub fn records_key(topic: &str) -> String {
     format!("kafka.records.{topic}")
+}
+
+/// Size of the table's metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Snapshots in the current metadata.
+    pub snapshots: usize,
+    /// Manifests the current snapshot lists.
+    pub manifests: usize,
+    /// Size of the current metadata file.
+    pub metadata_bytes: u64,
 }
 
 /// Next offset to read per Kafka partition.
@@ -78,6 +91,8 @@ pub fn schema() -> iceberg::Result<Schema> {
 
 pub struct WeatherTable {
     catalog: Arc<dyn Catalog>,
+    /// The catalog's row for the table, for maintenance commits.
+    row: CatalogRow,
     ident: TableIdent,
     pub table: Table,
     writer_properties: WriterProperties,
@@ -132,6 +147,8 @@ impl WeatherTable {
                 .properties([
                     ("write.format.default".to_owned(), "parquet".to_owned()),
                     ("write.parquet.compression-codec".to_owned(), "zstd".to_owned()),
+                    // Metadata versions listed in each metadata file (maintenance deletes the rest).
+                    ("write.metadata.previous-versions-max".to_owned(), "20".to_owned()),
                 ])
                 .build();
             match catalog.create_table(&namespace, creation).await {
@@ -150,8 +167,10 @@ impl WeatherTable {
         let writer_properties = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .build();
+        let row = CatalogRow::connect(&config.url, &config.name).await?;
         Ok(Self {
             catalog,
+            row,
             ident,
             table,
             writer_properties,
@@ -205,6 +224,34 @@ impl WeatherTable {
             .into_iter()
             .map(|(p, c)| (p, c.next_offset))
             .collect())
+    }
+
+    /// One maintenance run (see [`crate::maintenance`]).
+    pub async fn maintain(&mut self, state: &mut Maintenance, policy: &Policy) -> anyhow::Result<Report> {
+        self.reload().await?;
+        let (table, report) = state
+            .run(self.catalog.as_ref(), &self.row, self.table.clone(), policy)
+            .await?;
+        self.table = table;
+        Ok(report)
+    }
+
+    /// How big the table's metadata is now.
+    pub async fn shape(&self) -> anyhow::Result<Shape> {
+        let metadata = self.table.metadata();
+        let manifests = match metadata.current_snapshot() {
+            Some(snapshot) => self.table.manifest_list_reader(snapshot).load().await?.entries().len(),
+            None => 0,
+        };
+        let metadata_bytes = match self.table.metadata_location() {
+            Some(location) => self.table.file_io().new_input(location)?.metadata().await?.size,
+            None => 0,
+        };
+        Ok(Shape {
+            snapshots: metadata.snapshots().len(),
+            manifests,
+            metadata_bytes,
+        })
     }
 
     pub fn current_snapshot_id(&self) -> Option<i64> {

@@ -15,8 +15,8 @@ use iceberg_sink::table::{CatalogConfig, WeatherTable, offsets_key};
 use rdkafka::Message;
 use weather_common::{WeatherReading, kafka::KafkaArgs, reading::DEMO_CITIES};
 use weather_testkit::{
-    ChildGuard, MockKafka, Postgres, S3Server, Tansu, consume, free_port, produce, produce_readings, produce_with,
-    pyiceberg_check, reading_records,
+    ChildGuard, MockKafka, Postgres, S3Server, Tansu, consume, free_port, http_get, metric, produce, produce_readings,
+    produce_with, pyiceberg_check, reading_records,
 };
 
 struct Harness {
@@ -443,4 +443,65 @@ async fn a_sink_restarted_inside_batches_on_tansu_reads_nothing_twice_and_skips_
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
     assert_eq!(harness.rows().await, expected_rows(&readings), "every reading once");
+}
+
+/// Maintenance after every commit (manifest merges, snapshot expiry, deleting what no retained
+/// snapshot needs) while readings stream in, and the sink killed with kill -9 twice on the way
+/// (with maintenance that often, a kill lands in or next to a maintenance commit): every
+/// reading is in the table exactly once, PyIceberg reads the same, and the metadata stays small.
+#[tokio::test(flavor = "multi_thread")]
+async fn maintenance_keeps_every_reading_exactly_once_and_the_metadata_small() {
+    let harness = Harness::start().await;
+    let (_, readings) = readings(30_000);
+    let args = [
+        "--commit-interval",
+        "100ms",
+        "--max-records",
+        "300",
+        "--maintenance-interval",
+        "1ms",
+        "--max-unmerged-manifests",
+        "4",
+        "--snapshot-retention",
+        "1s",
+        "--min-snapshots",
+        "3",
+    ];
+    for (i, chunk) in readings.chunks(10_000).enumerate() {
+        produce_readings(&harness.brokers(), "weather", chunk).expect("produce");
+        let mut sink = harness.sink(&args);
+        let goal = 10_000 * i as i64 + 3_000;
+        assert!(harness.wait_committed(goal, Duration::from_secs(120)).await >= goal);
+        if i < 2 {
+            sink.kill9();
+            continue;
+        }
+        assert_eq!(harness.wait_committed(30_000, Duration::from_secs(120)).await, 30_000);
+        let metrics = http_get(&harness.admin, "/metrics").await.expect("metrics").body;
+        let value = |name: &str| metric(&metrics, name).unwrap_or(-1.0);
+        eprintln!(
+            "merges {}, expired {}, deleted {}, snapshots {}, manifests {}, metadata {} bytes",
+            value("iceberg_sink_manifest_merges_total"),
+            value("iceberg_sink_expired_snapshots_total"),
+            value("iceberg_sink_deleted_files_total"),
+            value("iceberg_sink_table_snapshots"),
+            value("iceberg_sink_table_manifests"),
+            value("iceberg_sink_table_metadata_bytes"),
+        );
+        assert!(value("iceberg_sink_manifest_merges_total") > 0.0, "{metrics}");
+        assert!(value("iceberg_sink_expired_snapshots_total") > 0.0, "{metrics}");
+        assert!(value("iceberg_sink_deleted_files_total") > 0.0, "{metrics}");
+        assert_eq!(value("iceberg_sink_maintenance_failures_total"), 0.0, "{metrics}");
+        assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
+    }
+    let table = harness.table().await;
+    let shape = table.shape().await.expect("shape");
+    // Three or four hour partitions, one merged manifest each, plus the appends since.
+    assert!(shape.manifests <= 4 + 4, "{shape:?}");
+    assert!(shape.snapshots < 40, "{shape:?}");
+    assert_eq!(harness.rows().await, expected_rows(&readings), "no loss, no duplicate");
+    let found =
+        pyiceberg_check(&harness.catalog_url, "weather", &harness.s3.endpoint, "default.weather").expect("pyiceberg");
+    assert_eq!(found["rows"], 30_000, "{found}");
+    assert_eq!(found["distinct_ts"], 30_000, "{found}");
 }
