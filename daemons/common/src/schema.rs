@@ -8,6 +8,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../../sql/002_aggregator_state.sql"),
     ),
     ("003_log_identity", include_str!("../../../sql/003_log_identity.sql")),
+    (
+        "004_window_retention",
+        include_str!("../../../sql/004_window_retention.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock, so concurrent daemons migrate one at a time.

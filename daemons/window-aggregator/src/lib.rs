@@ -68,6 +68,10 @@ pub struct Args {
     )]
     pub database_url: String,
 
+    /// Windows older than this are deleted from PostgreSQL, a batch at a time; 0 keeps them.
+    #[arg(long, env = "RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+
     /// Length of the tumbling windows.
     #[arg(long, env = "WINDOW", default_value = "5s", value_parser = humantime::parse_duration)]
     pub window: Duration,
@@ -138,6 +142,12 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(%listen, topic = %args.topic, window = ?args.window, "window-aggregator starting");
+    let retention = tokio::spawn(store::enforce_retention(
+        args.database_url.clone(),
+        args.retention,
+        metrics.retention_deleted.clone(),
+        shutdown.clone(),
+    ));
     let mut windows = Windows {
         args: &args,
         store: None,
@@ -148,6 +158,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let consumed = consumer::run(&args.consumer_config(), &mut windows, &consumed, &shutdown).await;
     shutdown.cancel();
     admin.await?;
+    retention.await?;
     consumed?;
     tracing::info!("window-aggregator stopped");
     Ok(())
@@ -284,6 +295,7 @@ struct Metrics {
     records: Family<OutcomeLabel, Counter>,
     window_rows: Counter,
     open_windows: Gauge,
+    retention_deleted: Counter,
 }
 
 impl Metrics {
@@ -292,7 +304,13 @@ impl Metrics {
             records: Family::default(),
             window_rows: Counter::default(),
             open_windows: Gauge::default(),
+            retention_deleted: Counter::default(),
         };
+        registry.register(
+            "retention_deleted_rows",
+            "Window rows deleted for being older than --retention",
+            metrics.retention_deleted.clone(),
+        );
         registry.register(
             "records",
             "Readings consumed, by outcome: windowed, late (merged), dropped_late",

@@ -187,3 +187,69 @@ impl Store {
         Ok(())
     }
 }
+
+/// Rows one retention statement deletes: small enough that no statement holds locks long.
+const RETENTION_BATCH: i64 = 1_000;
+
+/// Deletes window rows older than `retention`, every minute until `shutdown`, in batches of
+/// [`RETENTION_BATCH`] on a connection of its own, so the aggregator's commits never wait
+/// behind a large delete. A zero `retention` keeps every row.
+pub async fn enforce_retention(
+    url: String,
+    retention: std::time::Duration,
+    deleted: prometheus_client::metrics::counter::Counter,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    if retention.is_zero() {
+        return;
+    }
+    let mut client: Option<Client> = None;
+    loop {
+        if client.as_ref().is_none_or(Client::is_closed) {
+            client = match tokio_postgres::connect(&url, NoTls).await {
+                Ok((c, connection)) => {
+                    tokio::spawn(connection);
+                    Some(c)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "retention: PostgreSQL unavailable");
+                    None
+                }
+            };
+        }
+        if let Some(c) = &client {
+            match delete_expired(c, retention).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    deleted.inc_by(n);
+                    tracing::info!(rows = n, "deleted windows older than the retention");
+                }
+                Err(e) => tracing::warn!(error = %e, "retention: deleting old windows failed"),
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+        }
+    }
+}
+
+/// Deletes every window that started more than `retention` ago, a batch per statement.
+pub async fn delete_expired(client: &Client, retention: std::time::Duration) -> Result<u64, tokio_postgres::Error> {
+    let mut total = 0;
+    loop {
+        let n = client
+            .execute(
+                "DELETE FROM weather WHERE ctid IN (
+                     SELECT ctid FROM weather
+                     WHERE window_start < (now() AT TIME ZONE 'UTC') - make_interval(secs => $1)
+                     LIMIT $2)",
+                &[&retention.as_secs_f64(), &RETENTION_BATCH],
+            )
+            .await?;
+        total += n;
+        if n < RETENTION_BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}

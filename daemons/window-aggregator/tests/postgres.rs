@@ -415,3 +415,48 @@ async fn readings_from_the_future_are_dead_letters_and_move_no_watermark() {
         Some(0)
     );
 }
+
+/// Windows older than the retention are deleted in batches; newer ones stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn windows_past_their_retention_are_deleted_in_batches() {
+    let harness = Harness::start().await;
+    // Connecting applies the migrations, the window_start index among them.
+    let _store = window_aggregator::store::Store::connect(&harness.database_url, "weather")
+        .await
+        .expect("store");
+    let client = connect(&harness.database_url).await.expect("connect");
+    client
+        .batch_execute(
+            "INSERT INTO weather (city, avg_temperature, window_start, window_end, record_count)
+             SELECT 'Old ' || i, 1.0, now() - interval '40 days' + i * interval '5 seconds',
+                    now() - interval '40 days' + (i + 1) * interval '5 seconds', 1
+             FROM generate_series(1, 2500) AS i;
+             INSERT INTO weather (city, avg_temperature, window_start, window_end, record_count)
+             SELECT 'New ' || i, 1.0, now() - interval '1 day', now() - interval '1 day' + interval '5 seconds', 1
+             FROM generate_series(1, 10) AS i;",
+        )
+        .await
+        .expect("insert");
+    let index: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'weather_window_start'",
+            &[],
+        )
+        .await
+        .expect("index")
+        .get(0);
+    assert_eq!(index, 1, "the window_start index exists");
+    let deleted = window_aggregator::store::delete_expired(&client, Duration::from_secs(30 * 86_400))
+        .await
+        .expect("delete");
+    assert_eq!(deleted, 2_500);
+    let left: Vec<String> = client
+        .query("SELECT city FROM weather ORDER BY city", &[])
+        .await
+        .expect("select")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left.len(), 10, "{left:?}");
+    assert!(left.iter().all(|c| c.starts_with("New")), "{left:?}");
+}
