@@ -15,6 +15,7 @@ use std::{
 };
 
 mod end_to_end;
+mod soak;
 
 use anyhow::Context;
 use chrono::{TimeDelta, Utc};
@@ -43,7 +44,16 @@ struct Args {
     /// How long the end-to-end load runs.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     e2e_duration: Duration,
-    /// Run only these parts (http, consumers, end-to-end); all by default.
+    /// Commits the soak benchmark makes.
+    #[arg(long, default_value_t = 10_000)]
+    soak_commits: usize,
+    /// The soak benchmark runs the sink's maintenance every this many commits.
+    #[arg(long, default_value_t = 30)]
+    soak_maintenance_every: usize,
+    /// Snapshot retention in the soak benchmark, whose commits come faster than real ones.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    soak_retention: Duration,
+    /// Run only these parts (http, consumers, end-to-end, soak); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the results table.
@@ -69,6 +79,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if runs("end-to-end") {
         end_to_end::benchmark(&args, &mut rows).await?;
+    }
+    if runs("soak") {
+        soak::benchmark(&args, &mut rows).await?;
     }
 
     let mut table = String::from("| measurement | result |\n| --- | --- |\n");

@@ -37,7 +37,7 @@ use weather_common::{
 };
 
 use crate::{
-    maintenance::{Maintenance, Policy},
+    maintenance::Policy,
     table::{CatalogConfig, WeatherTable},
 };
 
@@ -130,6 +130,11 @@ pub struct Args {
     #[arg(long, env = "MAX_UNMERGED_MANIFESTS", default_value_t = 20)]
     pub max_unmerged_manifests: usize,
 
+    /// A closed `hour(ts)` partition (older than the newest) with more data files than this
+    /// is compacted into files near --target-file-size.
+    #[arg(long, env = "MAX_FILES_PER_PARTITION", default_value_t = 4)]
+    pub max_files_per_partition: usize,
+
     /// A reading whose `ts` lies further ahead of its Kafka record's timestamp is a dead letter.
     #[arg(long, env = "MAX_CLOCK_SKEW", default_value = "1m", value_parser = humantime::parse_duration)]
     pub max_clock_skew: Duration,
@@ -207,7 +212,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         committed: Checkpoints::new(),
         buffer: Vec::new(),
         metrics,
-        maintenance: Maintenance::default(),
         last_maintenance: None,
     };
     let consumed = consumer::run(&args.consumer_config(), &mut sink, &consumed, &shutdown).await;
@@ -228,7 +232,6 @@ struct Sink<'a> {
     committed: Checkpoints,
     buffer: Vec<WeatherReading>,
     metrics: Metrics,
-    maintenance: Maintenance,
     last_maintenance: Option<Instant>,
 }
 
@@ -238,6 +241,8 @@ impl Sink<'_> {
             snapshot_retention: self.args.snapshot_retention,
             min_snapshots: self.args.min_snapshots,
             max_unmerged_manifests: self.args.max_unmerged_manifests,
+            max_files_per_partition: self.args.max_files_per_partition,
+            target_file_size: self.args.target_file_size,
         }
     }
 
@@ -254,7 +259,7 @@ impl Sink<'_> {
             return;
         };
         let started = Instant::now();
-        match table.maintain(&mut self.maintenance, &policy).await {
+        match table.maintain(&policy).await {
             Ok(report) => {
                 self.metrics.maintenance_runs.inc();
                 self.metrics.expired_snapshots.inc_by(report.expired_snapshots as u64);
@@ -262,9 +267,13 @@ impl Sink<'_> {
                 if report.merged.is_some() {
                     self.metrics.manifest_merges.inc();
                 }
+                self.metrics
+                    .compacted_partitions
+                    .inc_by(report.compacted_partitions as u64);
                 tracing::info!(
                     merged = ?report.merged,
                     expired_snapshots = report.expired_snapshots,
+                    compacted_partitions = report.compacted_partitions,
                     deleted_files = report.deleted_files,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "table maintenance"
@@ -372,6 +381,7 @@ struct Metrics {
     maintenance_runs: Counter,
     maintenance_failures: Counter,
     manifest_merges: Counter,
+    compacted_partitions: Counter,
     expired_snapshots: Counter,
     deleted_files: Counter,
 }
@@ -392,6 +402,7 @@ impl Metrics {
             maintenance_runs: Counter::default(),
             maintenance_failures: Counter::default(),
             manifest_merges: Counter::default(),
+            compacted_partitions: Counter::default(),
             expired_snapshots: Counter::default(),
             deleted_files: Counter::default(),
         };
@@ -426,6 +437,11 @@ impl Metrics {
                 &metrics.maintenance_failures,
             ),
             ("manifest_merges", "Manifest merges committed", &metrics.manifest_merges),
+            (
+                "compacted_partitions",
+                "Closed partitions whose data files were compacted",
+                &metrics.compacted_partitions,
+            ),
             ("expired_snapshots", "Snapshots expired", &metrics.expired_snapshots),
             (
                 "deleted_files",

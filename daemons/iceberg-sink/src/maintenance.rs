@@ -40,6 +40,11 @@ pub struct Policy {
     pub min_snapshots: usize,
     /// Manifests written by appends are merged once more than this many wait.
     pub max_unmerged_manifests: usize,
+    /// A closed `hour(ts)` partition (older than the newest) with more data files than this
+    /// is compacted into files near the target size.
+    pub max_files_per_partition: usize,
+    /// Size compacted files roll over at.
+    pub target_file_size: usize,
 }
 
 /// What one maintenance run did.
@@ -48,7 +53,17 @@ pub struct Report {
     /// Manifests before and after a merge.
     pub merged: Option<(usize, usize)>,
     pub expired_snapshots: usize,
+    /// Closed partitions whose files were compacted.
+    pub compacted_partitions: usize,
     pub deleted_files: usize,
+}
+
+/// A rewrite committed by [`rewrite_manifests`].
+pub struct Rewrite {
+    pub manifests_before: usize,
+    pub manifests_after: usize,
+    pub compacted_partitions: usize,
+    pub table: Table,
 }
 
 /// Where the catalog keeps the table's current metadata file, for the compare-and-set.
@@ -99,14 +114,21 @@ impl CatalogRow {
     }
 }
 
-/// State kept between runs: the metadata files seen, so that those dropped from the table's
-/// metadata log since can be deleted.
+/// State kept between runs: the metadata files seen (at start, after each commit and at each
+/// run), so that those dropped from the table's metadata log since can be deleted.
 #[derive(Default)]
 pub struct Maintenance {
     known_metadata: BTreeSet<String>,
 }
 
 impl Maintenance {
+    /// Notes the metadata files `table` lists: call at start and after every commit.
+    pub fn observe(&mut self, table: &Table) {
+        self.known_metadata
+            .extend(table.metadata().metadata_log().iter().map(|e| e.metadata_file.clone()));
+        self.known_metadata.extend(table.metadata_location().map(str::to_owned));
+    }
+
     /// One run on `table` (freshly loaded); returns the table as it is afterwards.
     pub async fn run(
         &mut self,
@@ -116,11 +138,10 @@ impl Maintenance {
         policy: &Policy,
     ) -> anyhow::Result<(Table, Report)> {
         let mut report = Report::default();
-        if let Some((before, after, merged)) =
-            merge_manifests(catalog, row, &table, policy.max_unmerged_manifests).await?
-        {
-            report.merged = Some((before, after));
-            table = merged;
+        if let Some(rewrite) = rewrite_manifests(catalog, row, &table, policy).await? {
+            report.merged = Some((rewrite.manifests_before, rewrite.manifests_after));
+            report.compacted_partitions = rewrite.compacted_partitions;
+            table = rewrite.table;
         }
         let (expired, table) = expire_snapshots(catalog, table, policy).await?;
         report.expired_snapshots = expired.len();
@@ -147,18 +168,19 @@ impl Maintenance {
     }
 }
 
-/// Merges manifests so that each partition is listed by one manifest of its own. Appends add
-/// a manifest each; once more than `max_unmerged` of them wait, they and the merged manifests
-/// of the partitions they touch are rewritten as one manifest per partition. Partitions no
-/// append touched keep their manifest, so a merge costs what was appended since the last one,
-/// not the table's age. Returns the manifest counts and the table after the merge, or `None`
-/// when nothing was merged (few waiting, or another commit came first).
-pub async fn merge_manifests(
+/// Merges manifests so that each partition is listed by one manifest of its own, and compacts
+/// closed partitions. Appends add a manifest each; once more than `max_unmerged_manifests` of
+/// them wait, or a closed partition holds more than `max_files_per_partition` files, those
+/// manifests and the merged manifests of the partitions they touch are rewritten as one
+/// manifest per partition, the closed partitions' files compacted on the way. Partitions no
+/// append touched keep their manifest, so a rewrite costs what was appended since the last
+/// one, not the table's age. `None` when there was nothing to do or another commit came first.
+pub async fn rewrite_manifests(
     catalog: &dyn iceberg::Catalog,
     row: &CatalogRow,
     table: &Table,
-    max_unmerged: usize,
-) -> anyhow::Result<Option<(usize, usize, Table)>> {
+    policy: &Policy,
+) -> anyhow::Result<Option<Rewrite>> {
     let metadata = table.metadata();
     let Some(current) = metadata.current_snapshot() else {
         return Ok(None);
@@ -175,14 +197,21 @@ pub async fn merge_manifests(
     for key in manifests.iter().filter_map(single_partition) {
         *per_partition.entry(key).or_default() += 1;
     }
+    // Event time moves on: the partitions before the newest take (almost) no more readings. A
+    // late one still lands there as a file of its own, compacted again later.
+    let newest = manifests.iter().filter_map(newest_hour).max();
+    let closed = |key: &[u8]| hour_of(key).zip(newest).is_some_and(|(hour, newest)| hour < newest);
     let settled = |m: &ManifestFile| {
         m.content == ManifestContentType::Data && single_partition(m).is_some_and(|k| per_partition[&k] == 1)
+    };
+    let crowded = |m: &ManifestFile| {
+        settled(m) && single_partition(m).is_some_and(|k| closed(&k)) && file_count(m) > policy.max_files_per_partition
     };
     let unsettled: Vec<&ManifestFile> = manifests
         .iter()
         .filter(|m| m.content == ManifestContentType::Data && !settled(m))
         .collect();
-    if unsettled.len() <= max_unmerged {
+    if unsettled.len() <= policy.max_unmerged_manifests && !manifests.iter().any(crowded) {
         return Ok(None);
     }
 
@@ -193,18 +222,18 @@ pub async fn merge_manifests(
     let file_io = table.file_io();
     let metadata_dir = format!("{}/metadata", metadata.location());
     let mut by_partition: BTreeMap<Option<Vec<u8>>, Vec<ManifestEntryRef>> = BTreeMap::new();
-    for manifest in &unsettled {
+    for manifest in unsettled.iter().copied().chain(manifests.iter().filter(|m| crowded(m))) {
         let (entries, _) = manifest.load_manifest(file_io).await?.into_parts();
         for entry in entries.into_iter().filter(|e| e.is_alive()) {
             by_partition.entry(partition_key(&entry)).or_default().push(entry);
         }
     }
-    // The merged manifests of the partitions touched join the merge; the others stay.
+    // The merged manifests of the partitions touched join the rewrite; the others stay.
     let mut others = Vec::new();
-    for manifest in manifests
-        .iter()
-        .filter(|m| m.content != ManifestContentType::Data || settled(m))
-    {
+    for manifest in manifests.iter().filter(|m| !crowded(m)) {
+        if manifest.content == ManifestContentType::Data && !settled(manifest) {
+            continue; // Read above.
+        }
         let touched = single_partition(manifest).is_some_and(|k| by_partition.contains_key(&Some(k)));
         if !touched {
             others.push(manifest.clone());
@@ -217,7 +246,8 @@ pub async fn merge_manifests(
     }
     let mut written = Vec::new();
     let mut merged = Vec::new();
-    for (i, entries) in by_partition.into_values().enumerate() {
+    let mut compacted_partitions = 0;
+    for (i, (key, entries)) in by_partition.into_iter().enumerate() {
         let path = format!("{metadata_dir}/{}-m{i}.avro", uuid::Uuid::new_v4());
         written.push(path.clone());
         let mut writer = ManifestWriterBuilder::new(
@@ -227,6 +257,18 @@ pub async fn merge_manifests(
             spec.clone(),
         )
         .build_v2_data();
+        let hour = key.as_deref().filter(|k| closed(k)).and_then(hour_of);
+        if let Some(hour) = hour.filter(|_| entries.len() > policy.max_files_per_partition) {
+            let paths: Vec<String> = entries.iter().map(|e| e.file_path().to_owned()).collect();
+            let files = crate::table::rewrite_partition(table, hour, &paths, policy.target_file_size).await?;
+            for file in files {
+                written.push(file.file_path().to_owned());
+                writer.add_file(file, sequence_number)?;
+            }
+            compacted_partitions += 1;
+            merged.push(writer.write_manifest_file().await?);
+            continue;
+        }
         for entry in entries {
             let (Some(added_by), Some(sequence)) = (entry.snapshot_id(), entry.sequence_number()) else {
                 anyhow::bail!(
@@ -256,9 +298,9 @@ pub async fn merge_manifests(
     list.add_manifests(merged.into_iter().chain(others))?;
     list.close().await?;
 
-    // Same totals as before; the Kafka checkpoints travel with the table's state.
+    // The same rows as before; the Kafka checkpoints travel with the table's state.
     let mut properties: HashMap<String, String> = current.summary().additional_properties.clone();
-    properties.retain(|k, _| k.starts_with("kafka.") || k.starts_with("total-"));
+    properties.retain(|k, _| k.starts_with("kafka.") || k == "total-records");
     let snapshot = Snapshot::builder()
         .with_snapshot_id(snapshot_id)
         .with_parent_snapshot_id(Some(current.snapshot_id()))
@@ -285,14 +327,18 @@ pub async fn merge_manifests(
     next.write_to(file_io, &location).await?;
 
     if !row.swap(table, old_location, &new_location).await? {
-        tracing::info!("another commit came first; the manifest merge is retried later");
+        tracing::info!("another commit came first; the manifest rewrite is retried later");
         for path in written {
             file_io.delete(&path).await?;
         }
         return Ok(None);
     }
-    let table = catalog.load_table(table.identifier()).await?;
-    Ok(Some((manifests.len(), after, table)))
+    Ok(Some(Rewrite {
+        manifests_before: manifests.len(),
+        manifests_after: after,
+        compacted_partitions,
+        table: catalog.load_table(table.identifier()).await?,
+    }))
 }
 
 /// The partition of a data file, as the bytes of its first partition value (the `hour(ts)`
@@ -314,6 +360,24 @@ fn single_partition(manifest: &ManifestFile) -> Option<Vec<u8>> {
         },
         _ => None,
     }
+}
+
+/// The hour a [`partition_key`] names.
+fn hour_of(key: &[u8]) -> Option<i32> {
+    Some(i32::from_le_bytes(key.try_into().ok()?))
+}
+
+/// The newest hour a manifest lists files of, by its partition summary.
+fn newest_hour(manifest: &ManifestFile) -> Option<i32> {
+    match manifest.partitions.as_deref() {
+        Some([field]) => hour_of(field.upper_bound.as_deref()?),
+        _ => None,
+    }
+}
+
+/// Live data files a manifest lists.
+fn file_count(manifest: &ManifestFile) -> usize {
+    (manifest.added_files_count.unwrap_or(0) + manifest.existing_files_count.unwrap_or(0)) as usize
 }
 
 /// A snapshot id not used by the table yet.
@@ -359,9 +423,10 @@ async fn expire_snapshots(
     Ok((expired, table))
 }
 
-/// Deletes the manifest lists of `expired` snapshots and the manifests that only they listed.
-/// History is linear and a manifest, once merged away, never comes back, so a manifest is
-/// still needed exactly when the oldest retained snapshot lists it (or it is newer than that).
+/// Deletes the manifest lists of `expired` snapshots, the manifests only they listed and the
+/// data files only those manifests listed (files compacted away). History is linear and a
+/// manifest or data file, once rewritten away, never comes back, so one is still needed
+/// exactly when the oldest retained snapshot lists it (or it is newer than that).
 async fn delete_unreferenced(table: &Table, expired: &[Arc<Snapshot>]) -> anyhow::Result<usize> {
     if expired.is_empty() {
         return Ok(0);
@@ -370,26 +435,43 @@ async fn delete_unreferenced(table: &Table, expired: &[Arc<Snapshot>]) -> anyhow
     let Some(oldest) = metadata.snapshots().min_by_key(|s| s.sequence_number()) else {
         return Ok(0);
     };
-    let keep: BTreeSet<String> = table
+    let kept: Vec<ManifestFile> = table
         .manifest_list_reader(oldest)
         .load()
         .await?
         .consume_entries()
         .into_iter()
-        .map(|m| m.manifest_path)
         .collect();
-    let mut doomed = BTreeSet::new();
+    let kept_manifests: BTreeSet<&str> = kept.iter().map(|m| m.manifest_path.as_str()).collect();
+    let mut doomed_manifests = BTreeSet::new();
+    let mut doomed = Vec::new();
     for snapshot in expired {
         let list = table.manifest_list_reader(snapshot).load().await?;
         for manifest in list.consume_entries() {
-            if !keep.contains(&manifest.manifest_path) {
-                doomed.insert(manifest.manifest_path);
+            if !kept_manifests.contains(manifest.manifest_path.as_str())
+                && doomed_manifests.insert(manifest.manifest_path.clone())
+            {
+                doomed.push(manifest);
             }
         }
-        doomed.insert(snapshot.manifest_list().to_owned());
     }
-    for path in &doomed {
+    let mut files = BTreeSet::new();
+    for manifest in &doomed {
+        let (entries, _) = manifest.load_manifest(table.file_io()).await?.into_parts();
+        files.extend(entries.iter().map(|e| e.file_path().to_owned()));
+    }
+    if !files.is_empty() {
+        for manifest in &kept {
+            let (entries, _) = manifest.load_manifest(table.file_io()).await?.into_parts();
+            for entry in entries.iter().filter(|e| e.is_alive()) {
+                files.remove(entry.file_path());
+            }
+        }
+    }
+    let lists = expired.iter().map(|s| s.manifest_list().to_owned());
+    let paths: Vec<String> = files.into_iter().chain(doomed_manifests).chain(lists).collect();
+    for path in &paths {
         table.file_io().delete(path).await?;
     }
-    Ok(doomed.len())
+    Ok(paths.len())
 }

@@ -51,6 +51,63 @@ pub fn records_key(topic: &str) -> String {
     format!("kafka.records.{topic}")
 }
 
+/// Parquet with ZSTD: the table property names it for other engines; this writer must be told
+/// itself.
+fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build()
+}
+
+/// A writer of Parquet data files into `table`'s partitions, rolled at `target_file_size`.
+fn data_writer(table: &Table, target_file_size: usize) -> anyhow::Result<impl PartitioningWriter> {
+    let metadata = table.metadata();
+    let parquet = ParquetWriterBuilder::new(writer_properties(), metadata.current_schema().clone());
+    let rolling = RollingFileWriterBuilder::new(
+        parquet,
+        target_file_size,
+        table.file_io().clone(),
+        DefaultLocationGenerator::new(metadata)?,
+        DefaultFileNameGenerator::new(uuid::Uuid::new_v4().to_string(), None, DataFileFormat::Parquet),
+    );
+    Ok(FanoutWriter::new(DataFileWriterBuilder::new(rolling)))
+}
+
+/// The partition key of `hour` (hours since the epoch) in `table`'s `hour(ts)` spec.
+fn hour_key(table: &Table, hour: i32) -> PartitionKey {
+    let metadata = table.metadata();
+    PartitionKey::new(
+        metadata.default_partition_spec().as_ref().clone(),
+        metadata.current_schema().clone(),
+        Struct::from_iter([Some(Literal::int(hour))]),
+    )
+}
+
+/// Reads the data files `paths` of partition `hour` one at a time and writes their rows again
+/// as files near `target_file_size`: the new files, not yet committed. Holds one file's rows
+/// at a time, whatever the partition's size.
+pub async fn rewrite_partition(
+    table: &Table,
+    hour: i32,
+    paths: &[String],
+    target_file_size: usize,
+) -> anyhow::Result<Vec<DataFile>> {
+    let arrow_schema = Arc::new(iceberg::arrow::schema_to_arrow_schema(
+        table.metadata().current_schema(),
+    )?);
+    let mut writer = data_writer(table, target_file_size)?;
+    for path in paths {
+        let bytes = table.file_io().new_input(path)?.read().await?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
+        for batch in reader {
+            // The file's own schema, with the table's field ids on it.
+            let batch = RecordBatch::try_new(arrow_schema.clone(), batch?.columns().to_vec())?;
+            writer.write(hour_key(table, hour), batch).await?;
+        }
+    }
+    Ok(writer.close().await?)
+}
+
 /// Size of the table's metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {
@@ -93,9 +150,9 @@ pub struct WeatherTable {
     catalog: Arc<dyn Catalog>,
     /// The catalog's row for the table, for maintenance commits.
     row: CatalogRow,
+    maintenance: Maintenance,
     ident: TableIdent,
     pub table: Table,
-    writer_properties: WriterProperties,
     target_file_size: usize,
 }
 
@@ -163,17 +220,15 @@ impl WeatherTable {
                 Err(e) => return Err(e.into()),
             }
         };
-        // The table property names ZSTD for other engines; this writer must be told itself.
-        let writer_properties = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()))
-            .build();
         let row = CatalogRow::connect(&config.url, &config.name).await?;
+        let mut maintenance = Maintenance::default();
+        maintenance.observe(&table);
         Ok(Self {
             catalog,
             row,
+            maintenance,
             ident,
             table,
-            writer_properties,
             target_file_size,
         })
     }
@@ -227,9 +282,10 @@ impl WeatherTable {
     }
 
     /// One maintenance run (see [`crate::maintenance`]).
-    pub async fn maintain(&mut self, state: &mut Maintenance, policy: &Policy) -> anyhow::Result<Report> {
+    pub async fn maintain(&mut self, policy: &Policy) -> anyhow::Result<Report> {
         self.reload().await?;
-        let (table, report) = state
+        let (table, report) = self
+            .maintenance
             .run(self.catalog.as_ref(), &self.row, self.table.clone(), policy)
             .await?;
         self.table = table;
@@ -254,6 +310,26 @@ impl WeatherTable {
         })
     }
 
+    /// Live data files per `hour(ts)` partition in the current snapshot (reads every manifest).
+    pub async fn data_files_per_partition(&self) -> anyhow::Result<BTreeMap<i32, usize>> {
+        let mut files = BTreeMap::new();
+        let Some(snapshot) = self.table.metadata().current_snapshot() else {
+            return Ok(files);
+        };
+        let list = self.table.manifest_list_reader(snapshot).load().await?;
+        for manifest in list.entries() {
+            let (entries, _) = manifest.load_manifest(self.table.file_io()).await?.into_parts();
+            for entry in entries.iter().filter(|e| e.is_alive()) {
+                if let Some(Some(Literal::Primitive(iceberg::spec::PrimitiveLiteral::Int(hour)))) =
+                    entry.data_file().partition().fields().first()
+                {
+                    *files.entry(*hour).or_default() += 1;
+                }
+            }
+        }
+        Ok(files)
+    }
+
     pub fn current_snapshot_id(&self) -> Option<i64> {
         self.table.metadata().current_snapshot_id()
     }
@@ -262,18 +338,8 @@ impl WeatherTable {
     /// size), and returns the data files, not yet committed.
     pub async fn write(&self, readings: &[WeatherReading]) -> anyhow::Result<Vec<DataFile>> {
         let metadata = self.table.metadata();
-        let schema = metadata.current_schema().clone();
-        let spec = metadata.default_partition_spec().as_ref().clone();
-        let arrow_schema = Arc::new(iceberg::arrow::schema_to_arrow_schema(&schema)?);
-        let parquet = ParquetWriterBuilder::new(self.writer_properties.clone(), schema.clone());
-        let rolling = RollingFileWriterBuilder::new(
-            parquet,
-            self.target_file_size,
-            self.table.file_io().clone(),
-            DefaultLocationGenerator::new(metadata)?,
-            DefaultFileNameGenerator::new(uuid::Uuid::new_v4().to_string(), None, DataFileFormat::Parquet),
-        );
-        let mut writer = FanoutWriter::new(DataFileWriterBuilder::new(rolling));
+        let arrow_schema = Arc::new(iceberg::arrow::schema_to_arrow_schema(metadata.current_schema())?);
+        let mut writer = data_writer(&self.table, self.target_file_size)?;
 
         let mut by_hour: BTreeMap<i64, Vec<&WeatherReading>> = BTreeMap::new();
         for reading in readings {
@@ -293,13 +359,7 @@ impl WeatherTable {
                 ),
             ];
             let batch = RecordBatch::try_new(arrow_schema.clone(), columns)?;
-            let hour = i32::try_from(hour)?;
-            let key = PartitionKey::new(
-                spec.clone(),
-                schema.clone(),
-                Struct::from_iter([Some(Literal::int(hour))]),
-            );
-            writer.write(key, batch).await?;
+            writer.write(hour_key(&self.table, i32::try_from(hour)?), batch).await?;
         }
         Ok(writer.close().await?)
     }
@@ -335,10 +395,14 @@ impl WeatherTable {
         let transaction = Transaction::new(&self.table);
         let action = transaction
             .fast_append()
+            // Every file has a new UUID name. The check would read every manifest of the table
+            // on every commit: a cost that grows with the table's age.
+            .with_check_duplicate(false)
             .add_data_files(files)
             .set_snapshot_properties(summary);
         let transaction = action.apply(transaction)?;
         self.table = transaction.commit(self.catalog.as_ref()).await?;
+        self.maintenance.observe(&self.table);
         Ok(())
     }
 }

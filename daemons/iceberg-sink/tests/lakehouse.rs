@@ -445,8 +445,8 @@ async fn a_sink_restarted_inside_batches_on_tansu_reads_nothing_twice_and_skips_
     assert_eq!(harness.rows().await, expected_rows(&readings), "every reading once");
 }
 
-/// Maintenance after every commit (manifest merges, snapshot expiry, deleting what no retained
-/// snapshot needs) while readings stream in, and the sink killed with kill -9 twice on the way
+/// Maintenance after every commit (manifest merges, compaction of closed hours, snapshot
+/// expiry, deleting what no retained snapshot needs) while readings stream in, and the sink killed with kill -9 twice on the way
 /// (with maintenance that often, a kill lands in or next to a maintenance commit): every
 /// reading is in the table exactly once, PyIceberg reads the same, and the metadata stays small.
 #[tokio::test(flavor = "multi_thread")]
@@ -480,8 +480,9 @@ async fn maintenance_keeps_every_reading_exactly_once_and_the_metadata_small() {
         let metrics = http_get(&harness.admin, "/metrics").await.expect("metrics").body;
         let value = |name: &str| metric(&metrics, name).unwrap_or(-1.0);
         eprintln!(
-            "merges {}, expired {}, deleted {}, snapshots {}, manifests {}, metadata {} bytes",
+            "merges {}, compactions {}, expired {}, deleted {}, snapshots {}, manifests {}, metadata {} bytes",
             value("iceberg_sink_manifest_merges_total"),
+            value("iceberg_sink_compacted_partitions_total"),
             value("iceberg_sink_expired_snapshots_total"),
             value("iceberg_sink_deleted_files_total"),
             value("iceberg_sink_table_snapshots"),
@@ -489,6 +490,7 @@ async fn maintenance_keeps_every_reading_exactly_once_and_the_metadata_small() {
             value("iceberg_sink_table_metadata_bytes"),
         );
         assert!(value("iceberg_sink_manifest_merges_total") > 0.0, "{metrics}");
+        assert!(value("iceberg_sink_compacted_partitions_total") > 0.0, "{metrics}");
         assert!(value("iceberg_sink_expired_snapshots_total") > 0.0, "{metrics}");
         assert!(value("iceberg_sink_deleted_files_total") > 0.0, "{metrics}");
         assert_eq!(value("iceberg_sink_maintenance_failures_total"), 0.0, "{metrics}");
@@ -496,6 +498,13 @@ async fn maintenance_keeps_every_reading_exactly_once_and_the_metadata_small() {
     }
     let table = harness.table().await;
     let shape = table.shape().await.expect("shape");
+    // Every hour but the newest compacted into one file (a late reading may add one more).
+    let files = table.data_files_per_partition().await.expect("files");
+    let closed: Vec<usize> = files.values().rev().skip(1).copied().collect();
+    assert!(
+        closed.iter().all(|&n| n <= 2),
+        "files per closed hour partition: {files:?}"
+    );
     // Three or four hour partitions, one merged manifest each, plus the appends since.
     assert!(shape.manifests <= 4 + 4, "{shape:?}");
     assert!(shape.snapshots < 40, "{shape:?}");
