@@ -51,7 +51,7 @@ struct Args {
     #[arg(long, default_value_t = 30)]
     soak_maintenance_every: usize,
     /// Snapshot retention in the soak benchmark, whose commits come faster than real ones.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     soak_retention: Duration,
     /// Run only these parts (http, consumers, end-to-end, soak); all by default.
     #[arg(long, value_delimiter = ',')]
@@ -115,12 +115,15 @@ async fn main() -> anyhow::Result<()> {
          the four daemons together against tansu, PostgreSQL and moto with default settings while a load generator sends \
          `GET /log` at a fixed rate; each acknowledgement names its Kafka partition and offset and its timestamp, so its \
          Iceberg commit (the sink's committed offsets) and its window (dashboard API, polled every 50 ms) are found exactly. \
-         Reading the table: one connection waits for each acknowledgement in turn, so its rate is bound by the broker's round trip (the producer does not linger: a lone reading is sent at once, and readings that arrive while a request is in flight share the next one); the consumers spend most of their wall time waiting for tansu's fetches, so readings per CPU-second is their per-core rate; end-to-end times are dominated by the 5 s window plus 2 s allowed lateness (dashboard) and the 10 s commit interval (Iceberg), both defaults.\n\n{table}",
+         Reading the table: one connection waits for each acknowledgement in turn, so its rate is bound by the broker's round trip (the producer does not linger: a lone reading is sent at once, and readings that arrive while a request is in flight share the next one); the consumers spend most of their wall time waiting for tansu's fetches, so readings per CPU-second is their per-core rate; end-to-end times are dominated by the 5 s window plus 2 s allowed lateness (dashboard) and the 10 s commit interval (Iceberg), both defaults. The soak rows append {} commits of 20 readings, 10 s of event time apart, back to back through the iceberg-sink's table code (directory warehouse, PostgreSQL catalog), with the sink's maintenance every {} commits and a snapshot retention of {} (the commits come about 1,000 times faster than real ones, so this keeps 200 to 250 snapshots, what 40 min of real 10 s commits make); each row is the 1,000 commits before it, and PyIceberg's count is checked against every reading committed.\n\n{table}",
         Utc::now().format("%Y-%m-%d"),
         args.readings,
         humantime::format_duration(args.duration),
         args.e2e_rate,
         humantime::format_duration(args.e2e_duration),
+        args.soak_commits,
+        args.soak_maintenance_every,
+        humantime::format_duration(args.soak_retention),
     );
     std::fs::write(&args.output, report).with_context(|| format!("writing {}", args.output.display()))?;
     println!("written to {}", args.output.display());

@@ -2,7 +2,8 @@
 //! table code appends small batches back to back (each a snapshot, as the sink's commit
 //! interval makes them) on a directory warehouse with a PostgreSQL catalog, runs the sink's
 //! maintenance every `--soak-maintenance-every` commits, and reports per 1,000 commits the
-//! commit time, the metadata's size and the table's files.
+//! commit time, the metadata's size, the table's files, and how long PyIceberg takes to read
+//! the whole table (a fresh Python process each time, about 1 s of it start-up).
 
 use std::{collections::HashMap, path::Path, time::Instant};
 
@@ -82,10 +83,24 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
             let files = table.data_files_per_partition().await?;
             let closed: Vec<usize> = files.values().rev().skip(1).copied().collect();
             let (metadata_bytes, data_bytes) = warehouse_bytes(&warehouse)?;
+            // PyIceberg plans and reads the whole table (and opens each file's footer); its
+            // count must be every reading committed.
+            let read = Instant::now();
+            let pyiceberg = match weather_testkit::pyiceberg_check_with(&[&config.url, "weather", "", "default.weather"]) {
+                Ok(found) => {
+                    anyhow::ensure!(
+                        found["rows"] == serde_json::json!(offset),
+                        "PyIceberg read {} rows of {offset}",
+                        found["rows"]
+                    );
+                    format!("PyIceberg reads all {offset} rows in {:.2} s", read.elapsed().as_secs_f64())
+                }
+                Err(e) => format!("PyIceberg unavailable ({})", e.to_string().lines().next().unwrap_or("")),
+            };
             window.sort();
             let line = format!(
                 "commit p50 {:.1} ms, p99 {:.1} ms; metadata.json {} KiB, {} snapshots, {} manifests; files per \
-                 closed hour partition max {}; warehouse metadata {:.1} MiB, data {:.1} MiB",
+                 closed hour partition max {}; warehouse metadata {:.1} MiB, data {:.1} MiB; {pyiceberg}",
                 crate::percentile(&window, 0.5).as_secs_f64() * 1e3,
                 crate::percentile(&window, 0.99).as_secs_f64() * 1e3,
                 shape.metadata_bytes / 1024,

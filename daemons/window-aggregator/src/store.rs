@@ -205,6 +205,11 @@ pub async fn enforce_retention(
     }
     let mut client: Option<Client> = None;
     loop {
+        // First wait: at start the aggregator's own connection applies the migrations.
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+        }
         if client.as_ref().is_none_or(Client::is_closed) {
             client = match tokio_postgres::connect(&url, NoTls).await {
                 Ok((c, connection)) => {
@@ -224,12 +229,8 @@ pub async fn enforce_retention(
                     deleted.inc_by(n);
                     tracing::info!(rows = n, "deleted windows older than the retention");
                 }
-                Err(e) => tracing::warn!(error = %e, "retention: deleting old windows failed"),
+                Err(e) => tracing::warn!(error = ?e, "retention: deleting old windows failed"),
             }
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
         }
     }
 }
