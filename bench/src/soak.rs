@@ -86,17 +86,21 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
             // PyIceberg plans and reads the whole table (and opens each file's footer); its
             // count must be every reading committed.
             let read = Instant::now();
-            let pyiceberg = match weather_testkit::pyiceberg_check_with(&[&config.url, "weather", "", "default.weather"]) {
-                Ok(found) => {
-                    anyhow::ensure!(
-                        found["rows"] == serde_json::json!(offset),
-                        "PyIceberg read {} rows of {offset}",
-                        found["rows"]
-                    );
-                    format!("PyIceberg reads all {offset} rows in {:.2} s", read.elapsed().as_secs_f64())
-                }
-                Err(e) => format!("PyIceberg unavailable ({})", e.to_string().lines().next().unwrap_or("")),
-            };
+            let pyiceberg =
+                match weather_testkit::pyiceberg_check_with(&[&config.url, "weather", "", "default.weather"]) {
+                    Ok(found) => {
+                        anyhow::ensure!(
+                            found["rows"] == serde_json::json!(offset),
+                            "PyIceberg read {} rows of {offset}",
+                            found["rows"]
+                        );
+                        format!(
+                            "PyIceberg reads all {offset} rows in {:.2} s",
+                            read.elapsed().as_secs_f64()
+                        )
+                    }
+                    Err(e) => format!("PyIceberg unavailable ({})", e.to_string().lines().next().unwrap_or("")),
+                };
             window.sort();
             let line = format!(
                 "commit p50 {:.1} ms, p99 {:.1} ms; metadata.json {} KiB, {} snapshots, {} manifests; files per \

@@ -24,8 +24,8 @@ use iceberg::{
     MetadataLocation,
     spec::{
         Literal, MAIN_BRANCH, ManifestContentType, ManifestEntryRef, ManifestFile, ManifestListWriter,
-        ManifestWriterBuilder, Operation, PrimitiveLiteral, Snapshot, SnapshotReference, SnapshotRetention, Summary,
-        TableMetadata, TableMetadataBuilder,
+        ManifestWriterBuilder, Operation, PrimitiveLiteral, Snapshot, SnapshotRef, SnapshotReference,
+        SnapshotRetention, Summary, TableMetadata, TableMetadataBuilder,
     },
     table::Table,
     transaction::{ApplyTransactionAction, Transaction},
@@ -186,13 +186,7 @@ pub async fn rewrite_manifests(
         return Ok(None);
     };
     let old_location = table.metadata_location().context("table without metadata location")?;
-    let manifests: Vec<ManifestFile> = table
-        .manifest_list_reader(current)
-        .load()
-        .await?
-        .consume_entries()
-        .into_iter()
-        .collect();
+    let manifests = manifests_of(table, current).await?;
     let mut per_partition: HashMap<Vec<u8>, usize> = HashMap::new();
     for key in manifests.iter().filter_map(single_partition) {
         *per_partition.entry(key).or_default() += 1;
@@ -362,6 +356,12 @@ fn single_partition(manifest: &ManifestFile) -> Option<Vec<u8>> {
     }
 }
 
+/// The manifests `snapshot` lists.
+pub async fn manifests_of(table: &Table, snapshot: &SnapshotRef) -> iceberg::Result<Vec<ManifestFile>> {
+    let list = table.manifest_list_reader(snapshot).load().await?;
+    Ok(list.consume_entries().into_iter().collect())
+}
+
 /// The hour a [`partition_key`] names.
 fn hour_of(key: &[u8]) -> Option<i32> {
     Some(i32::from_le_bytes(key.try_into().ok()?))
@@ -435,19 +435,12 @@ async fn delete_unreferenced(table: &Table, expired: &[Arc<Snapshot>]) -> anyhow
     let Some(oldest) = metadata.snapshots().min_by_key(|s| s.sequence_number()) else {
         return Ok(0);
     };
-    let kept: Vec<ManifestFile> = table
-        .manifest_list_reader(oldest)
-        .load()
-        .await?
-        .consume_entries()
-        .into_iter()
-        .collect();
+    let kept = manifests_of(table, oldest).await?;
     let kept_manifests: BTreeSet<&str> = kept.iter().map(|m| m.manifest_path.as_str()).collect();
     let mut doomed_manifests = BTreeSet::new();
     let mut doomed = Vec::new();
     for snapshot in expired {
-        let list = table.manifest_list_reader(snapshot).load().await?;
-        for manifest in list.consume_entries() {
+        for manifest in manifests_of(table, snapshot).await? {
             if !kept_manifests.contains(manifest.manifest_path.as_str())
                 && doomed_manifests.insert(manifest.manifest_path.clone())
             {

@@ -36,7 +36,7 @@ use weather_common::{
     consumer::{Checkpoint, Checkpoints},
 };
 
-use crate::maintenance::{CatalogRow, Maintenance, Policy, Report};
+use crate::maintenance::{CatalogRow, Maintenance, Policy, Report, manifests_of};
 
 /// Where the Kafka position is kept: snapshot summary key `kafka.offsets.<topic>`, value a JSON
 /// object of partition → next offset to read, as the Iceberg Kafka Connect sink does.
@@ -296,7 +296,7 @@ impl WeatherTable {
     pub async fn shape(&self) -> anyhow::Result<Shape> {
         let metadata = self.table.metadata();
         let manifests = match metadata.current_snapshot() {
-            Some(snapshot) => self.table.manifest_list_reader(snapshot).load().await?.entries().len(),
+            Some(snapshot) => manifests_of(&self.table, snapshot).await?.len(),
             None => 0,
         };
         let metadata_bytes = match self.table.metadata_location() {
@@ -316,8 +316,7 @@ impl WeatherTable {
         let Some(snapshot) = self.table.metadata().current_snapshot() else {
             return Ok(files);
         };
-        let list = self.table.manifest_list_reader(snapshot).load().await?;
-        for manifest in list.entries() {
+        for manifest in manifests_of(&self.table, snapshot).await? {
             let (entries, _) = manifest.load_manifest(self.table.file_io()).await?.into_parts();
             for entry in entries.iter().filter(|e| e.is_alive()) {
                 if let Some(Some(Literal::Primitive(iceberg::spec::PrimitiveLiteral::Int(hour)))) =

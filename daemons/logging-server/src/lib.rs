@@ -531,12 +531,19 @@ impl Server {
         }
     }
 
+    /// Whether the broker answers both producers and knows the topic. Asking through each
+    /// also connects it, so that neither meets the broker for the first time with a request
+    /// waiting on it.
     async fn check_broker(&self) -> Result<(), String> {
-        let producer = self.prompt.clone();
+        let producers = [self.prompt.clone(), self.batching.clone()];
         let topic = self.topic.clone();
-        tokio::task::spawn_blocking(move || topic_available(producer.client(), &topic, Duration::from_secs(2)))
-            .await
-            .map_err(|e| e.to_string())?
+        tokio::task::spawn_blocking(move || {
+            producers
+                .iter()
+                .try_for_each(|p| topic_available(p.client(), &topic, Duration::from_secs(2)))
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 }
 

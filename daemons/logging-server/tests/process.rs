@@ -6,20 +6,27 @@ use rdkafka::Message;
 use weather_common::WeatherReading;
 use weather_testkit::{ChildGuard, MockKafka, NotifySocket, consume, free_port, http_get};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn notifies_ready_and_stopping_and_drains_in_flight_requests_on_sigterm() {
-    let kafka = MockKafka::start(&["weather"]);
+/// The binary on a free port against `kafka`, with `extra` flags; returns once it sent READY=1.
+fn start(kafka: &MockKafka, extra: &[&str]) -> (ChildGuard, NotifySocket, String) {
     let notify = NotifySocket::bind().expect("notify socket");
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut server = ChildGuard::spawn(
+    let server = ChildGuard::spawn(
         "logging-server",
         Command::new(env!("CARGO_BIN_EXE_logging-server"))
             .args(["--listen", &addr, "--kafka-brokers", &kafka.brokers()])
+            .args(extra)
             .env("NOTIFY_SOCKET", notify.path())
             .env("RUST_LOG", "warn"),
     )
     .expect("spawn");
     notify.wait_for("READY=1", Duration::from_secs(30)).expect("READY=1");
+    (server, notify, addr)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn notifies_ready_and_stopping_and_drains_in_flight_requests_on_sigterm() {
+    let kafka = MockKafka::start(&["weather"]);
+    let (mut server, notify, addr) = start(&kafka, &[]);
 
     // Slow acknowledgements keep the next requests in flight while SIGTERM arrives.
     kafka
@@ -84,18 +91,7 @@ async fn stalled_uploads_hold_little_memory() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let kafka = MockKafka::start(&["weather"]);
-    let notify = NotifySocket::bind().expect("notify socket");
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut server = ChildGuard::spawn(
-        "logging-server",
-        Command::new(env!("CARGO_BIN_EXE_logging-server"))
-            .args(["--listen", &addr, "--kafka-brokers", &kafka.brokers()])
-            .args(["--body-read-timeout", "120s"])
-            .env("NOTIFY_SOCKET", notify.path())
-            .env("RUST_LOG", "warn"),
-    )
-    .expect("spawn");
-    notify.wait_for("READY=1", Duration::from_secs(30)).expect("READY=1");
+    let (mut server, _notify, addr) = start(&kafka, &["--body-read-timeout", "120s"]);
     let before = rss_kib(server.pid());
 
     let mut body: Vec<u8> = (0..2_000)
