@@ -5,7 +5,11 @@
 //! commit time, the metadata's size, the table's files, and how long PyIceberg takes to read
 //! the whole table (a fresh Python process each time, about 1 s of it start-up).
 
-use std::{collections::HashMap, path::Path, time::Instant};
+use std::{
+    collections::HashMap,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use iceberg_sink::{
@@ -45,6 +49,7 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
         max_unmerged_manifests: 20,
         max_files_per_partition: 4,
         target_file_size: 128 << 20,
+        orphan_age: Duration::from_secs(86_400),
     };
     // 2027-01-15 08:00 UTC, the start of an hour.
     let start: DateTime<Utc> = DateTime::from_timestamp(1_800_000_000, 0).expect("ts");

@@ -9,6 +9,7 @@
 //! table's offsets are still the ones it started from, so a second sink cannot double data.
 
 pub mod maintenance;
+pub mod orphans;
 pub mod table;
 
 use std::{
@@ -135,6 +136,12 @@ pub struct Args {
     #[arg(long, env = "MAX_FILES_PER_PARTITION", default_value_t = 4)]
     pub max_files_per_partition: usize,
 
+    /// Files under the table that nothing references (left by a crash between writing and
+    /// committing) are deleted once older than this; swept at the first maintenance after start
+    /// and daily. Keep it well above the time a commit can take, for other writers' sake.
+    #[arg(long, env = "ORPHAN_AGE", default_value = "1d", value_parser = humantime::parse_duration)]
+    pub orphan_age: Duration,
+
     /// A reading whose `ts` lies further ahead of its Kafka record's timestamp is a dead letter.
     #[arg(long, env = "MAX_CLOCK_SKEW", default_value = "1m", value_parser = humantime::parse_duration)]
     pub max_clock_skew: Duration,
@@ -243,6 +250,7 @@ impl Sink<'_> {
             max_unmerged_manifests: self.args.max_unmerged_manifests,
             max_files_per_partition: self.args.max_files_per_partition,
             target_file_size: self.args.target_file_size,
+            orphan_age: self.args.orphan_age,
         }
     }
 
@@ -264,6 +272,7 @@ impl Sink<'_> {
                 self.metrics.maintenance_runs.inc();
                 self.metrics.expired_snapshots.inc_by(report.expired_snapshots as u64);
                 self.metrics.deleted_files.inc_by(report.deleted_files as u64);
+                self.metrics.orphans_deleted.inc_by(report.orphans_deleted as u64);
                 if report.merged.is_some() {
                     self.metrics.manifest_merges.inc();
                 }
@@ -275,6 +284,7 @@ impl Sink<'_> {
                     expired_snapshots = report.expired_snapshots,
                     compacted_partitions = report.compacted_partitions,
                     deleted_files = report.deleted_files,
+                    orphans_deleted = report.orphans_deleted,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "table maintenance"
                 );
@@ -382,6 +392,7 @@ struct Metrics {
     maintenance_failures: Counter,
     manifest_merges: Counter,
     compacted_partitions: Counter,
+    orphans_deleted: Counter,
     expired_snapshots: Counter,
     deleted_files: Counter,
 }
@@ -403,6 +414,7 @@ impl Metrics {
             maintenance_failures: Counter::default(),
             manifest_merges: Counter::default(),
             compacted_partitions: Counter::default(),
+            orphans_deleted: Counter::default(),
             expired_snapshots: Counter::default(),
             deleted_files: Counter::default(),
         };
@@ -443,6 +455,11 @@ impl Metrics {
                 &metrics.compacted_partitions,
             ),
             ("expired_snapshots", "Snapshots expired", &metrics.expired_snapshots),
+            (
+                "orphans_deleted",
+                "Unreferenced files older than --orphan-age deleted",
+                &metrics.orphans_deleted,
+            ),
             (
                 "deleted_files",
                 "Metadata files deleted by maintenance",

@@ -45,7 +45,12 @@ pub struct Policy {
     pub max_files_per_partition: usize,
     /// Size compacted files roll over at.
     pub target_file_size: usize,
+    /// Unreferenced files older than this are orphans, deleted by the sweep.
+    pub orphan_age: Duration,
 }
+
+/// How often the orphan sweep runs after the first (which is at the first maintenance run).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 /// What one maintenance run did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -56,6 +61,8 @@ pub struct Report {
     /// Closed partitions whose files were compacted.
     pub compacted_partitions: usize,
     pub deleted_files: usize,
+    /// Files the orphan sweep deleted.
+    pub orphans_deleted: usize,
 }
 
 /// A rewrite committed by [`rewrite_manifests`].
@@ -119,10 +126,12 @@ impl CatalogRow {
 #[derive(Default)]
 pub struct Maintenance {
     known_metadata: BTreeSet<String>,
+    last_sweep: Option<std::time::Instant>,
 }
 
 impl Maintenance {
-    /// Notes the metadata files `table` lists: call at start and after every commit.
+    /// Notes the metadata files `table` lists: call at start and after every commit (the
+    /// maintenance's own commits included).
     pub fn observe(&mut self, table: &Table) {
         self.known_metadata
             .extend(table.metadata().metadata_log().iter().map(|e| e.metadata_file.clone()));
@@ -136,17 +145,24 @@ impl Maintenance {
         row: &CatalogRow,
         mut table: Table,
         policy: &Policy,
+        storage: &HashMap<String, String>,
     ) -> anyhow::Result<(Table, Report)> {
         let mut report = Report::default();
         if let Some(rewrite) = rewrite_manifests(catalog, row, &table, policy).await? {
             report.merged = Some((rewrite.manifests_before, rewrite.manifests_after));
             report.compacted_partitions = rewrite.compacted_partitions;
             table = rewrite.table;
+            self.observe(&table);
         }
         let (expired, table) = expire_snapshots(catalog, table, policy).await?;
+        self.observe(&table);
         report.expired_snapshots = expired.len();
         report.deleted_files += delete_unreferenced(&table, &expired).await?;
         report.deleted_files += self.delete_old_metadata(&table).await?;
+        if self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_INTERVAL) {
+            self.last_sweep = Some(std::time::Instant::now());
+            report.orphans_deleted = crate::orphans::sweep(&table, storage, policy.orphan_age).await?;
+        }
         Ok((table, report))
     }
 

@@ -151,6 +151,8 @@ pub struct WeatherTable {
     /// The catalog's row for the table, for maintenance commits.
     row: CatalogRow,
     maintenance: Maintenance,
+    /// FileIO properties, for the orphan sweep's listing.
+    storage: HashMap<String, String>,
     ident: TableIdent,
     pub table: Table,
     target_file_size: usize,
@@ -227,6 +229,7 @@ impl WeatherTable {
             catalog,
             row,
             maintenance,
+            storage: config.storage.clone(),
             ident,
             table,
             target_file_size,
@@ -286,7 +289,13 @@ impl WeatherTable {
         self.reload().await?;
         let (table, report) = self
             .maintenance
-            .run(self.catalog.as_ref(), &self.row, self.table.clone(), policy)
+            .run(
+                self.catalog.as_ref(),
+                &self.row,
+                self.table.clone(),
+                policy,
+                &self.storage,
+            )
             .await?;
         self.table = table;
         Ok(report)

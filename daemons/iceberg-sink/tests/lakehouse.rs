@@ -498,11 +498,12 @@ async fn maintenance_keeps_every_reading_exactly_once_and_the_metadata_small() {
     }
     let table = harness.table().await;
     let shape = table.shape().await.expect("shape");
-    // Every hour but the newest compacted into one file (a late reading may add one more).
+    // Every hour but the newest holds at most --max-files-per-partition (4) files after the last
+    // maintenance: compacted into one, plus what the Kafka partitions still behind sent later.
     let files = table.data_files_per_partition().await.expect("files");
     let closed: Vec<usize> = files.values().rev().skip(1).copied().collect();
     assert!(
-        closed.iter().all(|&n| n <= 2),
+        closed.iter().all(|&n| n <= 4),
         "files per closed hour partition: {files:?}"
     );
     // Three or four hour partitions, one merged manifest each, plus the appends since.
@@ -513,4 +514,76 @@ async fn maintenance_keeps_every_reading_exactly_once_and_the_metadata_small() {
         pyiceberg_check(&harness.catalog_url, "weather", &harness.s3.endpoint, "default.weather").expect("pyiceberg");
     assert_eq!(found["rows"], 30_000, "{found}");
     assert_eq!(found["distinct_ts"], 30_000, "{found}");
+}
+
+/// Files nothing references, as a sink killed between writing and committing leaves them, are
+/// deleted by the orphan sweep once older than `--orphan-age`; everything referenced stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_orphan_sweep_deletes_only_unreferenced_files() {
+    let harness = Harness::start().await;
+    let (_, readings) = readings(3_000);
+    let chunks: Vec<&[WeatherReading]> = readings.chunks(1_000).collect();
+    produce_readings(&harness.brokers(), "weather", chunks[0]).expect("produce");
+    let mut sink = harness.sink(&["--commit-interval", "200ms"]);
+    assert_eq!(harness.wait_committed(1_000, Duration::from_secs(60)).await, 1_000);
+    assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
+
+    let table = harness.table().await;
+    let location = table.table.metadata().location().to_owned();
+    let strays = [
+        format!("{location}/data/ts_hour=1/00000-0-orphan.parquet"),
+        format!("{location}/metadata/00099-orphan.metadata.json"),
+    ];
+    let file_io = table.table.file_io().clone();
+    for stray in &strays {
+        file_io
+            .new_output(stray)
+            .expect("output")
+            .write("junk".into())
+            .await
+            .expect("write");
+    }
+    let exists = |path: String| {
+        let file_io = file_io.clone();
+        async move { file_io.exists(&path).await.expect("exists") }
+    };
+
+    for (chunk, age, kept) in [(chunks[1], "1h", true), (chunks[2], "0s", false)] {
+        produce_readings(&harness.brokers(), "weather", chunk).expect("produce");
+        let mut sink = harness.sink(&[
+            "--commit-interval",
+            "200ms",
+            "--maintenance-interval",
+            "1ms",
+            "--orphan-age",
+            age,
+        ]);
+        let goal = if kept { 2_000 } else { 3_000 };
+        assert_eq!(harness.wait_committed(goal, Duration::from_secs(60)).await, goal);
+        // The sweep runs with the first maintenance, right after the first commit.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let metrics = loop {
+            let metrics = http_get(&harness.admin, "/metrics").await.expect("metrics").body;
+            if metric(&metrics, "iceberg_sink_maintenance_runs_total").unwrap_or(0.0) >= 1.0
+                || Instant::now() > deadline
+            {
+                break metrics;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let deleted = metric(&metrics, "iceberg_sink_orphans_deleted_total").unwrap_or(-1.0);
+        assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
+        for stray in &strays {
+            assert_eq!(exists(stray.clone()).await, kept, "{stray} with --orphan-age {age}");
+        }
+        assert_eq!(
+            deleted,
+            if kept { 0.0 } else { 2.0 },
+            "orphans deleted with --orphan-age {age}"
+        );
+    }
+    assert_eq!(harness.rows().await, expected_rows(&readings), "every reading once");
+    let found =
+        pyiceberg_check(&harness.catalog_url, "weather", &harness.s3.endpoint, "default.weather").expect("pyiceberg");
+    assert_eq!(found["rows"], 3_000, "{found}");
 }
