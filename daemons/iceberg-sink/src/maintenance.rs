@@ -244,7 +244,9 @@ pub async fn rewrite_manifests(
         if manifest.content == ManifestContentType::Data && !settled(manifest) {
             continue; // Read above.
         }
-        let touched = single_partition(manifest).is_some_and(|k| by_partition.contains_key(&Some(k)));
+        // Only data manifests are rewritten; delete manifests (no writer here makes any) stay.
+        let touched = manifest.content == ManifestContentType::Data
+            && single_partition(manifest).is_some_and(|k| by_partition.contains_key(&Some(k)));
         if !touched {
             others.push(manifest.clone());
             continue;
