@@ -70,7 +70,7 @@ async fn ten_thousand_readings_produced_and_consumed_back() {
 }
 
 /// A batch at the documented limit on a healthy broker is answered 200, even with one record
-/// per broker batch as the pipeline sends to tansu: readings are handed to the producer as
+/// per broker batch, the slowest way to send it: readings are handed to the producer as
 /// acknowledgements come back, so none waits out its produce timeout in the local queue.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_at_the_limit_is_stored_whole() {
