@@ -52,6 +52,11 @@ pub async fn start(dir: &Path) -> anyhow::Result<Option<LocalS3>> {
             .env("MINIO_ROOT_USER", &access_key)
             .env("MINIO_ROOT_PASSWORD", &secret_key);
     } else {
+        tracing::warn!(
+            "s3s-fs takes its keys only as arguments, where every local user can read them (ps): anyone on this \
+             machine can write to the warehouse. Put MinIO on PATH instead (it gets them by environment), or take \
+             s3s-fs off PATH for the directory warehouse"
+        );
         command
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", &access_key, "--secret-key", &secret_key])
