@@ -294,7 +294,6 @@ impl Sink<'_> {
                 tracing::warn!(error = %format!("{e:#}"), "table maintenance failed; retried next time");
             }
         }
-        self.show_shape().await;
     }
 
     async fn show_shape(&self) {
@@ -371,8 +370,8 @@ impl consumer::Store for Sink<'_> {
         }
         self.committed = checkpoints.clone();
         self.buffer.clear();
-        self.show_shape().await;
         self.maintain_if_due().await;
+        self.show_shape().await;
         Ok(true)
     }
 }
@@ -462,7 +461,7 @@ impl Metrics {
             ),
             (
                 "deleted_files",
-                "Metadata files deleted by maintenance",
+                "Files deleted by maintenance (manifest lists, manifests, data files, metadata versions)",
                 &metrics.deleted_files,
             ),
         ] {

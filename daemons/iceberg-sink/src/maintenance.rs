@@ -1,16 +1,19 @@
-//! Table maintenance, run by the sink between its commits so that the table's metadata stays
-//! bounded however long it runs: the current snapshot's manifests are merged into one per
-//! `hour(ts)` partition, snapshots past their retention are expired, and the files only they
-//! referenced (manifest lists, manifests, old metadata versions) are deleted.
+//! Table maintenance, run by the sink between its commits so that the table stays bounded
+//! however long it runs: the manifests appends write are merged into one per `hour(ts)`
+//! partition, closed hours are compacted into files near the target size, snapshots past their
+//! retention are expired, the files only they referenced (manifest lists, manifests, data
+//! files compacted away) and old metadata versions are deleted, and orphans are swept
+//! ([`crate::orphans`]).
 //!
 //! `iceberg` 0.10.1 can expire snapshots but has no manifest rewrite, and its `TableCommit`
-//! cannot be built outside the crate. The merge is therefore its own small snapshot producer:
-//! it writes the merged manifests, a manifest list and the next metadata file, then swaps the
-//! table's `metadata_location` in the SQL catalog with the same compare-and-set the catalog
-//! uses. A concurrent commit makes the swap match no row: the merge is dropped (its files
-//! deleted) and tried again next time, never written over the other commit. The merge snapshot
-//! is a `replace` that carries the Kafka checkpoints of the snapshot it replaces, so the next
-//! append finds them in the current snapshot whatever was expired.
+//! cannot be built outside the crate. Merge and compaction are therefore their own small
+//! snapshot producer: it writes the manifests (and compacted files), a manifest list and the
+//! next metadata file, then swaps the table's `metadata_location` in the SQL catalog with the
+//! same compare-and-set the catalog uses. A concurrent commit makes the swap match no row: the
+//! rewrite is dropped (its files deleted) and tried again next time, never written over the
+//! other commit. The rewrite snapshot is a `replace` that carries the Kafka checkpoints of the
+//! snapshot it replaces, so the next append finds them in the current snapshot whatever was
+//! expired.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -82,13 +85,13 @@ pub struct CatalogRow {
 }
 
 impl CatalogRow {
-    pub async fn connect(url: &str, catalog_name: &str) -> anyhow::Result<Self> {
+    pub fn connect(url: &str, catalog_name: &str) -> anyhow::Result<Self> {
         sqlx::any::install_default_drivers();
+        // Connected on first use: with maintenance off, never.
         let pool = sqlx::any::AnyPoolOptions::new()
             .max_connections(1)
-            .connect(url)
-            .await
-            .context("connecting to the catalog database")?;
+            .connect_lazy(url)
+            .context("the catalog database URL")?;
         Ok(Self {
             pool,
             numbered: !url.starts_with("sqlite:"),
@@ -353,13 +356,19 @@ pub async fn rewrite_manifests(
     }))
 }
 
-/// The partition of a data file, as the bytes of its first partition value (the `hour(ts)`
-/// of this table); `None` for other layouts, which are merged into one manifest.
-fn partition_key(entry: &ManifestEntryRef) -> Option<Vec<u8>> {
+/// The `hour(ts)` partition of a data file; `None` for other layouts.
+pub fn entry_hour(entry: &ManifestEntryRef) -> Option<i32> {
     match entry.data_file().partition().fields().first() {
-        Some(Some(Literal::Primitive(PrimitiveLiteral::Int(hour)))) => Some(hour.to_le_bytes().to_vec()),
+        Some(Some(Literal::Primitive(PrimitiveLiteral::Int(hour)))) => Some(*hour),
         _ => None,
     }
+}
+
+/// The partition of a data file, as the bytes of its hour (Iceberg's single-value encoding of
+/// an int, as in manifest summaries); `None` for other layouts, which are merged into one
+/// manifest.
+fn partition_key(entry: &ManifestEntryRef) -> Option<Vec<u8>> {
+    entry_hour(entry).map(|hour| hour.to_le_bytes().to_vec())
 }
 
 /// The one partition a manifest lists files of, by its partition summary, in the same bytes

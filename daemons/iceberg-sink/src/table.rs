@@ -36,7 +36,7 @@ use weather_common::{
     consumer::{Checkpoint, Checkpoints},
 };
 
-use crate::maintenance::{CatalogRow, Maintenance, Policy, Report, manifests_of};
+use crate::maintenance::{CatalogRow, Maintenance, Policy, Report, entry_hour, manifests_of};
 
 /// Where the Kafka position is kept: snapshot summary key `kafka.offsets.<topic>`, value a JSON
 /// object of partition → next offset to read, as the Iceberg Kafka Connect sink does.
@@ -96,13 +96,14 @@ pub async fn rewrite_partition(
         table.metadata().current_schema(),
     )?);
     let mut writer = data_writer(table, target_file_size)?;
+    let key = hour_key(table, hour);
     for path in paths {
         let bytes = table.file_io().new_input(path)?.read().await?;
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
         for batch in reader {
             // The file's own schema, with the table's field ids on it.
             let batch = RecordBatch::try_new(arrow_schema.clone(), batch?.columns().to_vec())?;
-            writer.write(hour_key(table, hour), batch).await?;
+            writer.write(key.clone(), batch).await?;
         }
     }
     Ok(writer.close().await?)
@@ -222,7 +223,7 @@ impl WeatherTable {
                 Err(e) => return Err(e.into()),
             }
         };
-        let row = CatalogRow::connect(&config.url, &config.name).await?;
+        let row = CatalogRow::connect(&config.url, &config.name)?;
         let mut maintenance = Maintenance::default();
         maintenance.observe(&table);
         Ok(Self {
@@ -327,12 +328,8 @@ impl WeatherTable {
         };
         for manifest in manifests_of(&self.table, snapshot).await? {
             let (entries, _) = manifest.load_manifest(self.table.file_io()).await?.into_parts();
-            for entry in entries.iter().filter(|e| e.is_alive()) {
-                if let Some(Some(Literal::Primitive(iceberg::spec::PrimitiveLiteral::Int(hour)))) =
-                    entry.data_file().partition().fields().first()
-                {
-                    *files.entry(*hour).or_default() += 1;
-                }
+            for hour in entries.iter().filter(|e| e.is_alive()).filter_map(entry_hour) {
+                *files.entry(hour).or_default() += 1;
             }
         }
         Ok(files)
