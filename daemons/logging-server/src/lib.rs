@@ -371,12 +371,7 @@ impl Server {
             }
             batch.line.extend_from_slice(rest);
             if batch.line.len() > self.max_reading_bytes {
-                let message = format!(
-                    "line {}: longer than {} bytes",
-                    batch.number + 1,
-                    self.max_reading_bytes
-                );
-                return http::error(StatusCode::PAYLOAD_TOO_LARGE, message);
+                return self.line_too_long(batch.number + 1).into_response(&[]);
             }
         }
         if !batch.line.is_empty() {
@@ -396,13 +391,18 @@ impl Server {
         }
     }
 
+    /// Line `number` (1-based) of a `POST /logs` is over `--max-reading-bytes`.
+    fn line_too_long(&self, number: usize) -> Refused {
+        let message = format!("line {number}: longer than {} bytes", self.max_reading_bytes);
+        Refused::new(StatusCode::PAYLOAD_TOO_LARGE, message)
+    }
+
     /// Parses the complete line in `batch.line` into the batch, or says why the request fails.
     fn take_line(&self, batch: &mut Batch) -> Result<(), Refused> {
         batch.number += 1;
         let line = batch.line.strip_suffix(b"\r").unwrap_or(&batch.line);
         if line.len() > self.max_reading_bytes {
-            let message = format!("line {}: longer than {} bytes", batch.number, self.max_reading_bytes);
-            return Err(Refused::new(StatusCode::PAYLOAD_TOO_LARGE, message));
+            return Err(self.line_too_long(batch.number));
         }
         if !line.iter().all(u8::is_ascii_whitespace) {
             match WeatherReading::from_request_json(line, batch.ts) {
