@@ -12,13 +12,11 @@ use std::{
 };
 
 use chrono::{DateTime, TimeDelta, Utc};
-use iceberg_sink::{
-    maintenance::Policy,
-    table::{CatalogConfig, WeatherTable},
-};
+use iceberg_sink::{maintenance::Policy, table::WeatherTable};
 use weather_common::{
     WeatherReading,
     consumer::{Checkpoint, Checkpoints},
+    lakehouse::CatalogConfig,
     reading::DEMO_CITIES,
 };
 use weather_testkit::Postgres;

@@ -7,6 +7,8 @@ pub mod consumer;
 pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "iceberg")]
+pub mod lakehouse;
 pub mod reading;
 pub mod runtime;
 #[cfg(feature = "postgres")]

@@ -13,9 +13,7 @@ pub mod orphans;
 pub mod table;
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -35,12 +33,10 @@ use weather_common::{
     consumer::{self, Checkpoints},
     http,
     kafka::{DEAD_LETTER_TOPIC, KafkaArgs, WEATHER_TOPIC},
+    lakehouse::{CatalogArgs, CatalogConfig},
 };
 
-use crate::{
-    maintenance::Policy,
-    table::{CatalogConfig, WeatherTable},
-};
+use crate::{maintenance::Policy, table::WeatherTable};
 
 #[derive(clap::Parser, Debug, Clone)]
 #[command(version, about)]
@@ -64,42 +60,8 @@ pub struct Args {
     #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = DEAD_LETTER_TOPIC)]
     pub dead_letter_topic: String,
 
-    /// Iceberg SQL catalog: `postgresql://…` (shared with Trino and PyIceberg) or `sqlite://…`.
-    #[arg(long, env = "CATALOG_URL", default_value = "postgresql://postgres@localhost/iceberg")]
-    pub catalog_url: String,
-
-    /// Catalog name (the `catalog_name` column of the catalog tables).
-    #[arg(long, env = "CATALOG_NAME", default_value = "weather")]
-    pub catalog_name: String,
-
-    /// Where new tables go: `s3://bucket/prefix` or `file:///path`.
-    #[arg(long, env = "WAREHOUSE", default_value = "s3://warehouse/")]
-    pub warehouse: String,
-
-    /// Namespace of the table.
-    #[arg(long, env = "ICEBERG_NAMESPACE", default_value = "default")]
-    pub namespace: String,
-
-    /// Table name.
-    #[arg(long, env = "ICEBERG_TABLE", default_value = "weather")]
-    pub table: String,
-
-    /// S3 endpoint for S3-compatible servers (MinIO, Garage, …); empty for AWS.
-    #[arg(long, env = "S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
-
-    /// S3 region.
-    #[arg(long, env = "S3_REGION", default_value = "us-east-1")]
-    pub s3_region: String,
-
-    /// Path-style S3 URLs (`endpoint/bucket/key`), which most S3-compatible servers need.
-    #[arg(long, env = "S3_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)]
-    pub s3_path_style: bool,
-
-    /// File with `AWS_ACCESS_KEY_ID=…` and `AWS_SECRET_ACCESS_KEY=…` lines (for systemd
-    /// credentials); otherwise those environment variables are used.
-    #[arg(long, env = "S3_CREDENTIALS_FILE")]
-    pub s3_credentials_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
 
     /// Longest time between commits.
     #[arg(long, env = "COMMIT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -148,46 +110,6 @@ pub struct Args {
 }
 
 impl Args {
-    /// Catalog settings with S3 credentials resolved from the file or the environment.
-    pub fn catalog_config(&self) -> anyhow::Result<CatalogConfig> {
-        let mut storage = HashMap::new();
-        if let Some(endpoint) = &self.s3_endpoint {
-            storage.insert("s3.endpoint".to_owned(), endpoint.clone());
-        }
-        storage.insert("s3.region".to_owned(), self.s3_region.clone());
-        storage.insert("s3.path-style-access".to_owned(), self.s3_path_style.to_string());
-        let mut credentials: HashMap<String, String> = std::env::vars()
-            .filter(|(k, _)| k == "AWS_ACCESS_KEY_ID" || k == "AWS_SECRET_ACCESS_KEY")
-            .collect();
-        if let Some(path) = &self.s3_credentials_file {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            for line in text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            {
-                let (key, value) = line
-                    .split_once('=')
-                    .with_context(|| format!("{}: lines must be KEY=VALUE", path.display()))?;
-                credentials.insert(key.trim().to_owned(), value.trim().to_owned());
-            }
-        }
-        if let Some(key) = credentials.get("AWS_ACCESS_KEY_ID") {
-            storage.insert("s3.access-key-id".to_owned(), key.clone());
-        }
-        if let Some(secret) = credentials.get("AWS_SECRET_ACCESS_KEY") {
-            storage.insert("s3.secret-access-key".to_owned(), secret.clone());
-        }
-        Ok(CatalogConfig {
-            url: self.catalog_url.clone(),
-            name: self.catalog_name.clone(),
-            warehouse: self.warehouse.clone(),
-            storage,
-        })
-    }
-}
-
-impl Args {
     fn consumer_config(&self) -> consumer::Config {
         consumer::Config {
             name: "iceberg-sink",
@@ -204,14 +126,14 @@ impl Args {
 
 /// Runs until `shutdown` is cancelled, then commits what it buffered and returns.
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let catalog = args.catalog_config()?;
+    let catalog = args.catalog.config()?;
     let mut registry = Registry::with_prefix("iceberg_sink");
     let consumed = consumer::Metrics::register(&mut registry);
     let metrics = Metrics::register(&mut registry);
     let (listen, admin) = http::spawn_admin(args.listen, Arc::new(registry), shutdown.clone())
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(%listen, topic = %args.topic, warehouse = %args.warehouse, "iceberg-sink starting");
+    tracing::info!(%listen, topic = %args.topic, warehouse = %args.catalog.warehouse, "iceberg-sink starting");
     let mut sink = Sink {
         args: &args,
         catalog,
@@ -317,8 +239,8 @@ impl consumer::Store for Sink<'_> {
         self.table = None;
         let table = WeatherTable::open(
             &self.catalog,
-            &self.args.namespace,
-            &self.args.table,
+            &self.args.catalog.namespace,
+            &self.args.catalog.table,
             self.args.target_file_size,
         )
         .await?;

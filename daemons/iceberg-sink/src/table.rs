@@ -8,7 +8,7 @@ use std::{
 
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use iceberg::{
-    Catalog, CatalogBuilder, NamespaceIdent, TableCreation, TableIdent,
+    Catalog, NamespaceIdent, TableCreation, TableIdent,
     spec::{
         DataFile, DataFileFormat, Literal, NestedField, PartitionKey, PrimitiveType, Schema, Struct, Transform, Type,
         UnboundPartitionSpec,
@@ -25,8 +25,6 @@ use iceberg::{
         partitioning::{PartitioningWriter, fanout_writer::FanoutWriter},
     },
 };
-use iceberg_catalog_sql::{SqlBindStyle, SqlCatalogBuilder};
-use iceberg_storage_opendal::OpenDalResolvingStorageFactory;
 use parquet::{
     basic::{Compression, ZstdLevel},
     file::properties::WriterProperties,
@@ -34,6 +32,7 @@ use parquet::{
 use weather_common::{
     WeatherReading,
     consumer::{Checkpoint, Checkpoints},
+    lakehouse::CatalogConfig,
 };
 
 use crate::maintenance::{CatalogRow, Maintenance, Policy, Report, entry_hour, manifests_of};
@@ -123,18 +122,6 @@ pub struct Shape {
 /// Next offset to read per Kafka partition.
 pub type Offsets = BTreeMap<i32, i64>;
 
-/// What the catalog needs to know; built from the daemon's flags.
-#[derive(Debug, Clone)]
-pub struct CatalogConfig {
-    /// `postgresql://…` or `sqlite://…` (the JDBC catalog layout: `iceberg_tables`,
-    /// `iceberg_namespace_properties`).
-    pub url: String,
-    pub name: String,
-    pub warehouse: String,
-    /// FileIO properties (`s3.endpoint`, `s3.access-key-id`, …).
-    pub storage: HashMap<String, String>,
-}
-
 /// The table schema: the same one Trino's init SQL and PyIceberg see.
 pub fn schema() -> iceberg::Result<Schema> {
     Schema::builder()
@@ -167,21 +154,7 @@ impl WeatherTable {
         table: &str,
         target_file_size: usize,
     ) -> anyhow::Result<Self> {
-        let bind_style = if config.url.starts_with("sqlite:") {
-            SqlBindStyle::QMark
-        } else {
-            SqlBindStyle::DollarNumeric
-        };
-        let catalog = SqlCatalogBuilder::default()
-            .uri(&config.url)
-            // A trailing slash would put an empty path segment into every table location.
-            .warehouse_location(config.warehouse.trim_end_matches('/'))
-            .sql_bind_style(bind_style)
-            .props(config.storage.clone())
-            .with_storage_factory(Arc::new(OpenDalResolvingStorageFactory::new()))
-            .load(&config.name, HashMap::new())
-            .await?;
-        let catalog: Arc<dyn Catalog> = Arc::new(catalog);
+        let catalog = config.connect().await?;
         let namespace = NamespaceIdent::new(namespace.to_owned());
         if !catalog.namespace_exists(&namespace).await? {
             match catalog.create_namespace(&namespace, HashMap::new()).await {

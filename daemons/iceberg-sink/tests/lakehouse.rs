@@ -11,9 +11,9 @@ use std::{
 use arrow_array::{Array, Float64Array, StringArray, TimestampMicrosecondArray};
 use chrono::{DateTime, TimeDelta, Utc};
 use futures::TryStreamExt;
-use iceberg_sink::table::{CatalogConfig, WeatherTable, offsets_key};
+use iceberg_sink::table::{WeatherTable, offsets_key};
 use rdkafka::Message;
-use weather_common::{WeatherReading, kafka::KafkaArgs, reading::DEMO_CITIES};
+use weather_common::{WeatherReading, kafka::KafkaArgs, lakehouse::CatalogConfig, reading::DEMO_CITIES};
 use weather_testkit::{
     ChildGuard, MockKafka, Postgres, S3Server, Tansu, consume, free_port, http_get, metric, produce, produce_readings,
     produce_with, pyiceberg_check, reading_records,

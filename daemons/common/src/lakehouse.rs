@@ -1,0 +1,123 @@
+//! The Iceberg catalog, opened the same way by every daemon that reads or writes the table:
+//! its flags, the S3 credentials and the SQL catalog.
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use iceberg::{Catalog, CatalogBuilder};
+use iceberg_catalog_sql::{SqlBindStyle, SqlCatalogBuilder};
+use iceberg_storage_opendal::OpenDalResolvingStorageFactory;
+
+/// Where the table is: catalog, warehouse, S3.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CatalogArgs {
+    /// Iceberg SQL catalog: `postgresql://…` (shared with Trino and PyIceberg) or `sqlite://…`.
+    #[arg(long, env = "CATALOG_URL", default_value = "postgresql://postgres@localhost/iceberg")]
+    pub catalog_url: String,
+
+    /// Catalog name (the `catalog_name` column of the catalog tables).
+    #[arg(long, env = "CATALOG_NAME", default_value = "weather")]
+    pub catalog_name: String,
+
+    /// Where new tables go: `s3://bucket/prefix` or `file:///path`.
+    #[arg(long, env = "WAREHOUSE", default_value = "s3://warehouse/")]
+    pub warehouse: String,
+
+    /// Namespace of the table.
+    #[arg(long, env = "ICEBERG_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// Table name.
+    #[arg(long, env = "ICEBERG_TABLE", default_value = "weather")]
+    pub table: String,
+
+    /// S3 endpoint for S3-compatible servers (MinIO, Garage, …); empty for AWS.
+    #[arg(long, env = "S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// S3 region.
+    #[arg(long, env = "S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+
+    /// Path-style S3 URLs (`endpoint/bucket/key`), which most S3-compatible servers need.
+    #[arg(long, env = "S3_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub s3_path_style: bool,
+
+    /// File with `AWS_ACCESS_KEY_ID=…` and `AWS_SECRET_ACCESS_KEY=…` lines (for systemd
+    /// credentials); otherwise those environment variables are used.
+    #[arg(long, env = "S3_CREDENTIALS_FILE")]
+    pub s3_credentials_file: Option<PathBuf>,
+}
+
+impl CatalogArgs {
+    /// Catalog settings with S3 credentials resolved from the file or the environment.
+    pub fn config(&self) -> anyhow::Result<CatalogConfig> {
+        let mut storage = HashMap::new();
+        if let Some(endpoint) = &self.s3_endpoint {
+            storage.insert("s3.endpoint".to_owned(), endpoint.clone());
+        }
+        storage.insert("s3.region".to_owned(), self.s3_region.clone());
+        storage.insert("s3.path-style-access".to_owned(), self.s3_path_style.to_string());
+        let mut credentials: HashMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k == "AWS_ACCESS_KEY_ID" || k == "AWS_SECRET_ACCESS_KEY")
+            .collect();
+        if let Some(path) = &self.s3_credentials_file {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            for line in text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            {
+                let (key, value) = line
+                    .split_once('=')
+                    .with_context(|| format!("{}: lines must be KEY=VALUE", path.display()))?;
+                credentials.insert(key.trim().to_owned(), value.trim().to_owned());
+            }
+        }
+        if let Some(key) = credentials.get("AWS_ACCESS_KEY_ID") {
+            storage.insert("s3.access-key-id".to_owned(), key.clone());
+        }
+        if let Some(secret) = credentials.get("AWS_SECRET_ACCESS_KEY") {
+            storage.insert("s3.secret-access-key".to_owned(), secret.clone());
+        }
+        Ok(CatalogConfig {
+            url: self.catalog_url.clone(),
+            name: self.catalog_name.clone(),
+            warehouse: self.warehouse.clone(),
+            storage,
+        })
+    }
+}
+
+/// What the catalog needs to know; built from [`CatalogArgs`].
+#[derive(Debug, Clone)]
+pub struct CatalogConfig {
+    /// `postgresql://…` or `sqlite://…` (the JDBC catalog layout: `iceberg_tables`,
+    /// `iceberg_namespace_properties`).
+    pub url: String,
+    pub name: String,
+    pub warehouse: String,
+    /// FileIO properties (`s3.endpoint`, `s3.access-key-id`, …).
+    pub storage: HashMap<String, String>,
+}
+
+impl CatalogConfig {
+    /// Connects to the SQL catalog.
+    pub async fn connect(&self) -> iceberg::Result<Arc<dyn Catalog>> {
+        let bind_style = if self.url.starts_with("sqlite:") {
+            SqlBindStyle::QMark
+        } else {
+            SqlBindStyle::DollarNumeric
+        };
+        let catalog = SqlCatalogBuilder::default()
+            .uri(&self.url)
+            // A trailing slash would put an empty path segment into every table location.
+            .warehouse_location(self.warehouse.trim_end_matches('/'))
+            .sql_bind_style(bind_style)
+            .props(self.storage.clone())
+            .with_storage_factory(Arc::new(OpenDalResolvingStorageFactory::new()))
+            .load(&self.name, HashMap::new())
+            .await?;
+        Ok(Arc::new(catalog))
+    }
+}
