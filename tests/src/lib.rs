@@ -397,10 +397,22 @@ impl HttpResponse {
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`), read to the end. Kept
 /// byte-level on purpose: tests send malformed input a client library would refuse to build.
 pub async fn http_request(addr: &str, method: &str, target: &str, body: &[u8]) -> anyhow::Result<HttpResponse> {
+    http_request_with(addr, method, target, &[], body).await
+}
+
+/// [`http_request`] with extra request headers.
+pub async fn http_request_with(
+    addr: &str,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<HttpResponse> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let head = format!(
-        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;

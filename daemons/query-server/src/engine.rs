@@ -1,0 +1,784 @@
+//! From SQL text to a stream of record batches: Trino's `SHOW`, `DESCRIBE` and `USE` answered
+//! from the Iceberg catalog, `SELECT` and `EXPLAIN` planned by DataFusion over the tables the
+//! catalog has at that moment. Nothing else is accepted: the server is read-only.
+
+use std::{any::Any, collections::HashMap, sync::Arc};
+
+use arrow_array::{ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, StructArray};
+use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef};
+use async_trait::async_trait;
+use datafusion::{
+    catalog::{CatalogProvider, MemTable, SchemaProvider},
+    common::{DataFusionError, SchemaError},
+    datasource::TableProvider,
+    execution::{SendableRecordBatchStream, runtime_env::RuntimeEnvBuilder},
+    physical_plan::stream::RecordBatchStreamAdapter,
+    prelude::{SQLOptions, SessionConfig, SessionContext},
+    sql::{
+        parser::{DFParser, Statement as DfStatement},
+        sqlparser::{
+            ast::{Expr as SqlExpr, SelectItem, SetExpr, Statement as SqlStatement},
+            dialect::GenericDialect,
+            tokenizer::{Token, Tokenizer},
+        },
+    },
+};
+use futures::TryStreamExt;
+use iceberg::{Catalog, NamespaceIdent, TableIdent, spec::PrimitiveLiteral, table::Table};
+
+use crate::{
+    Metrics, functions,
+    protocol::{ErrorCode, Failure},
+    scan::{IcebergTable, external},
+};
+
+/// The one catalog this server has, as Trino's Iceberg connector is usually named.
+pub const CATALOG: &str = "iceberg";
+
+/// Who asks, and where unqualified names point (`X-Trino-Catalog`, `X-Trino-Schema`).
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    pub user: String,
+    pub catalog: Option<String>,
+    pub schema: Option<String>,
+}
+
+/// What a statement gives: its rows, and for `USE` the session it sets.
+pub struct Outcome {
+    pub stream: SendableRecordBatchStream,
+    /// Result column names where they differ from the stream's (Trino's `_col0` for an
+    /// unnamed expression).
+    pub names: Option<Vec<String>>,
+    pub set_catalog: Option<String>,
+    pub set_schema: Option<String>,
+    pub update_type: Option<&'static str>,
+}
+
+pub struct Engine {
+    pub catalog: Arc<dyn Catalog>,
+    pub memory_limit: usize,
+    pub target_partitions: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The statements answered here rather than by DataFusion, read from the tokens.
+#[derive(Debug, PartialEq)]
+enum Meta {
+    ShowCatalogs {
+        like: Option<String>,
+    },
+    ShowSchemas {
+        catalog: Option<String>,
+        like: Option<String>,
+    },
+    ShowTables {
+        schema: Vec<String>,
+        like: Option<String>,
+    },
+    Describe {
+        table: Vec<String>,
+    },
+    Use {
+        path: Vec<String>,
+    },
+}
+
+impl Engine {
+    /// Plans `sql` and starts it.
+    pub async fn run(&self, sql: &str, session: &Session) -> Result<Outcome, Failure> {
+        let tokens = words(sql)?;
+        if let Some(meta) = meta(&tokens)? {
+            return self.meta(meta, session).await;
+        }
+        let mut statements = DFParser::parse_sql_with_dialect(sql, &GenericDialect {})
+            .map_err(|e| Failure::new(ErrorCode::SyntaxError, e.to_string()))?;
+        let statement = match (statements.pop_front(), statements.is_empty()) {
+            (Some(statement), true) => statement,
+            (None, _) => return Err(Failure::new(ErrorCode::SyntaxError, "no statement given")),
+            (Some(_), false) => return Err(Failure::new(ErrorCode::SyntaxError, "one statement at a time")),
+        };
+        let names = match &statement {
+            DfStatement::Statement(s) if matches!(s.as_ref(), SqlStatement::Query(_)) => trino_names(s),
+            DfStatement::Explain(explain) if matches!(explain.statement.as_ref(), DfStatement::Statement(s) if matches!(s.as_ref(), SqlStatement::Query(_))) => {
+                None
+            }
+            _ => return Err(read_only()),
+        };
+        let explain = matches!(statement, DfStatement::Explain(_));
+        let ctx = self.context(session).await?;
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let frame = ctx.sql_with_options(sql, options).await.map_err(failure)?;
+        let stream = frame.execute_stream().await.map_err(failure)?;
+        if explain {
+            return Ok(Outcome {
+                stream: explain_text(stream).await?,
+                names: None,
+                set_catalog: None,
+                set_schema: None,
+                update_type: None,
+            });
+        }
+        let names = names.filter(|n| n.len() == stream.schema().fields().len());
+        Ok(Outcome {
+            stream,
+            names,
+            set_catalog: None,
+            set_schema: None,
+            update_type: None,
+        })
+    }
+
+    /// A DataFusion session over the catalog as it is now, with Trino's functions and this
+    /// query's memory limit.
+    async fn context(&self, session: &Session) -> Result<SessionContext, Failure> {
+        let config = SessionConfig::new()
+            .with_default_catalog_and_schema(
+                session.catalog.as_deref().unwrap_or(CATALOG),
+                session.schema.as_deref().unwrap_or("default"),
+            )
+            .with_information_schema(false)
+            .with_target_partitions(self.target_partitions);
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(self.memory_limit, 1.0)
+            .build_arc()
+            .map_err(failure)?;
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let mut schemas = HashMap::new();
+        for namespace in self.catalog.list_namespaces(None).await.map_err(iceberg_failure)? {
+            let tables = self.catalog.list_tables(&namespace).await.map_err(iceberg_failure)?;
+            let name = namespace.to_url_string();
+            schemas.insert(
+                name,
+                Arc::new(IcebergSchema {
+                    catalog: self.catalog.clone(),
+                    tables,
+                    metrics: self.metrics.clone(),
+                }) as Arc<dyn SchemaProvider>,
+            );
+        }
+        ctx.register_catalog(CATALOG, Arc::new(IcebergCatalog { schemas }));
+        functions::register(&ctx);
+        Ok(ctx)
+    }
+
+    async fn meta(&self, meta: Meta, session: &Session) -> Result<Outcome, Failure> {
+        let names = |header: &str, values: Vec<String>, like: &Option<String>| {
+            let values: Vec<String> = values
+                .into_iter()
+                .filter(|v| like.as_ref().is_none_or(|p| like_match(p, v)))
+                .collect();
+            one_column(header, values)
+        };
+        let batch = match &meta {
+            Meta::ShowCatalogs { like } => names("Catalog", vec![CATALOG.to_owned()], like),
+            Meta::ShowSchemas { catalog, like } => {
+                self.check_catalog(catalog.as_deref().or(session.catalog.as_deref()))?;
+                let schemas = self.catalog.list_namespaces(None).await.map_err(iceberg_failure)?;
+                names("Schema", schemas.iter().map(|n| n.to_url_string()).collect(), like)
+            }
+            Meta::ShowTables { schema, like } => {
+                let namespace = self.namespace(schema, session)?;
+                let tables = self
+                    .catalog
+                    .list_tables(&namespace)
+                    .await
+                    .map_err(|e| not_found_schema(e, &namespace))?;
+                let mut tables: Vec<String> = tables.into_iter().map(|t| t.name).collect();
+                tables.sort();
+                names("Table", tables, like)
+            }
+            Meta::Describe { table } => self.describe(table, session).await,
+            Meta::Use { path } => {
+                let (catalog, schema) = match path.as_slice() {
+                    [schema] => (
+                        session.catalog.clone().unwrap_or_else(|| CATALOG.to_owned()),
+                        schema.clone(),
+                    ),
+                    [catalog, schema] => (catalog.clone(), schema.clone()),
+                    _ => return Err(Failure::new(ErrorCode::SyntaxError, "USE takes [catalog.]schema")),
+                };
+                self.check_catalog(Some(&catalog))?;
+                let namespace = NamespaceIdent::new(schema.clone());
+                if !self
+                    .catalog
+                    .namespace_exists(&namespace)
+                    .await
+                    .map_err(iceberg_failure)?
+                {
+                    return Err(Failure::new(
+                        ErrorCode::SchemaNotFound,
+                        format!("Schema '{schema}' does not exist"),
+                    ));
+                }
+                return Ok(Outcome {
+                    stream: stream_of(Arc::new(Schema::empty()), vec![]),
+                    names: None,
+                    set_catalog: Some(catalog),
+                    set_schema: Some(schema),
+                    update_type: Some("USE"),
+                });
+            }
+        }?;
+        Ok(Outcome {
+            stream: stream_of(batch.schema(), vec![batch]),
+            names: None,
+            set_catalog: None,
+            set_schema: None,
+            update_type: None,
+        })
+    }
+
+    fn check_catalog(&self, catalog: Option<&str>) -> Result<(), Failure> {
+        match catalog {
+            Some(name) if name != CATALOG => Err(Failure::new(
+                ErrorCode::CatalogNotFound,
+                format!("Catalog '{name}' not found"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `[catalog.]schema`, completed from the session.
+    fn namespace(&self, path: &[String], session: &Session) -> Result<NamespaceIdent, Failure> {
+        let (catalog, schema) = match path {
+            [] => (session.catalog.clone(), session.schema.clone()),
+            [schema] => (session.catalog.clone(), Some(schema.clone())),
+            [catalog, schema] => (Some(catalog.clone()), Some(schema.clone())),
+            _ => return Err(Failure::new(ErrorCode::SyntaxError, "too many parts in a schema name")),
+        };
+        self.check_catalog(catalog.as_deref())?;
+        let schema = schema.ok_or_else(|| {
+            Failure::new(
+                ErrorCode::GenericUserError,
+                "Schema must be specified when session schema is not set",
+            )
+        })?;
+        Ok(NamespaceIdent::new(schema))
+    }
+
+    /// Trino's `DESCRIBE`: Column, Type, Extra, Comment.
+    async fn describe(&self, path: &[String], session: &Session) -> Result<RecordBatch, Failure> {
+        let (schema, name) = match path.split_last() {
+            Some((name, schema)) => (schema, name),
+            None => return Err(Failure::new(ErrorCode::SyntaxError, "DESCRIBE needs a table")),
+        };
+        let namespace = self.namespace(schema, session)?;
+        let ident = TableIdent::new(namespace, name.clone());
+        let table = self
+            .catalog
+            .load_table(&ident)
+            .await
+            .map_err(|_| table_not_found(&ident))?;
+        let provider = IcebergTable::new(table, self.metrics.clone()).map_err(failure)?;
+        let schema = provider.schema();
+        let column = |values: Vec<String>| Arc::new(StringArray::from(values)) as ArrayRef;
+        let fields = schema.fields();
+        RecordBatch::try_new(
+            Arc::new(Schema::new(
+                ["Column", "Type", "Extra", "Comment"]
+                    .map(|n| Field::new(n, DataType::Utf8, false))
+                    .to_vec(),
+            )),
+            vec![
+                column(fields.iter().map(|f| f.name().clone()).collect()),
+                column(
+                    fields
+                        .iter()
+                        .map(|f| crate::protocol::trino_type(f.data_type()).0)
+                        .collect(),
+                ),
+                column(vec![String::new(); fields.len()]),
+                column(vec![String::new(); fields.len()]),
+            ],
+        )
+        .map_err(|e| failure(e.into()))
+    }
+}
+
+fn read_only() -> Failure {
+    Failure::new(
+        ErrorCode::NotSupported,
+        "This server is read-only: it runs SELECT, SHOW, DESCRIBE, EXPLAIN and USE",
+    )
+}
+
+fn one_column(header: &str, values: Vec<String>) -> Result<RecordBatch, Failure> {
+    RecordBatch::try_new(
+        Arc::new(Schema::new(vec![Field::new(header, DataType::Utf8, false)])),
+        vec![Arc::new(StringArray::from(values))],
+    )
+    .map_err(|e| failure(e.into()))
+}
+
+fn stream_of(schema: SchemaRef, batches: Vec<RecordBatch>) -> SendableRecordBatchStream {
+    Box::pin(RecordBatchStreamAdapter::new(
+        schema,
+        futures::stream::iter(batches.into_iter().map(Ok)),
+    ))
+}
+
+/// Trino's EXPLAIN: one row, one `Query Plan` column.
+async fn explain_text(stream: SendableRecordBatchStream) -> Result<SendableRecordBatchStream, Failure> {
+    let batches: Vec<RecordBatch> = stream.try_collect().await.map_err(failure)?;
+    let mut text = String::new();
+    for batch in &batches {
+        let rows = crate::protocol::rows(batch);
+        for row in rows {
+            let [kind, plan] = row.as_slice() else { continue };
+            text.push_str(&format!(
+                "{}:\n{}\n",
+                kind.as_str().unwrap_or(""),
+                plan.as_str().unwrap_or("")
+            ));
+        }
+    }
+    let batch = one_column("Query Plan", vec![text])?;
+    Ok(stream_of(batch.schema(), vec![batch]))
+}
+
+/// SQL `LIKE` with `%` and `_`, as SHOW ... LIKE uses it.
+fn like_match(pattern: &str, value: &str) -> bool {
+    fn go(p: &[char], v: &[char]) -> bool {
+        match p.split_first() {
+            None => v.is_empty(),
+            Some(('%', rest)) => (0..=v.len()).any(|i| go(rest, &v[i..])),
+            Some(('_', rest)) => !v.is_empty() && go(rest, &v[1..]),
+            Some((c, rest)) => v.first() == Some(c) && go(rest, &v[1..]),
+        }
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let v: Vec<char> = value.chars().collect();
+    go(&p, &v)
+}
+
+/// A token of the statement: a word (unquoted ones lower-cased, as Trino folds them), a
+/// string literal, or a symbol.
+#[derive(Debug, Clone, PartialEq)]
+enum Word {
+    Keyword(String),
+    Quoted(String),
+    Text(String),
+    Symbol(String),
+}
+
+impl Word {
+    fn is(&self, keyword: &str) -> bool {
+        matches!(self, Word::Keyword(k) if k == keyword)
+    }
+
+    fn name(&self) -> Option<String> {
+        match self {
+            Word::Keyword(k) => Some(k.clone()),
+            Word::Quoted(q) => Some(q.clone()),
+            _ => None,
+        }
+    }
+}
+
+fn words(sql: &str) -> Result<Vec<Word>, Failure> {
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize()
+        .map_err(|e| Failure::new(ErrorCode::SyntaxError, e.to_string()))?;
+    Ok(tokens
+        .into_iter()
+        .filter_map(|t| match t {
+            Token::Whitespace(_) | Token::SemiColon | Token::EOF => None,
+            Token::Word(w) if w.quote_style.is_some() => Some(Word::Quoted(w.value)),
+            Token::Word(w) => Some(Word::Keyword(w.value.to_lowercase())),
+            Token::SingleQuotedString(s) => Some(Word::Text(s)),
+            other => Some(Word::Symbol(other.to_string())),
+        })
+        .collect())
+}
+
+/// `a.b.c` from the start of `words`, and what follows it.
+fn dotted(words: &[Word]) -> Option<(Vec<String>, &[Word])> {
+    let mut parts = vec![words.first()?.name()?];
+    let mut rest = &words[1..];
+    while let [Word::Symbol(dot), next, tail @ ..] = rest {
+        if dot != "." {
+            break;
+        }
+        parts.push(next.name()?);
+        rest = tail;
+    }
+    Some((parts, rest))
+}
+
+/// `[LIKE 'pattern']` and nothing after it.
+fn like(words: &[Word]) -> Result<Option<String>, Failure> {
+    match words {
+        [] => Ok(None),
+        [l, Word::Text(p)] if l.is("like") => Ok(Some(p.clone())),
+        _ => Err(Failure::new(
+            ErrorCode::SyntaxError,
+            "expected LIKE 'pattern' or the end of the statement",
+        )),
+    }
+}
+
+fn meta(words: &[Word]) -> Result<Option<Meta>, Failure> {
+    let from = |w: &Word| w.is("from") || w.is("in");
+    let syntax = |what: &str| Failure::new(ErrorCode::SyntaxError, format!("expected {what}"));
+    Ok(Some(match words {
+        [show, catalogs, rest @ ..] if show.is("show") && catalogs.is("catalogs") => {
+            Meta::ShowCatalogs { like: like(rest)? }
+        }
+        [show, schemas, rest @ ..] if show.is("show") && schemas.is("schemas") => match rest {
+            [f, catalog, rest @ ..] if from(f) => Meta::ShowSchemas {
+                catalog: Some(catalog.name().ok_or_else(|| syntax("a catalog name"))?),
+                like: like(rest)?,
+            },
+            rest => Meta::ShowSchemas {
+                catalog: None,
+                like: like(rest)?,
+            },
+        },
+        [show, tables, rest @ ..] if show.is("show") && tables.is("tables") => match rest {
+            [f, rest @ ..] if from(f) => {
+                let (schema, rest) = dotted(rest).ok_or_else(|| syntax("a schema name"))?;
+                Meta::ShowTables {
+                    schema,
+                    like: like(rest)?,
+                }
+            }
+            rest => Meta::ShowTables {
+                schema: vec![],
+                like: like(rest)?,
+            },
+        },
+        [show, columns, f, rest @ ..] if show.is("show") && columns.is("columns") && from(f) => {
+            let (table, rest) = dotted(rest).ok_or_else(|| syntax("a table name"))?;
+            like(rest)?;
+            Meta::Describe { table }
+        }
+        [describe, rest @ ..] if describe.is("describe") || describe.is("desc") => {
+            let (table, rest) = dotted(rest).ok_or_else(|| syntax("a table name"))?;
+            if !rest.is_empty() {
+                return Err(syntax("the end of the statement after the table name"));
+            }
+            Meta::Describe { table }
+        }
+        [use_, rest @ ..] if use_.is("use") => {
+            let (path, rest) = dotted(rest).ok_or_else(|| syntax("[catalog.]schema"))?;
+            if !rest.is_empty() {
+                return Err(syntax("the end of the statement after the schema"));
+            }
+            Meta::Use { path }
+        }
+        [show, ..] if show.is("show") => {
+            return Err(Failure::new(
+                ErrorCode::NotSupported,
+                "SHOW supports CATALOGS, SCHEMAS, TABLES and COLUMNS here",
+            ));
+        }
+        _ => return Ok(None),
+    }))
+}
+
+/// Trino names a result column by its alias or column name, and `_colN` otherwise, where
+/// DataFusion would name it by its expression (`avg(weather.temperature)`).
+fn trino_names(statement: &SqlStatement) -> Option<Vec<String>> {
+    let SqlStatement::Query(query) = statement else {
+        return None;
+    };
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return None;
+    };
+    select
+        .projection
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            SelectItem::ExprWithAlias { alias, .. } => Some(normalize(alias)),
+            SelectItem::UnnamedExpr(SqlExpr::Identifier(ident)) => Some(normalize(ident)),
+            SelectItem::UnnamedExpr(SqlExpr::CompoundIdentifier(parts)) => parts.last().map(normalize),
+            SelectItem::UnnamedExpr(_) => Some(format!("_col{i}")),
+            // A wildcard's columns are named by the table; leave every name to DataFusion.
+            _ => None,
+        })
+        .collect()
+}
+
+fn normalize(ident: &datafusion::sql::sqlparser::ast::Ident) -> String {
+    match ident.quote_style {
+        Some(_) => ident.value.clone(),
+        None => ident.value.to_lowercase(),
+    }
+}
+
+/// The catalog's namespaces as DataFusion schemas.
+#[derive(Debug)]
+struct IcebergCatalog {
+    schemas: HashMap<String, Arc<dyn SchemaProvider>>,
+}
+
+impl CatalogProvider for IcebergCatalog {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn schema_names(&self) -> Vec<String> {
+        self.schemas.keys().cloned().collect()
+    }
+
+    fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
+        self.schemas.get(name).cloned()
+    }
+}
+
+/// A namespace's tables, each loaded from the catalog when a query names it, and Trino's
+/// metadata tables `"<table>$snapshots"` and `"<table>$files"`.
+#[derive(Debug)]
+struct IcebergSchema {
+    catalog: Arc<dyn Catalog>,
+    tables: Vec<TableIdent>,
+    metrics: Arc<Metrics>,
+}
+
+#[async_trait]
+impl SchemaProvider for IcebergSchema {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn table_names(&self) -> Vec<String> {
+        self.tables.iter().map(|t| t.name.clone()).collect()
+    }
+
+    async fn table(&self, name: &str) -> datafusion::common::Result<Option<Arc<dyn TableProvider>>> {
+        let (base, suffix) = match name.split_once('$') {
+            Some((base, suffix)) => (base, Some(suffix)),
+            None => (name, None),
+        };
+        let Some(ident) = self.tables.iter().find(|t| t.name == base) else {
+            return Ok(None);
+        };
+        let table = self.catalog.load_table(ident).await.map_err(external)?;
+        Ok(Some(match suffix {
+            None => Arc::new(IcebergTable::new(table, self.metrics.clone())?),
+            Some("snapshots") => snapshots(&table).await?,
+            Some("files") => files(&table).await?,
+            Some(_) => return Ok(None),
+        }))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        let base = name.split_once('$').map_or(name, |(base, _)| base);
+        self.tables.iter().any(|t| t.name == base)
+    }
+}
+
+/// `$snapshots`: committed_at, snapshot_id, parent_id, operation, manifest_list, summary.
+async fn snapshots(table: &Table) -> datafusion::common::Result<Arc<dyn TableProvider>> {
+    let batches: Vec<RecordBatch> = table
+        .inspect()
+        .snapshots()
+        .scan()
+        .await
+        .map_err(external)?
+        .try_collect()
+        .await
+        .map_err(external)?;
+    let schema = match batches.first() {
+        Some(batch) => batch.schema(),
+        None => return Err(DataFusionError::Internal("the snapshots scan gave no batch".into())),
+    };
+    Ok(Arc::new(MemTable::try_new(schema, vec![batches])?))
+}
+
+/// `$files`: the data files of the current snapshot, with Trino's first columns (content,
+/// file_path, file_format, spec_id, partition, record_count, file_size_in_bytes).
+async fn files(table: &Table) -> datafusion::common::Result<Arc<dyn TableProvider>> {
+    let spec = table.metadata().default_partition_spec();
+    let partition_fields: Fields = spec
+        .fields()
+        .iter()
+        .map(|f| Field::new(&f.name, DataType::Int32, true))
+        .collect();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("content", DataType::Int32, false),
+        Field::new("file_path", DataType::Utf8, false),
+        Field::new("file_format", DataType::Utf8, false),
+        Field::new("spec_id", DataType::Int32, false),
+        Field::new("partition", DataType::Struct(partition_fields.clone()), true),
+        Field::new("record_count", DataType::Int64, false),
+        Field::new("file_size_in_bytes", DataType::Int64, false),
+    ]));
+    let tasks: Vec<iceberg::scan::FileScanTask> = match table.metadata().current_snapshot() {
+        Some(_) => table
+            .scan()
+            .build()
+            .map_err(external)?
+            .plan_files()
+            .await
+            .map_err(external)?
+            .try_collect()
+            .await
+            .map_err(external)?,
+        None => vec![],
+    };
+    let partition_columns: Vec<ArrayRef> = (0..partition_fields.len())
+        .map(|i| {
+            Arc::new(Int32Array::from(
+                tasks
+                    .iter()
+                    .map(|t| match t.partition.as_ref().and_then(|p| p.iter().nth(i).flatten()) {
+                        Some(iceberg::spec::Literal::Primitive(PrimitiveLiteral::Int(v))) => Some(*v),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>(),
+            )) as ArrayRef
+        })
+        .collect();
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Int32Array::from(vec![0; tasks.len()])),
+            Arc::new(StringArray::from_iter_values(
+                tasks.iter().map(|t| t.data_file_path.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                tasks.iter().map(|t| t.data_file_format.to_string().to_uppercase()),
+            )),
+            Arc::new(Int32Array::from(
+                tasks
+                    .iter()
+                    .map(|t| t.partition_spec.as_ref().map_or(0, |s| s.spec_id()))
+                    .collect::<Vec<_>>(),
+            )),
+            Arc::new(StructArray::try_new(partition_fields, partition_columns, None)?),
+            Arc::new(Int64Array::from(
+                tasks
+                    .iter()
+                    .map(|t| t.record_count.unwrap_or(0) as i64)
+                    .collect::<Vec<_>>(),
+            )),
+            Arc::new(Int64Array::from(
+                tasks.iter().map(|t| t.file_size_in_bytes as i64).collect::<Vec<_>>(),
+            )),
+        ],
+    )?;
+    Ok(Arc::new(MemTable::try_new(schema, vec![vec![batch]])?))
+}
+
+fn table_not_found(ident: &TableIdent) -> Failure {
+    Failure::new(
+        ErrorCode::TableNotFound,
+        format!(
+            "Table '{CATALOG}.{}.{}' does not exist",
+            ident.namespace.to_url_string(),
+            ident.name
+        ),
+    )
+}
+
+fn not_found_schema(e: iceberg::Error, namespace: &NamespaceIdent) -> Failure {
+    tracing::debug!(error = %e, "listing tables");
+    Failure::new(
+        ErrorCode::SchemaNotFound,
+        format!("Schema '{}' does not exist", namespace.to_url_string()),
+    )
+}
+
+fn iceberg_failure(e: iceberg::Error) -> Failure {
+    Failure::new(ErrorCode::GenericInternalError, format!("Iceberg catalog: {e}"))
+}
+
+/// The Trino error a DataFusion error is to a client.
+pub fn failure(e: DataFusionError) -> Failure {
+    let message = e.to_string();
+    let code = match e.find_root() {
+        DataFusionError::SQL(..) => ErrorCode::SyntaxError,
+        DataFusionError::SchemaError(e, _) if matches!(e.as_ref(), SchemaError::FieldNotFound { .. }) => {
+            ErrorCode::ColumnNotFound
+        }
+        DataFusionError::Plan(m) if m.contains("not found") && m.starts_with("table") => ErrorCode::TableNotFound,
+        DataFusionError::Plan(m) if m.contains("Invalid function") => ErrorCode::FunctionNotFound,
+        DataFusionError::Plan(m) if m.contains("No function matches") || m.contains("Cannot") => {
+            ErrorCode::TypeMismatch
+        }
+        DataFusionError::Plan(_) => ErrorCode::GenericUserError,
+        DataFusionError::ResourcesExhausted(_) => ErrorCode::ExceededMemoryLimit,
+        DataFusionError::NotImplemented(_) => ErrorCode::NotSupported,
+        DataFusionError::ArrowError(e, _) => match e.as_ref() {
+            datafusion::arrow::error::ArrowError::CastError(_) => ErrorCode::InvalidCastArgument,
+            datafusion::arrow::error::ArrowError::DivideByZero => ErrorCode::DivisionByZero,
+            _ => ErrorCode::GenericUserError,
+        },
+        DataFusionError::Execution(m) if m.contains("Divide by zero") => ErrorCode::DivisionByZero,
+        DataFusionError::Execution(_) => ErrorCode::GenericUserError,
+        _ => ErrorCode::GenericInternalError,
+    };
+    Failure::new(code, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(sql: &str) -> Option<Meta> {
+        meta(&words(sql).expect("tokens")).expect("meta")
+    }
+
+    #[test]
+    fn trino_metadata_statements_are_recognised() {
+        assert_eq!(parsed("SHOW CATALOGS"), Some(Meta::ShowCatalogs { like: None }));
+        assert_eq!(
+            parsed("show schemas from iceberg"),
+            Some(Meta::ShowSchemas {
+                catalog: Some("iceberg".into()),
+                like: None
+            })
+        );
+        assert_eq!(
+            parsed("SHOW TABLES FROM iceberg.default LIKE 'w%';"),
+            Some(Meta::ShowTables {
+                schema: vec!["iceberg".into(), "default".into()],
+                like: Some("w%".into())
+            })
+        );
+        assert_eq!(
+            parsed("DESCRIBE iceberg.\"default\".Weather"),
+            Some(Meta::Describe {
+                table: vec!["iceberg".into(), "default".into(), "weather".into()]
+            })
+        );
+        assert_eq!(
+            parsed("USE iceberg.default"),
+            Some(Meta::Use {
+                path: vec!["iceberg".into(), "default".into()]
+            })
+        );
+        assert_eq!(parsed("SELECT 1"), None);
+        assert!(meta(&words("SHOW FUNCTIONS").expect("tokens")).is_err());
+        assert!(meta(&words("DESCRIBE weather extra").expect("tokens")).is_err());
+    }
+
+    #[test]
+    fn unnamed_expressions_are_named_as_trino_names_them() {
+        let mut statements = DFParser::parse_sql_with_dialect(
+            "SELECT city, AVG(CAST(temperature AS DOUBLE)) as avg_temp, count(*), w.\"TS\" FROM weather w GROUP BY city",
+            &GenericDialect {},
+        )
+        .expect("parsed");
+        let Some(DfStatement::Statement(statement)) = statements.pop_front() else {
+            panic!("not a statement")
+        };
+        assert_eq!(
+            trino_names(&statement),
+            Some(vec!["city".into(), "avg_temp".into(), "_col2".into(), "TS".into()])
+        );
+    }
+
+    #[test]
+    fn like_patterns() {
+        assert!(like_match("w%", "weather"));
+        assert!(like_match("_eather", "weather"));
+        assert!(!like_match("w_", "weather"));
+        assert!(like_match("%", ""));
+    }
+}

@@ -1,0 +1,404 @@
+//! `query-server`: SQL on the Iceberg table over Trino's client protocol, so that the Trino
+//! CLI, the `trino` Python client, JDBC and BI tools query the lakehouse without a JVM. Apache
+//! DataFusion plans and runs the queries; the table is read through the same SQL catalog the
+//! iceberg-sink commits to, so a query sees every committed snapshot and nothing else.
+//!
+//! The protocol: `POST /v1/statement` with the SQL as body starts a query and answers with a
+//! `nextUri`; each `GET` of it gives the next page of rows and the next `nextUri`, until the
+//! last page has none; `DELETE` of a `nextUri` cancels. `GET /v1/info` says whether the server
+//! has started, as Trino's does.
+
+pub mod engine;
+pub mod functions;
+pub mod protocol;
+pub mod queries;
+pub mod scan;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header::HeaderValue};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use weather_common::{
+    http::{self, Body},
+    lakehouse::CatalogArgs,
+    runtime::{self, Backoff},
+};
+
+use crate::{
+    engine::{Engine, Session},
+    protocol::{ErrorCode, Failure},
+    queries::{Limits, Page, Queries},
+};
+
+#[derive(clap::Parser, Debug, Clone)]
+#[command(version, about)]
+pub struct Args {
+    /// Address to listen on (Trino's port).
+    #[arg(long, env = "LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// The URL clients reach this server at, for the `nextUri` of each response (default:
+    /// http:// and the Host the client asked for, as Trino does).
+    #[arg(long, env = "PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
+
+    /// Queries running at once; more are refused with QUERY_QUEUE_FULL.
+    #[arg(long, env = "MAX_QUERIES", default_value_t = 8)]
+    pub max_queries: usize,
+
+    /// The longest a query may run; then it fails with EXCEEDED_TIME_LIMIT.
+    #[arg(long, env = "QUERY_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub query_timeout: Duration,
+
+    /// Memory one query's joins, aggregations and sorts may hold, in bytes; beyond it the query
+    /// fails with EXCEEDED_LOCAL_MEMORY_LIMIT.
+    #[arg(long, env = "QUERY_MEMORY_LIMIT", default_value_t = 1 << 30)]
+    pub query_memory_limit: usize,
+
+    /// A query whose client has not fetched for this long is abandoned and stopped.
+    #[arg(long, env = "CLIENT_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub client_timeout: Duration,
+
+    /// Rows per page of results.
+    #[arg(long, env = "PAGE_ROWS", default_value_t = 8192)]
+    pub page_rows: usize,
+
+    /// The largest SQL text accepted, in bytes.
+    #[arg(long, env = "MAX_QUERY_BYTES", default_value_t = 1 << 20)]
+    pub max_query_bytes: usize,
+
+    /// Threads a query's scan and operators are spread over (default: the cores).
+    #[arg(long, env = "QUERY_PARALLELISM")]
+    pub parallelism: Option<usize>,
+
+    /// How long a stop waits for running queries to finish before cancelling them.
+    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    #[command(flatten)]
+    pub limits: http::Limits,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    running: Gauge,
+    queries: Family<StateLabel, Counter>,
+    canceled: Counter,
+    abandoned: Counter,
+    duration: Histogram,
+    rows: Counter,
+    files_scanned: Counter,
+    files_skipped: Counter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("query_server");
+        let metrics = Self {
+            registry: Registry::default(),
+            running: Gauge::default(),
+            queries: Family::default(),
+            canceled: Counter::default(),
+            abandoned: Counter::default(),
+            duration: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.001, 4.0, 10,
+            )),
+            rows: Counter::default(),
+            files_scanned: Counter::default(),
+            files_skipped: Counter::default(),
+        };
+        registry.register(
+            "running_queries",
+            "Queries started and not finished",
+            metrics.running.clone(),
+        );
+        registry.register("queries", "Queries ended, by state", metrics.queries.clone());
+        registry.register(
+            "canceled_queries",
+            "Queries cancelled by their client",
+            metrics.canceled.clone(),
+        );
+        registry.register(
+            "abandoned_queries",
+            "Queries stopped because no client fetched their results",
+            metrics.abandoned.clone(),
+        );
+        registry.register(
+            "query_duration_seconds",
+            "Time from submission to the last page",
+            metrics.duration.clone(),
+        );
+        registry.register("rows_returned", "Rows sent to clients", metrics.rows.clone());
+        registry.register(
+            "files_scanned",
+            "Data files read by table scans",
+            metrics.files_scanned.clone(),
+        );
+        registry.register(
+            "files_skipped",
+            "Data files of the snapshot that scans skipped by partition and column bounds",
+            metrics.files_skipped.clone(),
+        );
+        Self { registry, ..metrics }
+    }
+
+    fn finished(&self, state: protocol::State) {
+        let state = match state {
+            protocol::State::Failed => "failed",
+            _ => "finished",
+        };
+        self.queries.get_or_create(&StateLabel { state }).inc();
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+struct App {
+    queries: tokio::sync::OnceCell<Queries>,
+    metrics: Arc<Metrics>,
+    draining: CancellationToken,
+    max_query_bytes: usize,
+    started: std::time::Instant,
+    public_url: Option<String>,
+    local: SocketAddr,
+}
+
+/// Serves `listener` until `shutdown` is cancelled, then lets the running queries finish (up
+/// to `--drain-timeout`) while refusing new ones.
+pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let local = listener.local_addr()?;
+    tracing::info!(listen = %local, catalog = %args.catalog.catalog_url, "query-server starting");
+    let metrics = Arc::new(Metrics::new());
+    let app = Arc::new(App {
+        queries: tokio::sync::OnceCell::new(),
+        metrics: metrics.clone(),
+        draining: shutdown.clone(),
+        max_query_bytes: args.max_query_bytes,
+        started: std::time::Instant::now(),
+        public_url: args.public_url.as_ref().map(|u| u.trim_end_matches('/').to_owned()),
+        local,
+    });
+    let serving = CancellationToken::new();
+    let handler = {
+        let app = app.clone();
+        move |request| {
+            let app = app.clone();
+            async move { app.handle(request).await }
+        }
+    };
+    let server = tokio::spawn({
+        let serving = serving.clone();
+        let limits = args.limits.clone();
+        async move { http::serve(listener, handler, serving, Duration::from_secs(5), &limits).await }
+    });
+
+    // Until the catalog answers, /v1/info says "starting" and statements are refused, as
+    // Trino does while it starts.
+    let config = args.catalog.config()?;
+    let mut backoff = Backoff::default();
+    let catalog = loop {
+        match config.connect().await {
+            Ok(catalog) => break Some(catalog),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the Iceberg catalog yet");
+                if !backoff.wait(&shutdown).await {
+                    break None;
+                }
+            }
+        }
+    };
+    if let Some(catalog) = catalog {
+        let engine = Arc::new(Engine {
+            catalog,
+            memory_limit: args.query_memory_limit,
+            target_partitions: args
+                .parallelism
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            metrics: metrics.clone(),
+        });
+        let limits = Limits {
+            max_queries: args.max_queries,
+            query_timeout: args.query_timeout,
+            client_timeout: args.client_timeout,
+            page_rows: args.page_rows.max(1),
+            max_wait: Duration::from_secs(1),
+        };
+        let _ = app.queries.set(Queries::new(engine, limits, metrics));
+        runtime::notify_ready();
+        tracing::info!("catalog reachable, ready");
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Some(queries) = app.queries.get() {
+                        queries.purge_abandoned();
+                    }
+                }
+                () = shutdown.cancelled() => break,
+            }
+        }
+    }
+
+    if let Some(queries) = app.queries.get() {
+        let deadline = tokio::time::Instant::now() + args.drain_timeout;
+        while queries.count() > 0 && tokio::time::Instant::now() < deadline {
+            queries.purge_abandoned();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if queries.count() > 0 {
+            tracing::warn!(
+                queries = queries.count(),
+                "drain timed out, cancelling the running queries"
+            );
+            queries.cancel_all();
+        }
+    }
+    serving.cancel();
+    server.await?;
+    tracing::info!("query-server stopped");
+    Ok(())
+}
+
+impl App {
+    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let path = request.uri().path().to_owned();
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match (request.method(), segments.as_slice()) {
+            (&Method::POST, ["v1", "statement"]) => self.submit(request).await,
+            (&Method::GET, ["v1", "statement", "executing", id, slug, token]) => {
+                let Some(queries) = self.queries.get() else {
+                    return http::error(StatusCode::SERVICE_UNAVAILABLE, "starting");
+                };
+                match token.parse() {
+                    Ok(token) => match queries.fetch(id, slug, token).await {
+                        Some(page) => respond(&page),
+                        None => http::error(StatusCode::NOT_FOUND, format!("no query {id} with page {token}")),
+                    },
+                    Err(_) => http::error(StatusCode::NOT_FOUND, "bad page token"),
+                }
+            }
+            (&Method::DELETE, ["v1", "statement", "executing", id, slug, _token]) => {
+                match self.queries.get().is_some_and(|q| q.cancel(id, slug)) {
+                    true => http::with_type(StatusCode::NO_CONTENT, "application/json", Bytes::new()),
+                    false => http::error(StatusCode::NOT_FOUND, format!("no query {id}")),
+                }
+            }
+            (&Method::GET, ["v1", "info"]) => http::json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "nodeVersion": { "version": concat!("query-server-", env!("CARGO_PKG_VERSION")) },
+                    "environment": "weather-pipeline",
+                    "coordinator": true,
+                    "starting": self.queries.get().is_none(),
+                    "uptime": humantime::format_duration(Duration::from_secs(self.started.elapsed().as_secs())).to_string(),
+                }),
+            ),
+            (&Method::GET, ["health"]) => match self.queries.get() {
+                Some(_) => http::health(),
+                None => http::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the Iceberg catalog is not reachable yet",
+                ),
+            },
+            (&Method::GET, ["metrics"]) => http::metrics(&self.metrics.registry),
+            (_, ["v1", "statement", ..] | ["v1", "info"] | ["health"] | ["metrics"]) => http::not_routed(false),
+            _ => http::not_routed(true),
+        }
+    }
+
+    async fn submit(&self, request: Request<Incoming>) -> Response<Body> {
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
+        let Some(user) = header("x-trino-user") else {
+            return http::error(StatusCode::BAD_REQUEST, "the X-Trino-User header is required");
+        };
+        let session = Session {
+            user,
+            catalog: header("x-trino-catalog"),
+            schema: header("x-trino-schema"),
+        };
+        let source = header("x-trino-source");
+        let base_url = self.public_url.clone().unwrap_or_else(|| {
+            let host = header("host").filter(|h| h.parse::<hyper::http::uri::Authority>().is_ok());
+            format!("http://{}", host.unwrap_or_else(|| self.local.to_string()))
+        });
+        let body = match Limited::new(request.into_body(), self.max_query_bytes).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) => {
+                return http::error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("query text over {} bytes or unreadable: {e}", self.max_query_bytes),
+                );
+            }
+        };
+        let Ok(sql) = String::from_utf8(body.to_vec()) else {
+            return http::error(StatusCode::BAD_REQUEST, "the query text is not UTF-8");
+        };
+        let Some(queries) = self.queries.get() else {
+            return refuse(
+                &base_url,
+                Failure::new(
+                    ErrorCode::ServerStartingUp,
+                    "the server is starting: the Iceberg catalog is not reachable yet",
+                ),
+            );
+        };
+        if self.draining.is_cancelled() {
+            return refuse(
+                &base_url,
+                Failure::new(ErrorCode::ServerShuttingDown, "the server is shutting down"),
+            );
+        }
+        tracing::debug!(source = source.as_deref().unwrap_or("-"), "statement received");
+        respond(&queries.submit(sql, session, base_url))
+    }
+}
+
+/// A query refused before it started: a failed `QueryResults`, as Trino sends it.
+fn refuse(base_url: &str, failure: Failure) -> Response<Body> {
+    let id = format!("refused_{}", uuid::Uuid::new_v4().simple());
+    respond(&queries::failed_page(&id, base_url, &failure))
+}
+
+fn respond(page: &Page) -> Response<Body> {
+    let mut response = http::json(StatusCode::OK, page.results.as_ref());
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("x-trino-set-catalog", &page.session.set_catalog),
+        ("x-trino-set-schema", &page.session.set_schema),
+    ] {
+        if let Some(value) = value
+            && let Ok(value) = HeaderValue::from_str(value)
+        {
+            headers.insert(name, value);
+        }
+    }
+    response
+}

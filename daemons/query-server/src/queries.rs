@@ -1,0 +1,428 @@
+//! Running queries and their pages. Each query runs in a task of its own and hands its
+//! batches over a channel of two, so a client that reads slowly holds the query back rather
+//! than its results piling up in memory. A client fetches pages by token; fetching the same
+//! token again gives the same page (a retry), and anything else is refused.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use arrow_array::RecordBatch;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Metrics,
+    engine::{Engine, Session, failure},
+    protocol::{self, Column, ErrorCode, Failure, QueryResults, State, Stats},
+};
+
+/// What a query's task hands to the pages.
+enum Message {
+    Start {
+        columns: Vec<Column>,
+        set_catalog: Option<String>,
+        set_schema: Option<String>,
+        update_type: Option<&'static str>,
+    },
+    Batch(RecordBatch),
+    Failed(Failure),
+}
+
+/// Session changes a response carries as headers (`USE`).
+#[derive(Debug, Clone, Default)]
+pub struct SessionUpdate {
+    pub set_catalog: Option<String>,
+    pub set_schema: Option<String>,
+}
+
+/// A page as sent, kept for a retry of the same token.
+#[derive(Clone)]
+pub struct Page {
+    pub results: Arc<QueryResults>,
+    pub session: SessionUpdate,
+}
+
+pub struct Query {
+    pub id: String,
+    /// Where the client reached the server: the base of every `nextUri`.
+    base_url: String,
+    /// A random part of every `nextUri`: knowing a query's id is not enough to read it.
+    slug: String,
+    created: Instant,
+    cancel: CancellationToken,
+    cursor: tokio::sync::Mutex<Cursor>,
+    touched: Mutex<Instant>,
+}
+
+struct Cursor {
+    receiver: mpsc::Receiver<Message>,
+    token: u64,
+    last: Option<Page>,
+    columns: Option<Vec<Column>>,
+    session: SessionUpdate,
+    update_type: Option<&'static str>,
+    pending: VecDeque<Vec<Value>>,
+    rows: u64,
+    done: bool,
+    failed: Option<Failure>,
+}
+
+/// Limits of every query.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_queries: usize,
+    pub query_timeout: Duration,
+    pub client_timeout: Duration,
+    pub page_rows: usize,
+    /// How long a fetch waits for rows before answering with none.
+    pub max_wait: Duration,
+}
+
+pub struct Queries {
+    engine: Arc<Engine>,
+    limits: Limits,
+    running: Mutex<HashMap<String, Arc<Query>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Queries {
+    pub fn new(engine: Arc<Engine>, limits: Limits, metrics: Arc<Metrics>) -> Self {
+        Self {
+            engine,
+            limits,
+            running: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Query>>> {
+        // A panic while holding the lock leaves a map that is still whole.
+        self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts `sql`; the first response, whose `nextUri` (on `base_url`) leads to the results.
+    pub fn submit(&self, sql: String, session: Session, base_url: String) -> Page {
+        let id = query_id();
+        if self.count() >= self.limits.max_queries {
+            self.metrics.finished(State::Failed);
+            return failed_page(
+                &id,
+                &base_url,
+                &Failure::new(
+                    ErrorCode::QueryQueueFull,
+                    format!("Too many queries: {} are running", self.limits.max_queries),
+                ),
+            );
+        }
+        let cancel = CancellationToken::new();
+        let (sender, receiver) = mpsc::channel(2);
+        let query = Arc::new(Query {
+            id: id.clone(),
+            base_url,
+            slug: uuid::Uuid::new_v4().simple().to_string(),
+            created: Instant::now(),
+            cancel: cancel.clone(),
+            cursor: tokio::sync::Mutex::new(Cursor {
+                receiver,
+                token: 0,
+                last: None,
+                columns: None,
+                session: SessionUpdate::default(),
+                update_type: None,
+                pending: VecDeque::new(),
+                rows: 0,
+                done: false,
+                failed: None,
+            }),
+            touched: Mutex::new(Instant::now()),
+        });
+        self.lock().insert(id.clone(), query.clone());
+        self.metrics.running.inc();
+        tracing::info!(query = %id, user = %session.user, sql = %sql, "query submitted");
+        let engine = self.engine.clone();
+        let timeout = self.limits.query_timeout;
+        tokio::spawn(async move {
+            let late = tokio::select! {
+                () = execute(&engine, &sql, &session, &sender) => None,
+                () = tokio::time::sleep(timeout) => Some(Failure::new(
+                    ErrorCode::ExceededTimeLimit,
+                    format!("Query exceeded the maximum execution time limit of {}", humantime::format_duration(timeout)),
+                )),
+                () = cancel.cancelled() => None,
+            };
+            if let Some(failure) = late {
+                tokio::select! {
+                    _ = sender.send(Message::Failed(failure)) => {}
+                    () = cancel.cancelled() => {}
+                }
+            }
+        });
+        let results = QueryResults {
+            id: id.clone(),
+            info_uri: info_uri(&query.base_url, &id),
+            next_uri: Some(next_uri(&query, 1)),
+            columns: None,
+            data: None,
+            stats: Stats::default(),
+            error: None,
+            warnings: vec![],
+            update_type: None,
+        };
+        Page {
+            results: Arc::new(results),
+            session: SessionUpdate::default(),
+        }
+    }
+
+    fn find(&self, id: &str, slug: &str) -> Option<Arc<Query>> {
+        let query = self.lock().get(id).cloned()?;
+        (query.slug == slug).then_some(query)
+    }
+
+    /// The page `token` of query `id`; `None` when there is no such query or page.
+    pub async fn fetch(&self, id: &str, slug: &str, token: u64) -> Option<Page> {
+        let query = self.find(id, slug)?;
+        *query.touched.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        let mut cursor = query.cursor.lock().await;
+        if let Some(last) = &cursor.last
+            && cursor.token == token
+        {
+            return Some(last.clone());
+        }
+        if token != cursor.token + 1 {
+            return None;
+        }
+        self.fill(&mut cursor).await;
+        let data: Vec<Vec<Value>> = {
+            let take = cursor.pending.len().min(self.limits.page_rows);
+            cursor.pending.drain(..take).collect()
+        };
+        cursor.rows += data.len() as u64;
+        self.metrics.rows.inc_by(data.len() as u64);
+        let finished = cursor.failed.is_some() || (cursor.done && cursor.pending.is_empty());
+        let state = match (&cursor.failed, finished, &cursor.columns) {
+            (Some(_), _, _) => State::Failed,
+            (None, true, _) => State::Finished,
+            (None, false, Some(_)) => State::Running,
+            (None, false, None) => State::Queued,
+        };
+        let elapsed = query.created.elapsed().as_millis() as u64;
+        let results = QueryResults {
+            id: query.id.clone(),
+            info_uri: info_uri(&query.base_url, &query.id),
+            next_uri: (!finished).then(|| next_uri(&query, token + 1)),
+            columns: cursor.columns.clone(),
+            data: (!data.is_empty()).then_some(data),
+            stats: Stats {
+                state,
+                queued: state == State::Queued,
+                scheduled: state != State::Queued,
+                nodes: 1,
+                elapsed_time_millis: elapsed,
+                wall_time_millis: elapsed,
+                processed_rows: cursor.rows,
+                ..Stats::default()
+            },
+            error: cursor.failed.as_ref().map(Failure::to_error),
+            warnings: vec![],
+            update_type: cursor.update_type.map(str::to_owned),
+        };
+        let page = Page {
+            results: Arc::new(results),
+            session: cursor.session.clone(),
+        };
+        cursor.token = token;
+        cursor.last = Some(page.clone());
+        if finished {
+            self.finish(&query, state, cursor.failed.as_ref());
+        }
+        Some(page)
+    }
+
+    /// Reads what the query has ready: waits up to `max_wait` for the first message, then
+    /// takes what is there without waiting, until a page is full.
+    async fn fill(&self, cursor: &mut Cursor) {
+        let deadline = tokio::time::Instant::now() + self.limits.max_wait;
+        while !cursor.done && cursor.failed.is_none() && cursor.pending.len() < self.limits.page_rows {
+            let message = if cursor.pending.is_empty() {
+                match tokio::time::timeout_at(deadline, cursor.receiver.recv()).await {
+                    Ok(message) => message,
+                    Err(_) => return,
+                }
+            } else {
+                match cursor.receiver.try_recv() {
+                    Ok(message) => Some(message),
+                    Err(mpsc::error::TryRecvError::Empty) => return,
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                }
+            };
+            match message {
+                Some(Message::Start {
+                    columns,
+                    set_catalog,
+                    set_schema,
+                    update_type,
+                }) => {
+                    cursor.columns = Some(columns);
+                    cursor.session = SessionUpdate {
+                        set_catalog,
+                        set_schema,
+                    };
+                    cursor.update_type = update_type;
+                }
+                Some(Message::Batch(batch)) => cursor.pending.extend(protocol::rows(&batch)),
+                Some(Message::Failed(failure)) => cursor.failed = Some(failure),
+                None => cursor.done = true,
+            }
+        }
+    }
+
+    fn finish(&self, query: &Query, state: State, failure: Option<&Failure>) {
+        if self.lock().remove(&query.id).is_some() {
+            self.metrics.running.dec();
+            self.metrics.finished(state);
+            self.metrics.duration.observe(query.created.elapsed().as_secs_f64());
+            match failure {
+                Some(f) => {
+                    tracing::info!(query = %query.id, error = f.code.name(), message = %f.message, "query failed")
+                }
+                None => tracing::info!(query = %query.id, elapsed = ?query.created.elapsed(), "query finished"),
+            }
+        }
+        query.cancel.cancel();
+    }
+
+    /// `DELETE` of a `nextUri`: stops the query and forgets it.
+    pub fn cancel(&self, id: &str, slug: &str) -> bool {
+        let Some(query) = self.find(id, slug) else {
+            return false;
+        };
+        if self.lock().remove(id).is_some() {
+            self.metrics.running.dec();
+            self.metrics.canceled.inc();
+            tracing::info!(query = %id, "query canceled by the client");
+        }
+        query.cancel.cancel();
+        true
+    }
+
+    /// Forgets queries no client has asked about for `client_timeout` (Trino's abandoned
+    /// queries), stopping their work.
+    pub fn purge_abandoned(&self) {
+        let abandoned: Vec<Arc<Query>> = self
+            .lock()
+            .values()
+            .filter(|q| q.touched.lock().unwrap_or_else(|p| p.into_inner()).elapsed() > self.limits.client_timeout)
+            .cloned()
+            .collect();
+        for query in abandoned {
+            if self.lock().remove(&query.id).is_some() {
+                self.metrics.running.dec();
+                self.metrics.abandoned.inc();
+                tracing::warn!(query = %query.id, "query abandoned: no client fetched its results");
+            }
+            query.cancel.cancel();
+        }
+    }
+
+    /// Stops every query (the drain ran out).
+    pub fn cancel_all(&self) {
+        let all: Vec<Arc<Query>> = self.lock().drain().map(|(_, q)| q).collect();
+        for query in all {
+            self.metrics.running.dec();
+            query.cancel.cancel();
+        }
+    }
+}
+
+fn info_uri(base_url: &str, id: &str) -> String {
+    format!("{base_url}/ui/query.html?{id}")
+}
+
+fn next_uri(query: &Query, token: u64) -> String {
+    format!(
+        "{}/v1/statement/executing/{}/{}/{token}",
+        query.base_url, query.id, query.slug
+    )
+}
+
+/// The response of a query that failed before it started.
+pub fn failed_page(id: &str, base_url: &str, failure: &Failure) -> Page {
+    Page {
+        results: Arc::new(QueryResults {
+            id: id.to_owned(),
+            info_uri: info_uri(base_url, id),
+            next_uri: None,
+            columns: None,
+            data: None,
+            stats: Stats {
+                state: State::Failed,
+                ..Stats::default()
+            },
+            error: Some(failure.to_error()),
+            warnings: vec![],
+            update_type: None,
+        }),
+        session: SessionUpdate::default(),
+    }
+}
+
+/// Runs the statement and sends its columns, then its batches, to the pages.
+async fn execute(engine: &Engine, sql: &str, session: &Session, sender: &mpsc::Sender<Message>) {
+    let outcome = match engine.run(sql, session).await {
+        Ok(outcome) => outcome,
+        Err(failure) => {
+            let _ = sender.send(Message::Failed(failure)).await;
+            return;
+        }
+    };
+    let mut columns = protocol::columns(&outcome.stream.schema());
+    if let Some(names) = outcome.names {
+        for (column, name) in columns.iter_mut().zip(names) {
+            column.name = name;
+        }
+    }
+    let start = Message::Start {
+        columns,
+        set_catalog: outcome.set_catalog,
+        set_schema: outcome.set_schema,
+        update_type: outcome.update_type,
+    };
+    if sender.send(start).await.is_err() {
+        return;
+    }
+    let mut stream = outcome.stream;
+    while let Some(batch) = stream.next().await {
+        let message = match batch {
+            Ok(batch) if batch.num_rows() == 0 => continue,
+            Ok(batch) => Message::Batch(batch),
+            Err(e) => Message::Failed(failure(e)),
+        };
+        let failed = matches!(message, Message::Failed(_));
+        if sender.send(message).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Trino's query id form, `20260108_140000_00001_abcde`: time, sequence, and a random part.
+fn query_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    let sequence = SEQUENCE.fetch_add(1, Ordering::Relaxed) % 100_000;
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!(
+        "{}_{sequence:05}_{}",
+        chrono::Utc::now().format("%Y%m%d_%H%M%S"),
+        &random[..5]
+    )
+}

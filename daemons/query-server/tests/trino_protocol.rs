@@ -1,0 +1,335 @@
+//! The query-server against real clients: Trino's own Python client runs the plan's statements
+//! over a table the iceberg-sink's table code wrote to S3 (moto) through a PostgreSQL catalog,
+//! and its answers are compared with PyIceberg's; then the protocol's edge cases over raw HTTP.
+
+use std::{collections::HashMap, process::Command, time::Duration};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use iceberg_sink::table::WeatherTable;
+use serde_json::Value;
+use weather_common::{
+    WeatherReading,
+    consumer::{Checkpoint, Checkpoints},
+    lakehouse::CatalogConfig,
+    reading::DEMO_CITIES,
+};
+use weather_testkit::{ChildGuard, Postgres, S3Server, find_tool, free_port, http_get, http_request_with, metric};
+
+/// 2026-01-08 13:00 UTC: the data covers 13:00–16:00 of that day and 14:00 of the next.
+const START: i64 = 1_767_877_200;
+const COMMITS: usize = 8;
+const READINGS_PER_COMMIT: usize = 3_000;
+
+struct Harness {
+    _postgres: Postgres,
+    s3: S3Server,
+    catalog_url: String,
+    table: WeatherTable,
+    committed: Checkpoints,
+    offset: i64,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        let postgres = Postgres::start().expect("postgres");
+        let catalog_url = postgres.create_database("iceberg").await.expect("catalog database");
+        let s3 = S3Server::start().await.expect("moto");
+        let config = CatalogConfig {
+            url: catalog_url.clone(),
+            name: "weather".into(),
+            warehouse: "s3://warehouse/".into(),
+            storage: HashMap::from([
+                ("s3.endpoint".to_owned(), s3.endpoint.clone()),
+                ("s3.region".to_owned(), "us-east-1".to_owned()),
+                ("s3.path-style-access".to_owned(), "true".to_owned()),
+                ("s3.access-key-id".to_owned(), "test".to_owned()),
+                ("s3.secret-access-key".to_owned(), "test".to_owned()),
+            ]),
+        };
+        let table = WeatherTable::open(&config, "default", "weather", 128 << 20)
+            .await
+            .expect("table");
+        Self {
+            _postgres: postgres,
+            s3,
+            catalog_url,
+            table,
+            committed: Checkpoints::new(),
+            offset: 0,
+        }
+    }
+
+    /// One commit, as the sink makes it: readings spread over the four hours, so every
+    /// commit adds one file to each hour.
+    async fn commit(&mut self, seed: usize, count: usize) {
+        let hours = [0, 1, 2, 25];
+        let start = DateTime::<Utc>::from_timestamp(START, 0).expect("start");
+        let readings: Vec<WeatherReading> = (0..count)
+            .map(|i| {
+                let n = seed * count + i;
+                WeatherReading {
+                    city: DEMO_CITIES[n % DEMO_CITIES.len()].to_owned(),
+                    temperature: ((n * 37) % 1_000) as f64 / 10.0 - 20.0,
+                    ts: start
+                        + TimeDelta::hours(hours[n % hours.len()])
+                        + TimeDelta::milliseconds((n as i64 * 7_919) % 3_600_000),
+                }
+            })
+            .collect();
+        self.offset += count as i64;
+        let next = Checkpoints::from([(
+            0,
+            Checkpoint {
+                next_offset: self.offset,
+                last_record: None,
+            },
+        )]);
+        let files = self.table.write(&readings).await.expect("write");
+        self.table
+            .commit("weather", files, &self.committed, &next)
+            .await
+            .expect("commit");
+        self.committed = next;
+    }
+
+    fn server(&self, extra: &[&str]) -> (ChildGuard, String) {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let server = ChildGuard::spawn_ready(
+            "query-server",
+            Command::new(env!("CARGO_BIN_EXE_query-server"))
+                .args([
+                    "--listen",
+                    &addr,
+                    "--warehouse",
+                    "s3://warehouse/",
+                    "--s3-endpoint",
+                    &self.s3.endpoint,
+                ])
+                .args(extra)
+                .env("CATALOG_URL", &self.catalog_url)
+                .env("AWS_ACCESS_KEY_ID", "test")
+                .env("AWS_SECRET_ACCESS_KEY", "test"),
+            Duration::from_secs(60),
+        )
+        .expect("query-server");
+        (server, addr)
+    }
+}
+
+/// POSTs `sql` as user `test` and follows `nextUri` to the end: every response.
+async fn statement(addr: &str, sql: &str) -> Vec<Value> {
+    let first = http_request_with(
+        addr,
+        "POST",
+        "/v1/statement",
+        &[("X-Trino-User", "test")],
+        sql.as_bytes(),
+    )
+    .await
+    .expect("POST");
+    assert_eq!(first.status, 200, "{}", first.body);
+    let mut responses = vec![first.json()];
+    while let Some(next) = responses.last().and_then(|r| r["nextUri"].as_str()).map(str::to_owned) {
+        let target = next.split_once(addr).map_or(next.as_str(), |(_, path)| path).to_owned();
+        let page = http_get(addr, &target).await.expect("GET nextUri");
+        assert_eq!(page.status, 200, "{}", page.body);
+        responses.push(page.json());
+    }
+    responses
+}
+
+fn rows(responses: &[Value]) -> Vec<Value> {
+    responses
+        .iter()
+        .filter_map(|r| r["data"].as_array())
+        .flatten()
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trinos_python_client_gets_what_pyiceberg_reads() {
+    let mut harness = Harness::start().await;
+    for seed in 0..COMMITS {
+        harness.commit(seed, READINGS_PER_COMMIT).await;
+    }
+    let (_server, addr) = harness.server(&["--page-rows", "1000"]);
+
+    let python = find_tool("PYTHON", "python3").expect("python3");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/trino_check.py");
+    let output = Command::new(python)
+        .args([
+            script,
+            &format!("http://{addr}"),
+            &harness.catalog_url,
+            &harness.s3.endpoint,
+            "2026-01-08",
+            "14",
+        ])
+        .output()
+        .expect("trino_check.py");
+    assert!(
+        output.status.success(),
+        "trino_check.py: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).expect("report");
+    eprintln!("trino_check.py: {report:#}");
+    let total = COMMITS * READINGS_PER_COMMIT;
+    assert_eq!(report["rows"], total);
+    // hour(ts) = 14 is that hour on both days: half the readings; the range is one of them.
+    assert_eq!(report["hour_rows"], total / 2);
+    assert_eq!(report["range_rows"], total / 4);
+    assert_eq!(report["files"], COMMITS * 4);
+    assert_eq!(report["cities"], DEMO_CITIES.len());
+    // The range query plans one hour's files only.
+    let plan = report["range_plan"].to_string();
+    assert!(
+        plan.contains(&format!("files={COMMITS} of {}", COMMITS * 4)),
+        "the range scan is not pruned to one hour: {plan}"
+    );
+    let errors = &report["errors"];
+    assert_eq!(errors["SELECT nosuch FROM iceberg.default.weather"], "COLUMN_NOT_FOUND");
+    assert_eq!(errors["SELECT * FROM iceberg.default.nosuch"], "TABLE_NOT_FOUND");
+    assert_eq!(errors["SELEC * FROM iceberg.default.weather"], "SYNTAX_ERROR");
+    assert_eq!(errors["DROP TABLE iceberg.default.weather"], "NOT_SUPPORTED");
+    assert_eq!(errors["CREATE TABLE t AS SELECT 1"], "NOT_SUPPORTED");
+
+    let metrics = http_get(&addr, "/metrics").await.expect("metrics").body;
+    let skipped = metric(&metrics, "query_server_files_skipped_total").expect("files skipped");
+    assert!(skipped >= (COMMITS * 3) as f64, "{metrics}");
+
+    // A commit after the server started is seen by the next query.
+    harness.commit(COMMITS, 10).await;
+    let count = rows(&statement(&addr, "SELECT count(*) FROM iceberg.default.weather").await);
+    assert_eq!(count, vec![serde_json::json!([total + 10])]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_cancel_and_errors_follow_trinos_protocol() {
+    let mut harness = Harness::start().await;
+    for seed in 0..2 {
+        harness.commit(seed, READINGS_PER_COMMIT).await;
+    }
+    let total = 2 * READINGS_PER_COMMIT;
+    let (_server, addr) = harness.server(&["--page-rows", "500"]);
+    let info = http_get(&addr, "/v1/info").await.expect("info").json();
+    assert_eq!(info["starting"], false);
+
+    // A result of many pages, each with the columns, the last without nextUri.
+    let responses = statement(&addr, "SELECT city, temperature, ts FROM iceberg.default.weather").await;
+    assert_eq!(rows(&responses).len(), total);
+    let pages = responses.iter().filter(|r| r["data"].is_array()).count();
+    assert!(pages >= total / 500, "{pages} pages");
+    assert!(
+        responses
+            .iter()
+            .filter(|r| r["data"].is_array())
+            .all(|r| r["columns"].is_array())
+    );
+    let last = responses.last().expect("responses");
+    assert_eq!(last["stats"]["state"], "FINISHED");
+    assert!(last.get("nextUri").is_none());
+    assert_eq!(last["columns"][2]["type"], "timestamp(6) with time zone");
+
+    // Fetching a page again (a client's retry) gives the same page; skipping ahead is refused.
+    let first = http_request_with(
+        &addr,
+        "POST",
+        "/v1/statement",
+        &[("X-Trino-User", "test")],
+        b"SELECT * FROM iceberg.default.weather",
+    )
+    .await
+    .expect("POST")
+    .json();
+    let next = first["nextUri"].as_str().expect("nextUri");
+    let path = next.split_once(&addr).expect("own address").1.to_owned();
+    let page = http_get(&addr, &path).await.expect("page 1");
+    let again = http_get(&addr, &path).await.expect("page 1 again");
+    assert_eq!(page.body, again.body);
+    let skipped = path.replace("/1", "/5");
+    assert_eq!(http_get(&addr, &skipped).await.expect("page 5").status, 404);
+    // DELETE cancels: the query is gone, and counted.
+    let cancel = http_request_with(&addr, "DELETE", &path, &[], b"")
+        .await
+        .expect("DELETE");
+    assert_eq!(cancel.status, 204);
+    assert_eq!(http_get(&addr, &path).await.expect("after cancel").status, 404);
+    let metrics = http_get(&addr, "/metrics").await.expect("metrics").body;
+    assert_eq!(metric(&metrics, "query_server_canceled_queries_total"), Some(1.0));
+    assert_eq!(metric(&metrics, "query_server_running_queries"), Some(0.0));
+
+    // An error after rows were sent: the pages so far, then FAILED with Trino's error.
+    // 30,000 numbered rows leave the window in batches of 8,192: the third one fails.
+    let failing = "SELECT CAST(CASE WHEN n < 20000 THEN '1' ELSE 'x' END AS INTEGER) FROM \
+                   (SELECT row_number() OVER (ORDER BY a.ts, b.ts) AS n FROM iceberg.default.weather a \
+                   CROSS JOIN (SELECT ts FROM iceberg.default.weather LIMIT 5) b)";
+    let responses = statement(&addr, failing).await;
+    let last = responses.last().expect("responses");
+    assert_eq!(last["stats"]["state"], "FAILED", "{last}");
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Cannot cast")),
+        "{last}"
+    );
+    assert_eq!(last["error"]["errorName"], "INVALID_CAST_ARGUMENT");
+    assert_eq!(last["error"]["errorType"], "USER_ERROR");
+    assert!(!rows(&responses).is_empty(), "no rows before the error");
+
+    // No user, no query; a write is refused as Trino refuses one, and nothing changed.
+    let anonymous = http_request_with(&addr, "POST", "/v1/statement", &[], b"SELECT 1")
+        .await
+        .expect("POST");
+    assert_eq!(anonymous.status, 400);
+    let delete = statement(&addr, "DELETE FROM iceberg.default.weather").await;
+    assert_eq!(delete.last().expect("response")["error"]["errorName"], "NOT_SUPPORTED");
+    let count = rows(&statement(&addr, "SELECT count(*) FROM iceberg.default.weather").await);
+    assert_eq!(count, vec![serde_json::json!([total])]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_over_its_time_limit_fails_and_sigterm_drains() {
+    let mut harness = Harness::start().await;
+    harness.commit(0, READINGS_PER_COMMIT).await;
+    let (server, addr) = harness.server(&["--query-timeout", "1ms"]);
+    let responses = statement(&addr, "SELECT count(*) FROM iceberg.default.weather").await;
+    let last = responses.last().expect("responses");
+    assert_eq!(last["error"]["errorName"], "EXCEEDED_TIME_LIMIT", "{last}");
+    assert_eq!(last["error"]["errorType"], "INSUFFICIENT_RESOURCES");
+
+    // SIGTERM with a query open: new statements are refused, the open one still pages to its
+    // end, then the server exits.
+    drop(server);
+    let (mut server2, addr) = harness.server(&["--page-rows", "100"]);
+    let first = http_request_with(
+        &addr,
+        "POST",
+        "/v1/statement",
+        &[("X-Trino-User", "test")],
+        b"SELECT * FROM iceberg.default.weather",
+    )
+    .await
+    .expect("POST")
+    .json();
+    server2.sigterm();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = http_request_with(&addr, "POST", "/v1/statement", &[("X-Trino-User", "test")], b"SELECT 1")
+        .await
+        .expect("POST while draining")
+        .json();
+    assert_eq!(refused["error"]["errorName"], "SERVER_SHUTTING_DOWN");
+    let mut next = first["nextUri"].as_str().map(str::to_owned);
+    let mut fetched = 0;
+    while let Some(uri) = next {
+        let path = uri.split_once(&addr).expect("own address").1.to_owned();
+        let page = http_get(&addr, &path).await.expect("page while draining").json();
+        fetched += page["data"].as_array().map_or(0, Vec::len);
+        next = page["nextUri"].as_str().map(str::to_owned);
+    }
+    assert_eq!(fetched, READINGS_PER_COMMIT);
+    let status = server2.wait(Duration::from_secs(10)).expect("exits after the drain");
+    assert!(status.success(), "{status}");
+}
