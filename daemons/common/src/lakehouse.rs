@@ -102,6 +102,20 @@ pub struct CatalogConfig {
 }
 
 impl CatalogConfig {
+    /// The catalog URL as logs may show it: without its password.
+    pub fn shown_url(&self) -> String {
+        let Some((scheme, rest)) = self.url.split_once("://") else {
+            return self.url.clone();
+        };
+        match rest.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+                None => self.url.clone(),
+            },
+            None => self.url.clone(),
+        }
+    }
+
     /// Connects to the SQL catalog.
     pub async fn connect(&self) -> iceberg::Result<Arc<dyn Catalog>> {
         let bind_style = if self.url.starts_with("sqlite:") {
@@ -119,5 +133,32 @@ impl CatalogConfig {
             .load(&self.name, HashMap::new())
             .await?;
         Ok(Arc::new(catalog))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_show_the_catalog_url_without_its_password() {
+        let shown = |url: &str| {
+            CatalogConfig {
+                url: url.into(),
+                name: "weather".into(),
+                warehouse: "s3://warehouse/".into(),
+                storage: HashMap::new(),
+            }
+            .shown_url()
+        };
+        assert_eq!(
+            shown("postgresql://postgres:s3cr@t@db:5432/iceberg"),
+            "postgresql://postgres:***@db:5432/iceberg"
+        );
+        assert_eq!(
+            shown("postgresql://weather@db/iceberg"),
+            "postgresql://weather@db/iceberg"
+        );
+        assert_eq!(shown("sqlite://catalog.db"), "sqlite://catalog.db");
     }
 }

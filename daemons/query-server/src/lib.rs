@@ -187,7 +187,8 @@ struct App {
 /// to `--drain-timeout`) while refusing new ones.
 pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
-    tracing::info!(listen = %local, catalog = %args.catalog.catalog_url, "query-server starting");
+    let config = args.catalog.config()?;
+    tracing::info!(listen = %local, catalog = %config.shown_url(), "query-server starting");
     let metrics = Arc::new(Metrics::new());
     let app = Arc::new(App {
         queries: tokio::sync::OnceCell::new(),
@@ -214,7 +215,6 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
 
     // Until the catalog answers, /v1/info says "starting" and statements are refused, as
     // Trino does while it starts.
-    let config = args.catalog.config()?;
     let mut backoff = Backoff::default();
     let catalog = loop {
         match config.connect().await {
