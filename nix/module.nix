@@ -94,7 +94,10 @@ let
     wantedBy = [ "multi-user.target" ];
     requires = [ "${s3Backbone}.service" ];
     after = [ "${s3Backbone}.service" ];
-    before = [ "weather-pipeline-iceberg-sink.service" ];
+    before = [
+      "weather-pipeline-iceberg-sink.service"
+      "weather-pipeline-query-server.service"
+    ];
     path = [ pkgs.gawk ];
     serviceConfig = {
       Type = "oneshot";
@@ -139,7 +142,29 @@ let
   kafkaDaemons = [ "logging-server" "window-aggregator" "iceberg-sink" ];
   # The daemons that use PostgreSQL run as the dynamic user `weather`, which peer
   # authentication maps to the role `weather`.
-  databaseDaemons = [ "window-aggregator" "iceberg-sink" "dashboard" ];
+  databaseDaemons = [ "window-aggregator" "iceberg-sink" "dashboard" "query-server" ];
+
+  # The daemons that open the Iceberg table (the sink writes it, the query-server reads it):
+  # catalog, warehouse and S3, the S3 keys by LoadCredential.
+  lakehouseUnit =
+    name:
+    lib.recursiveUpdate
+      (unit name (
+        {
+          CATALOG_URL = cfg.catalogUrl;
+          WAREHOUSE = cfg.warehouse;
+        }
+        // lib.optionalAttrs (cfg.s3Endpoint != null) {
+          S3_ENDPOINT = cfg.s3Endpoint;
+          S3_REGION = cfg.s3Region;
+        }
+        // lib.optionalAttrs (cfg.s3CredentialsFile != null) {
+          S3_CREDENTIALS_FILE = "%d/s3";
+        }
+      ))
+      {
+        serviceConfig.LoadCredential = lib.optional (cfg.s3CredentialsFile != null) "s3:${cfg.s3CredentialsFile}";
+      };
 
   unit =
     name: extraEnv:
@@ -219,7 +244,7 @@ in
     catalogUrl = mkOption {
       type = types.str;
       default = "postgresql:///iceberg?host=/run/postgresql&user=weather";
-      description = "Iceberg SQL catalog (iceberg-sink), shared with Trino's JDBC catalog.";
+      description = "Iceberg SQL catalog (iceberg-sink, query-server), shared with Trino's JDBC catalog.";
     };
     warehouse = mkOption {
       type = types.str;
@@ -251,7 +276,7 @@ in
       example = "/run/secrets/weather-s3";
       description = ''
         File with AWS_ACCESS_KEY_ID=… and AWS_SECRET_ACCESS_KEY=… lines, handed to iceberg-sink
-        through systemd's LoadCredential: it never enters the Nix store.
+        and query-server through systemd's LoadCredential: it never enters the Nix store.
       '';
     };
 
@@ -259,6 +284,8 @@ in
     window-aggregator = daemonOptions "window-aggregator" "127.0.0.1:9102";
     iceberg-sink = daemonOptions "iceberg-sink" "127.0.0.1:9101";
     dashboard = daemonOptions "dashboard" "127.0.0.1:3000";
+    # SQL on the table over Trino's protocol, on Trino's port.
+    query-server = daemonOptions "query-server" "127.0.0.1:8080";
     weather-client = daemonOptions "weather-client" null;
 
     backbone = {
@@ -290,7 +317,7 @@ in
         lib.optional (d.enable && d.openFirewall && d.listen != null) (
           lib.toInt (lib.last (lib.splitString ":" d.listen))
         )
-      ) [ "logging-server" "window-aggregator" "iceberg-sink" "dashboard" ];
+      ) [ "logging-server" "window-aggregator" "iceberg-sink" "dashboard" "query-server" ];
     }
     (mkIf cfg.logging-server.enable {
       systemd.services.weather-pipeline-logging-server = unit "logging-server" { };
@@ -314,23 +341,10 @@ in
       ];
     })
     (mkIf cfg.iceberg-sink.enable {
-      systemd.services.weather-pipeline-iceberg-sink = lib.recursiveUpdate
-        (unit "iceberg-sink" (
-          {
-            CATALOG_URL = cfg.catalogUrl;
-            WAREHOUSE = cfg.warehouse;
-          }
-          // lib.optionalAttrs (cfg.s3Endpoint != null) {
-            S3_ENDPOINT = cfg.s3Endpoint;
-            S3_REGION = cfg.s3Region;
-          }
-          // lib.optionalAttrs (cfg.s3CredentialsFile != null) {
-            S3_CREDENTIALS_FILE = "%d/s3";
-          }
-        ))
-        {
-          serviceConfig.LoadCredential = lib.optional (cfg.s3CredentialsFile != null) "s3:${cfg.s3CredentialsFile}";
-        };
+      systemd.services.weather-pipeline-iceberg-sink = lakehouseUnit "iceberg-sink";
+    })
+    (mkIf cfg.query-server.enable {
+      systemd.services.weather-pipeline-query-server = lakehouseUnit "query-server";
     })
     (mkIf cfg.backbone.enable {
       services.postgresql = {

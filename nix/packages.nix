@@ -11,6 +11,7 @@ let
     "window-aggregator"
     "iceberg-sink"
     "dashboard"
+    "query-server"
     "pipeline"
   ];
 

@@ -14,7 +14,7 @@ let
     outPath = "/nix/store/00000000000000000000000000000000-${name}";
     meta.mainProgram = name;
   };
-  daemons = [ "logging-server" "weather-client" "window-aggregator" "iceberg-sink" "dashboard" "pipeline" ];
+  daemons = [ "logging-server" "weather-client" "window-aggregator" "iceberg-sink" "dashboard" "query-server" "pipeline" ];
   self.packages.x86_64-linux = lib.genAttrs daemons fakePackage;
 
   unitAtom = types.oneOf [ types.bool types.int types.str types.path ];
@@ -113,7 +113,7 @@ let
       };
     }).config;
 
-  allDaemons = lib.genAttrs [ "logging-server" "weather-client" "window-aggregator" "iceberg-sink" "dashboard" ] (
+  allDaemons = lib.genAttrs [ "logging-server" "weather-client" "window-aggregator" "iceberg-sink" "dashboard" "query-server" ] (
     _: { enable = true; }
   );
 
@@ -124,6 +124,7 @@ let
     window-aggregator.window-aggregator.enable = true;
     iceberg-sink.iceberg-sink.enable = true;
     dashboard.dashboard.enable = true;
+    query-server.query-server.enable = true;
     # Everything on one host with the backbone.
     backbone = allDaemons // {
       backbone.enable = true;

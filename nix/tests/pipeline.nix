@@ -1,5 +1,6 @@
 # NixOS VM test: the module with its backbone (PostgreSQL, Kafka, Garage); readings sent to the
-# logging-server must arrive as window rows in PostgreSQL and as rows of the Iceberg table.
+# logging-server must arrive as window rows in PostgreSQL and as rows of the Iceberg table, which
+# the query-server counts over Trino's protocol.
 { self }:
 {
   name = "weather-pipeline";
@@ -16,11 +17,27 @@
         dashboard.enable = true;
         # The warehouse is bucket `warehouse` of the backbone's Garage, with the key it made.
         iceberg-sink.enable = true;
+        query-server.enable = true;
       };
       environment.systemPackages = [ pkgs.curl pkgs.postgresql ];
     };
 
   testScript = ''
+    import json
+    import time
+
+    def sql(statement):
+        """Rows of `statement`, through Trino's protocol: POST, then each nextUri."""
+        page = json.loads(machine.succeed(
+            f"curl -fsS -H 'X-Trino-User: test' --data-binary '{statement}' http://127.0.0.1:8080/v1/statement"
+        ))
+        rows = []
+        while "nextUri" in page:
+            page = json.loads(machine.succeed(f"curl -fsS '{page['nextUri']}'"))
+            rows += page.get("data", [])
+        assert "error" not in page, page
+        return rows
+
     machine.wait_for_unit("weather-pipeline-s3-bucket.service")
     machine.succeed("test $(stat -c %a /var/lib/weather-pipeline-s3/credentials) = 600")
     machine.wait_for_unit("weather-pipeline-logging-server.service")
@@ -40,6 +57,11 @@
         timeout=120,
     )
     machine.succeed("curl -fsS http://127.0.0.1:3000/api/weather | grep Boston")
+    machine.wait_for_unit("weather-pipeline-query-server.service")
+    deadline = time.time() + 60
+    while sql("SELECT count(*) FROM iceberg.default.weather") != [[50]]:
+        assert time.time() < deadline, "the query-server does not see the 50 readings"
+        time.sleep(1)
     machine.succeed("journalctl -u weather-pipeline-logging-server.service | grep 'broker reachable'")
   '';
 }

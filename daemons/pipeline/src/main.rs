@@ -73,6 +73,11 @@ struct RunArgs {
     #[arg(long, default_value_t = 3000)]
     dashboard_port: u16,
 
+    /// Port of the SQL endpoint (query-server, speaking Trino's protocol; Trino's own when its
+    /// launcher is on PATH).
+    #[arg(long, default_value_t = 8080)]
+    query_port: u16,
+
     /// Readings per second sent by the weather-client (default: 10 every 5 s).
     #[arg(long)]
     rate: Option<f64>,
@@ -198,7 +203,17 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
+    // Trino when its launcher is on PATH and can read the warehouse, the embedded query-server
+    // otherwise.
+    let trino_launcher = trino::find().filter(|_| {
+        let readable = s3_endpoint.is_some();
+        if !readable {
+            tracing::warn!("Trino not started: it reads the table from S3 only; query-server serves SQL instead");
+        }
+        readable
+    });
     let logging = format!("127.0.0.1:{}", args.logging_port);
+    let query = format!("127.0.0.1:{}", args.query_port);
     let dashboard = format!("127.0.0.1:{}", args.dashboard_port);
     let aggregator_admin = format!("127.0.0.1:{}", free_port()?);
     let sink_admin = format!("127.0.0.1:{}", free_port()?);
@@ -218,6 +233,7 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         let file = s3.credentials_file.display().to_string();
         sink_env.push(("S3_CREDENTIALS_FILE".to_owned(), file));
     }
+    let catalog_env: Vec<(String, String)> = sink_env.iter().filter(|(k, _)| k != "KAFKA_BROKERS").cloned().collect();
     let database_env = ("DATABASE_URL".to_owned(), database_url.clone());
     // What a person sees of a URL: the local server's password stays in its file.
     let shown = |url: &str| postgres.as_ref().map_or_else(|| url.to_owned(), |p| p.shown(url));
@@ -249,6 +265,13 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
             vec![database_env.clone()],
         )?,
     ];
+    if trino_launcher.is_none() {
+        specs.push(spec(
+            "query-server",
+            vec!["--listen".into(), query.clone()],
+            catalog_env,
+        )?);
+    }
     if !args.no_client {
         let mut client_args = vec!["--server-url".into(), format!("http://{logging}")];
         if let Some(rate) = args.rate {
@@ -267,7 +290,14 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         ("window-aggregator".to_owned(), format!("http://{aggregator_admin}")),
         ("iceberg-sink".to_owned(), format!("http://{sink_admin}")),
         ("dashboard".to_owned(), format!("http://{dashboard}")),
-    ];
+    ]
+    .into_iter()
+    .chain(
+        trino_launcher
+            .is_none()
+            .then(|| ("query-server".to_owned(), format!("http://{query}"))),
+    )
+    .collect();
     let mut state = State {
         components,
         database_url: database_url.clone(),
@@ -296,8 +326,12 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let mut trino = None;
-    if failure.is_none() && !shutdown.is_cancelled() {
+    if let Some(launcher) = &trino_launcher
+        && failure.is_none()
+        && !shutdown.is_cancelled()
+    {
         trino = start_trino(
+            launcher,
             &state_dir,
             &catalog_url,
             &warehouse,
@@ -317,7 +351,11 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
             "\nweather-pipeline is running (Ctrl-C stops it)\n  dashboard       http://{dashboard}/\n  logging-server  http://{logging}/log?city=Boston&temperature=72.5\n  metrics         http://{logging}/metrics  http://{aggregator_admin}/metrics  http://{sink_admin}/metrics\n  PostgreSQL      {}\n  Iceberg         catalog {}, warehouse {warehouse}\n  Kafka           {brokers}\n{}\n",
             shown(&database_url),
             shown(&catalog_url),
-            query_hint(&shown(&catalog_url), &warehouse, local_s3.as_ref(), trino.as_ref())
+            query_hint(match (&trino, &trino_launcher) {
+                (Some(trino), _) => Some(trino.url.clone()),
+                (None, None) => Some(format!("http://{query}")),
+                (None, Some(_)) => None,
+            })
         );
         shutdown.cancelled().await;
     }
@@ -467,9 +505,10 @@ async fn wait_for_consumers(brokers: &str, consumers: &[(&str, &str)], timeout: 
     }
 }
 
-/// Trino, when its launcher is on `PATH` and the warehouse is on S3 (Trino's local file
-/// system does not read `file://` table locations); `None`, with the reason logged, otherwise.
+/// Trino from `launcher`, reading the warehouse on S3 (Trino's local file system does not
+/// read `file://` table locations); `None`, with the reason logged, when it does not start.
 async fn start_trino(
+    launcher: &std::path::Path,
     state_dir: &std::path::Path,
     catalog_url: &str,
     warehouse: &str,
@@ -477,13 +516,7 @@ async fn start_trino(
     local_s3: Option<&s3_server::LocalS3>,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Option<trino::Trino> {
-    let launcher = trino::find()?;
-    let Some(s3_endpoint) = s3_endpoint else {
-        tracing::warn!(
-            "Trino not started: it reads the table from S3 only; put minio or s3s-fs on PATH or give --s3-endpoint"
-        );
-        return None;
-    };
+    let s3_endpoint = s3_endpoint?;
     let catalog = trino::Catalog {
         catalog_url,
         warehouse,
@@ -493,7 +526,7 @@ async fn start_trino(
     tracing::info!("starting Trino (takes a minute)");
     let dir = state_dir.join("trino");
     let started = tokio::select! {
-        started = trino::start(&launcher, &dir, &catalog) => started,
+        started = trino::start(launcher, &dir, &catalog) => started,
         () = shutdown.cancelled() => return None,
     };
     match started {
@@ -505,30 +538,15 @@ async fn start_trino(
     }
 }
 
-fn query_hint(
-    catalog_url: &str,
-    warehouse: &str,
-    local_s3: Option<&s3_server::LocalS3>,
-    trino: Option<&trino::Trino>,
-) -> String {
-    if let Some(trino) = trino {
-        return format!(
-            "  Trino           {0}\n    trino --server {0} --execute 'SELECT city, count(*) FROM iceberg.\"default\".weather GROUP BY city'",
-            trino.url
-        );
-    }
-    // PyArrow's S3 client takes the keys from the environment.
-    let (env, s3) = match local_s3 {
-        Some(s3) => (
-            format!("env $(cat {}) ", s3.credentials_file.display()),
-            format!(", **{{'s3.endpoint': '{}', 's3.region': 'us-east-1'}}", s3.endpoint),
-        ),
-        None => (String::new(), String::new()),
+/// How to query the table over Trino's protocol at `url` (Trino's, or the query-server's).
+fn query_hint(url: Option<String>) -> String {
+    let Some(url) = url else {
+        return "  SQL             not available: Trino did not start (see above)".to_owned();
     };
     format!(
-        "  Query the table without Trino:\n    {env}python3 -c \"from pyiceberg.catalog.sql import SqlCatalog; \
-         print(SqlCatalog('weather', uri='{}', warehouse='{warehouse}'{s3}).load_table('default.weather').scan().to_arrow())\"",
-        catalog_url.replacen("postgresql://", "postgresql+psycopg2://", 1)
+        "  SQL (Trino)     {url}\n    trino --server {url} --catalog iceberg --schema default\n    \
+         python3 -c \"import trino; c = trino.dbapi.connect(host='{url}', user='me', catalog='iceberg', schema='default').cursor(); \
+         c.execute('SELECT city, count(*) FROM weather GROUP BY city'); print(c.fetchall())\""
     )
 }
 
