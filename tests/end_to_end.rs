@@ -12,14 +12,14 @@ use std::{
 
 use weather_testkit::{
     ChildGuard, build_workspace_binaries, connect, descendants, free_port, http_get, is_root, metric,
-    pyiceberg_check_with, still_running, workspace_binary,
+    pyiceberg_check_with, still_running, trino_rows, trino_statement, workspace_binary,
 };
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pipeline_runs_end_to_end_and_stops_cleanly() {
     build_workspace_binaries();
     let state = tempfile::tempdir().expect("state dir");
-    let (logging, dashboard) = (free_port(), free_port());
+    let (logging, dashboard, query) = (free_port(), free_port(), free_port());
     let mut pipeline = ChildGuard::spawn_ready(
         "pipeline",
         Command::new(workspace_binary("pipeline"))
@@ -30,6 +30,8 @@ async fn pipeline_runs_end_to_end_and_stops_cleanly() {
                 &logging.to_string(),
                 "--dashboard-port",
                 &dashboard.to_string(),
+                "--query-port",
+                &query.to_string(),
             ])
             .args(["--rate", "100", "--client-batches", "250", "--commit-interval", "2s"])
             .env_remove("KAFKA_BROKERS")
@@ -96,6 +98,27 @@ async fn pipeline_runs_end_to_end_and_stops_cleanly() {
         "every acknowledged reading exactly once in Iceberg: {found}"
     );
     let per_city: BTreeMap<String, i64> = serde_json::from_value(found["per_city"].clone()).expect("per_city");
+
+    // SQL over Trino's protocol, from the query-server `pipeline` started: the same counts.
+    let query = format!("127.0.0.1:{query}");
+    let responses = trino_statement(
+        &query,
+        "SELECT city, count(*) FROM iceberg.default.weather GROUP BY city",
+    )
+    .await
+    .expect("SQL");
+    let last = responses.last().expect("responses");
+    assert!(last.get("error").is_none(), "{last}");
+    let counted: BTreeMap<String, i64> = trino_rows(&responses)
+        .iter()
+        .map(|row| {
+            (
+                row[0].as_str().expect("city").to_owned(),
+                row[1].as_i64().expect("count"),
+            )
+        })
+        .collect();
+    assert_eq!(counted, per_city, "the query-server counts what PyIceberg reads");
 
     // PostgreSQL windows count the same readings per city.
     let client = connect(&database_url).await.expect("connect");

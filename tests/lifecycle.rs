@@ -22,6 +22,7 @@ use weather_testkit::{
 struct Ports {
     logging: u16,
     dashboard: u16,
+    query: u16,
 }
 
 /// `pipeline` with its defaults (private PostgreSQL, the durable broker found on PATH), in a
@@ -35,6 +36,7 @@ fn start(state: &Path, ports: &Ports) -> ChildGuard {
             .arg(state)
             .args(["--logging-port", &ports.logging.to_string()])
             .args(["--dashboard-port", &ports.dashboard.to_string()])
+            .args(["--query-port", &ports.query.to_string()])
             .args(["--no-client", "--commit-interval", "1s"])
             .env_remove("KAFKA_BROKERS")
             .env_remove("DATABASE_URL")
@@ -78,6 +80,7 @@ async fn acknowledged_readings_survive_ctrl_c_kill_9_of_pipeline_and_reruns() {
     let ports = Ports {
         logging: free_port(),
         dashboard: free_port(),
+        query: free_port(),
     };
     let logging = format!("127.0.0.1:{}", ports.logging);
     let mut told = Told::default();

@@ -461,6 +461,55 @@ pub async fn http_request_with(
     Ok(HttpResponse { status, headers, body })
 }
 
+/// `POST /v1/statement` of Trino's protocol as user `test`: the first response.
+pub async fn trino_submit(addr: &str, sql: &str) -> anyhow::Result<serde_json::Value> {
+    let response = http_request_with(
+        addr,
+        "POST",
+        "/v1/statement",
+        &[("X-Trino-User", "test")],
+        sql.as_bytes(),
+    )
+    .await?;
+    anyhow::ensure!(
+        response.status == 200,
+        "POST /v1/statement: {} {}",
+        response.status,
+        response.body
+    );
+    Ok(response.json())
+}
+
+/// Runs `sql` over Trino's protocol on `addr` (the query-server), following each `nextUri`
+/// to the end: every response, the last one finished or failed.
+pub async fn trino_statement(addr: &str, sql: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut responses = vec![trino_submit(addr, sql).await?];
+    while let Some(next) = responses.last().and_then(|r| r["nextUri"].as_str()).map(str::to_owned) {
+        let page = http_get(addr, trino_path(addr, &next)?).await?;
+        anyhow::ensure!(page.status == 200, "GET {next}: {} {}", page.status, page.body);
+        responses.push(page.json());
+    }
+    Ok(responses)
+}
+
+/// The path of a `nextUri` that names `addr`.
+pub fn trino_path<'a>(addr: &str, uri: &'a str) -> anyhow::Result<&'a str> {
+    Ok(uri
+        .split_once(addr)
+        .with_context(|| format!("{uri} is not on {addr}"))?
+        .1)
+}
+
+/// The rows of all the responses of a statement.
+pub fn trino_rows(responses: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    responses
+        .iter()
+        .filter_map(|r| r["data"].as_array())
+        .flatten()
+        .cloned()
+        .collect()
+}
+
 /// GET shorthand for [`http_request`].
 pub async fn http_get(addr: &str, target: &str) -> anyhow::Result<HttpResponse> {
     http_request(addr, "GET", target, b"").await

@@ -78,6 +78,10 @@ pub struct Args {
     #[arg(long, env = "MAX_QUERY_BYTES", default_value_t = 1 << 20)]
     pub max_query_bytes: usize,
 
+    /// A statement's body not received by then gets 408.
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub body_read_timeout: Duration,
+
     /// Threads a query's scan and operators are spread over (default: the cores).
     #[arg(long, env = "QUERY_PARALLELISM")]
     pub parallelism: Option<usize>,
@@ -178,6 +182,7 @@ struct App {
     metrics: Arc<Metrics>,
     draining: CancellationToken,
     max_query_bytes: usize,
+    body_read_timeout: Duration,
     started: std::time::Instant,
     public_url: Option<String>,
     local: SocketAddr,
@@ -195,6 +200,7 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
         metrics: metrics.clone(),
         draining: shutdown.clone(),
         max_query_bytes: args.max_query_bytes,
+        body_read_timeout: args.body_read_timeout,
         started: std::time::Instant::now(),
         public_url: args.public_url.as_ref().map(|u| u.trim_end_matches('/').to_owned()),
         local,
@@ -349,14 +355,16 @@ impl App {
             let host = header("host").filter(|h| h.parse::<hyper::http::uri::Authority>().is_ok());
             format!("http://{}", host.unwrap_or_else(|| self.local.to_string()))
         });
-        let body = match Limited::new(request.into_body(), self.max_query_bytes).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(e) => {
+        let body = Limited::new(request.into_body(), self.max_query_bytes).collect();
+        let body = match tokio::time::timeout(self.body_read_timeout, body).await {
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(e)) => {
                 return http::error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("query text over {} bytes or unreadable: {e}", self.max_query_bytes),
                 );
             }
+            Err(_) => return http::error(StatusCode::REQUEST_TIMEOUT, "the query text did not arrive in time"),
         };
         let Ok(sql) = String::from_utf8(body.to_vec()) else {
             return http::error(StatusCode::BAD_REQUEST, "the query text is not UTF-8");

@@ -147,7 +147,8 @@ impl Queries {
         });
         self.lock().insert(id.clone(), query.clone());
         self.metrics.running.inc();
-        tracing::info!(query = %id, user = %session.user, sql = %sql, "query submitted");
+        // Debug formatting keeps a statement's line breaks from splitting the log line.
+        tracing::info!(query = %id, user = ?session.user, sql = ?sql, "query submitted");
         let engine = self.engine.clone();
         let timeout = self.limits.query_timeout;
         tokio::spawn(async move {

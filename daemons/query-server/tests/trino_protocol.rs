@@ -13,7 +13,10 @@ use weather_common::{
     lakehouse::CatalogConfig,
     reading::DEMO_CITIES,
 };
-use weather_testkit::{ChildGuard, Postgres, S3Server, find_tool, free_port, http_get, http_request_with, metric};
+use weather_testkit::{
+    ChildGuard, Postgres, S3Server, find_tool, free_port, http_get, http_request_with, metric, trino_path,
+    trino_rows as rows, trino_statement, trino_submit,
+};
 
 /// 2026-01-08 13:00 UTC: the data covers 13:00–16:00 of that day and 14:00 of the next.
 const START: i64 = 1_767_877_200;
@@ -116,35 +119,8 @@ impl Harness {
     }
 }
 
-/// POSTs `sql` as user `test` and follows `nextUri` to the end: every response.
 async fn statement(addr: &str, sql: &str) -> Vec<Value> {
-    let first = http_request_with(
-        addr,
-        "POST",
-        "/v1/statement",
-        &[("X-Trino-User", "test")],
-        sql.as_bytes(),
-    )
-    .await
-    .expect("POST");
-    assert_eq!(first.status, 200, "{}", first.body);
-    let mut responses = vec![first.json()];
-    while let Some(next) = responses.last().and_then(|r| r["nextUri"].as_str()).map(str::to_owned) {
-        let target = next.split_once(addr).map_or(next.as_str(), |(_, path)| path).to_owned();
-        let page = http_get(addr, &target).await.expect("GET nextUri");
-        assert_eq!(page.status, 200, "{}", page.body);
-        responses.push(page.json());
-    }
-    responses
-}
-
-fn rows(responses: &[Value]) -> Vec<Value> {
-    responses
-        .iter()
-        .filter_map(|r| r["data"].as_array())
-        .flatten()
-        .cloned()
-        .collect()
+    trino_statement(addr, sql).await.expect("statement")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,7 +189,7 @@ async fn pages_cancel_and_errors_follow_trinos_protocol() {
         harness.commit(seed, READINGS_PER_COMMIT).await;
     }
     let total = 2 * READINGS_PER_COMMIT;
-    let (_server, addr) = harness.server(&["--page-rows", "500"]);
+    let (_server, addr) = harness.server(&["--page-rows", "500", "--body-read-timeout", "1s"]);
     let info = http_get(&addr, "/v1/info").await.expect("info").json();
     assert_eq!(info["starting"], false);
 
@@ -234,18 +210,11 @@ async fn pages_cancel_and_errors_follow_trinos_protocol() {
     assert_eq!(last["columns"][2]["type"], "timestamp(6) with time zone");
 
     // Fetching a page again (a client's retry) gives the same page; skipping ahead is refused.
-    let first = http_request_with(
-        &addr,
-        "POST",
-        "/v1/statement",
-        &[("X-Trino-User", "test")],
-        b"SELECT * FROM iceberg.default.weather",
-    )
-    .await
-    .expect("POST")
-    .json();
+    let first = trino_submit(&addr, "SELECT * FROM iceberg.default.weather")
+        .await
+        .expect("POST");
     let next = first["nextUri"].as_str().expect("nextUri");
-    let path = next.split_once(&addr).expect("own address").1.to_owned();
+    let path = trino_path(&addr, next).expect("own address").to_owned();
     let page = http_get(&addr, &path).await.expect("page 1");
     let again = http_get(&addr, &path).await.expect("page 1 again");
     assert_eq!(page.body, again.body);
@@ -279,6 +248,22 @@ async fn pages_cancel_and_errors_follow_trinos_protocol() {
     assert_eq!(last["error"]["errorType"], "USER_ERROR");
     assert!(!rows(&responses).is_empty(), "no rows before the error");
 
+    // A statement whose text never arrives whole is answered 408 when its time is up.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+        let head = "POST /v1/statement HTTP/1.1\r\nHost: x\r\nX-Trino-User: test\r\nContent-Length: 100\r\n\r\nSELECT";
+        stream.write_all(head.as_bytes()).await.expect("write");
+        let started = std::time::Instant::now();
+        let mut answer = vec![0; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+            .await
+            .expect("answered within the timeout")
+            .expect("read");
+        assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 408"));
+        assert!(started.elapsed() >= Duration::from_millis(900));
+    }
+
     // No user, no query; a write is refused as Trino refuses one, and nothing changed.
     let anonymous = http_request_with(&addr, "POST", "/v1/statement", &[], b"SELECT 1")
         .await
@@ -304,28 +289,20 @@ async fn a_query_over_its_time_limit_fails_and_sigterm_drains() {
     // end, then the server exits.
     drop(server);
     let (mut server2, addr) = harness.server(&["--page-rows", "100"]);
-    let first = http_request_with(
-        &addr,
-        "POST",
-        "/v1/statement",
-        &[("X-Trino-User", "test")],
-        b"SELECT * FROM iceberg.default.weather",
-    )
-    .await
-    .expect("POST")
-    .json();
+    let first = trino_submit(&addr, "SELECT * FROM iceberg.default.weather")
+        .await
+        .expect("POST");
     server2.sigterm();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let refused = http_request_with(&addr, "POST", "/v1/statement", &[("X-Trino-User", "test")], b"SELECT 1")
-        .await
-        .expect("POST while draining")
-        .json();
+    let refused = trino_submit(&addr, "SELECT 1").await.expect("POST while draining");
     assert_eq!(refused["error"]["errorName"], "SERVER_SHUTTING_DOWN");
     let mut next = first["nextUri"].as_str().map(str::to_owned);
     let mut fetched = 0;
     while let Some(uri) = next {
-        let path = uri.split_once(&addr).expect("own address").1.to_owned();
-        let page = http_get(&addr, &path).await.expect("page while draining").json();
+        let page = http_get(&addr, trino_path(&addr, &uri).expect("own address"))
+            .await
+            .expect("page while draining")
+            .json();
         fetched += page["data"].as_array().map_or(0, Vec::len);
         next = page["nextUri"].as_str().map(str::to_owned);
     }
