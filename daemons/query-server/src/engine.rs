@@ -11,7 +11,11 @@ use datafusion::{
     catalog::{CatalogProvider, MemTable, SchemaProvider},
     common::{DataFusionError, SchemaError},
     datasource::TableProvider,
-    execution::{SendableRecordBatchStream, runtime_env::RuntimeEnvBuilder},
+    execution::{
+        SendableRecordBatchStream,
+        disk_manager::{DiskManagerBuilder, DiskManagerMode},
+        runtime_env::RuntimeEnvBuilder,
+    },
     physical_plan::stream::RecordBatchStreamAdapter,
     prelude::{SQLOptions, SessionConfig, SessionContext},
     sql::{
@@ -141,8 +145,10 @@ impl Engine {
             )
             .with_information_schema(false)
             .with_target_partitions(self.target_partitions);
+        // No spilling: the memory limit is a limit, and a query never fills the disk.
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(self.memory_limit, 1.0)
+            .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
             .build_arc()
             .map_err(failure)?;
         let ctx = SessionContext::new_with_config_rt(config, runtime);

@@ -276,7 +276,7 @@ async fn pages_cancel_and_errors_follow_trinos_protocol() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_query_over_its_time_limit_fails_and_sigterm_drains() {
+async fn queries_over_their_time_or_memory_fail_and_sigterm_drains() {
     let mut harness = Harness::start().await;
     harness.commit(0, READINGS_PER_COMMIT).await;
     let (server, addr) = harness.server(&["--query-timeout", "1ms"]);
@@ -284,6 +284,15 @@ async fn a_query_over_its_time_limit_fails_and_sigterm_drains() {
     let last = responses.last().expect("responses");
     assert_eq!(last["error"]["errorName"], "EXCEEDED_TIME_LIMIT", "{last}");
     assert_eq!(last["error"]["errorType"], "INSUFFICIENT_RESOURCES");
+
+    // A grouping over more memory than a query may hold fails, and the server goes on.
+    drop(server);
+    let (server, addr) = harness.server(&["--query-memory-limit", "65536"]);
+    let grouped = "SELECT city, ts, count(*) FROM iceberg.default.weather GROUP BY city, ts ORDER BY ts";
+    let last = statement(&addr, grouped).await.pop().expect("responses");
+    assert_eq!(last["error"]["errorName"], "EXCEEDED_LOCAL_MEMORY_LIMIT", "{last}");
+    let count = rows(&statement(&addr, "SELECT count(*) FROM iceberg.default.weather").await);
+    assert_eq!(count, vec![serde_json::json!([READINGS_PER_COMMIT])]);
 
     // SIGTERM with a query open: new statements are refused, the open one still pages to its
     // end, then the server exits.
