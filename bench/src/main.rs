@@ -15,6 +15,7 @@ use std::{
 };
 
 mod end_to_end;
+mod query;
 mod soak;
 
 use anyhow::Context;
@@ -53,7 +54,10 @@ struct Args {
     /// Snapshot retention in the soak benchmark, whose commits come faster than real ones.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     soak_retention: Duration,
-    /// Run only these parts (http, consumers, end-to-end, soak); all by default.
+    /// Readings in the table the SQL benchmark queries.
+    #[arg(long, default_value_t = 1_000_000)]
+    query_rows: usize,
+    /// Run only these parts (http, consumers, end-to-end, soak, query); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the results table.
@@ -82,6 +86,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if runs("soak") {
         soak::benchmark(&args, &mut rows).await?;
+    }
+    if runs("query") {
+        query::benchmark(&args, &mut rows).await?;
     }
 
     let mut table = String::from("| measurement | result |\n| --- | --- |\n");
@@ -142,11 +149,21 @@ fn memory_mib() -> u64 {
 }
 
 fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+/// The most memory `pid` has held.
+fn peak_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM:")
+}
+
+/// A memory field of `/proc/PID/status`, in MiB (0 when unreadable).
+fn status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / 1024.0)

@@ -1,0 +1,95 @@
+"""Times the plan's per-city average and a one-hour range query, through the `trino` client
+against the query-server and in PyIceberg + PyArrow, on the same table, and checks that both
+give the same answers.
+
+usage: query_bench.py SERVER_URL CATALOG_URL DAY HOUR RUNS
+
+Prints JSON: the median of RUNS of each, in seconds, and the rows each query returns.
+"""
+
+import json
+import math
+import statistics
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import pyarrow.compute as pc
+import trino
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.expressions import And, GreaterThanOrEqual, LessThan
+
+
+def timed(runs, f):
+    times, result = [], None
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = f()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    server, catalog_url, day, hour, runs = sys.argv[1:6]
+    runs = int(runs)
+    start = datetime.fromisoformat(f"{day}T{int(hour):02d}:00:00").replace(tzinfo=timezone.utc)
+    end = start + timedelta(hours=1)
+    catalog = SqlCatalog("weather", uri="postgresql+psycopg2://" + catalog_url[len("postgresql://"):])
+    cursor = trino.dbapi.connect(host=server, user="bench").cursor()
+
+    def sql(statement):
+        cursor.execute(statement)
+        return cursor.fetchall()
+
+    def pyiceberg_average():
+        # A fresh load each time, as each query of the server loads the table from the catalog.
+        data = catalog.load_table("default.weather").scan(selected_fields=("city", "temperature")).to_arrow()
+        grouped = data.group_by("city").aggregate([("temperature", "mean")])
+        return dict(zip(grouped["city"].to_pylist(), grouped["temperature_mean"].to_pylist()))
+
+    def pyiceberg_range():
+        table = catalog.load_table("default.weather")
+        return table.scan(
+            row_filter=And(GreaterThanOrEqual("ts", start.isoformat()), LessThan("ts", end.isoformat()))
+        ).to_arrow().num_rows
+
+    literal = lambda t: t.strftime("%Y-%m-%d %H:%M:%S")
+    average_sql = (
+        "SELECT city, AVG(CAST(temperature AS DOUBLE)) as avg_temp FROM iceberg.default.weather GROUP BY city"
+    )
+    range_sql = (
+        f"SELECT * FROM iceberg.default.weather WHERE ts >= TIMESTAMP '{literal(start)}' "
+        f"AND ts < TIMESTAMP '{literal(end)}'"
+    )
+    server_average, averages = timed(runs, lambda: dict(sql(average_sql)))
+    their_average, theirs = timed(runs, pyiceberg_average)
+    server_range, in_range = timed(runs, lambda: len(sql(range_sql)))
+    their_range, their_rows = timed(runs, pyiceberg_range)
+    # The same range counted where it is read: planning and scanning without sending rows.
+    server_count, counted = timed(runs, lambda: sql(range_sql.replace("SELECT *", "SELECT count(*)"))[0][0])
+    # PyIceberg's rows as Python objects, as the trino client hands them over.
+    their_objects, _ = timed(runs, lambda: len(catalog.load_table("default.weather").scan(
+        row_filter=And(GreaterThanOrEqual("ts", start.isoformat()), LessThan("ts", end.isoformat()))
+    ).to_arrow().to_pylist()))
+    total = sql("SELECT count(*) FROM iceberg.default.weather")[0][0]
+    if sorted(averages) != sorted(theirs) or any(
+        not math.isclose(averages[c], theirs[c], rel_tol=1e-9) for c in theirs
+    ):
+        sys.exit(f"the averages differ: {averages} against {theirs}")
+    if in_range != their_rows or counted != their_rows:
+        sys.exit(f"the range differs: {in_range} rows against {their_rows}")
+    print(json.dumps({
+        "rows": total,
+        "cities": len(averages),
+        "range_rows": in_range,
+        "server_average_s": server_average,
+        "pyiceberg_average_s": their_average,
+        "server_range_s": server_range,
+        "pyiceberg_range_s": their_range,
+        "server_range_count_s": server_count,
+        "pyiceberg_range_pylist_s": their_objects,
+    }))
+
+
+if __name__ == "__main__":
+    main()
