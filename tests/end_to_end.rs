@@ -281,7 +281,13 @@ fn kill_9(pid: u32) {
 #[test]
 fn every_listener_defaults_to_loopback() {
     build_workspace_binaries();
-    for daemon in ["logging-server", "window-aggregator", "iceberg-sink", "dashboard"] {
+    for daemon in [
+        "logging-server",
+        "window-aggregator",
+        "iceberg-sink",
+        "dashboard",
+        "query-server",
+    ] {
         let help = Command::new(workspace_binary(daemon))
             .arg("--help")
             .output()
