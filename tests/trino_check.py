@@ -55,13 +55,28 @@ def main() -> None:
 
     report = {}
     same("SHOW CATALOGS", ["iceberg"] in run("SHOW CATALOGS"), True)
-    same("SHOW SCHEMAS FROM iceberg", ["default"] in run("SHOW SCHEMAS FROM iceberg"), True)
+    same("SHOW SCHEMAS FROM iceberg", run("SHOW SCHEMAS FROM iceberg"), [["default"], ["information_schema"]])
     same("SHOW TABLES FROM iceberg.default", run("SHOW TABLES FROM iceberg.default"), [["weather"]])
     described = [r[:2] for r in run("DESCRIBE iceberg.default.weather")]
     same(
         "DESCRIBE",
         described,
         [["city", "varchar"], ["temperature", "double"], ["ts", "timestamp(6) with time zone"]],
+    )
+
+    # What SQLAlchemy and BI tools read to list tables and columns.
+    same(
+        "information_schema.tables",
+        run("SELECT table_name FROM iceberg.information_schema.tables WHERE table_schema = 'default'"),
+        [["weather"]],
+    )
+    same(
+        "information_schema.columns",
+        run(
+            "SELECT column_name FROM iceberg.information_schema.columns "
+            "WHERE table_schema = 'default' AND table_name = 'weather' ORDER BY ordinal_position"
+        ),
+        [["city"], ["temperature"], ["ts"]],
     )
 
     # Every row, through pages of the server's --page-rows.

@@ -143,7 +143,8 @@ impl Engine {
                 session.catalog.as_deref().unwrap_or(CATALOG),
                 session.schema.as_deref().unwrap_or("default"),
             )
-            .with_information_schema(false)
+            // information_schema.tables and .columns, which SQLAlchemy and BI tools read.
+            .with_information_schema(true)
             .with_target_partitions(self.target_partitions);
         // No spilling: the memory limit is a limit, and a query never fills the disk.
         let runtime = RuntimeEnvBuilder::new()
@@ -183,7 +184,10 @@ impl Engine {
             Meta::ShowSchemas { catalog, like } => {
                 self.check_catalog(catalog.as_deref().or(session.catalog.as_deref()))?;
                 let schemas = self.catalog.list_namespaces(None).await.map_err(iceberg_failure)?;
-                names("Schema", schemas.iter().map(|n| n.to_url_string()).collect(), like)
+                let mut schemas: Vec<String> = schemas.iter().map(|n| n.to_url_string()).collect();
+                schemas.push("information_schema".to_owned());
+                schemas.sort();
+                names("Schema", schemas, like)
             }
             Meta::ShowTables { schema, like } => {
                 let namespace = self.namespace(schema, session)?;
