@@ -221,19 +221,18 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     let spec = |name: &'static str, args: Vec<String>, env: Vec<(String, String)>| -> anyhow::Result<Spec> {
         Ok(Spec::daemon(name, daemon(name)?, args, env))
     };
-    let mut sink_env = kafka_env.clone();
-    sink_env.extend([
+    // Where the table is, for the sink that writes it and the query-server that reads it.
+    let mut catalog_env = vec![
         ("CATALOG_URL".to_owned(), catalog_url.clone()),
         ("WAREHOUSE".to_owned(), warehouse.clone()),
-    ]);
+    ];
     if let Some(endpoint) = &s3_endpoint {
-        sink_env.push(("S3_ENDPOINT".to_owned(), endpoint.clone()));
+        catalog_env.push(("S3_ENDPOINT".to_owned(), endpoint.clone()));
     }
     if let Some(s3) = &local_s3 {
         let file = s3.credentials_file.display().to_string();
-        sink_env.push(("S3_CREDENTIALS_FILE".to_owned(), file));
+        catalog_env.push(("S3_CREDENTIALS_FILE".to_owned(), file));
     }
-    let catalog_env: Vec<(String, String)> = sink_env.iter().filter(|(k, _)| k != "KAFKA_BROKERS").cloned().collect();
     let database_env = ("DATABASE_URL".to_owned(), database_url.clone());
     // What a person sees of a URL: the local server's password stays in its file.
     let shown = |url: &str| postgres.as_ref().map_or_else(|| url.to_owned(), |p| p.shown(url));
@@ -257,7 +256,7 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
                 "--commit-interval".into(),
                 format!("{}ms", args.commit_interval.as_millis()),
             ],
-            sink_env,
+            [kafka_env.clone(), catalog_env.clone()].concat(),
         )?,
         spec(
             "dashboard",

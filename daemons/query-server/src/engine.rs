@@ -33,7 +33,7 @@ use iceberg::{Catalog, NamespaceIdent, TableIdent, spec::PrimitiveLiteral, table
 use crate::{
     Metrics, functions,
     protocol::{ErrorCode, Failure},
-    scan::{IcebergTable, external},
+    scan::{IcebergTable, external, planned_files},
 };
 
 /// The one catalog this server has, as Trino's Iceberg connector is usually named.
@@ -47,15 +47,33 @@ pub struct Session {
     pub schema: Option<String>,
 }
 
+/// Session changes a statement makes (`USE`), which its responses carry as headers.
+#[derive(Debug, Clone, Default)]
+pub struct SessionUpdate {
+    pub set_catalog: Option<String>,
+    pub set_schema: Option<String>,
+}
+
 /// What a statement gives: its rows, and for `USE` the session it sets.
 pub struct Outcome {
     pub stream: SendableRecordBatchStream,
     /// Result column names where they differ from the stream's (Trino's `_col0` for an
     /// unnamed expression).
     pub names: Option<Vec<String>>,
-    pub set_catalog: Option<String>,
-    pub set_schema: Option<String>,
+    pub session: SessionUpdate,
     pub update_type: Option<&'static str>,
+}
+
+impl Outcome {
+    /// Rows and nothing else.
+    fn rows(stream: SendableRecordBatchStream) -> Self {
+        Self {
+            stream,
+            names: None,
+            session: SessionUpdate::default(),
+            update_type: None,
+        }
+    }
 }
 
 pub struct Engine {
@@ -117,21 +135,12 @@ impl Engine {
         let frame = ctx.sql_with_options(sql, options).await.map_err(failure)?;
         let stream = frame.execute_stream().await.map_err(failure)?;
         if explain {
-            return Ok(Outcome {
-                stream: explain_text(stream).await?,
-                names: None,
-                set_catalog: None,
-                set_schema: None,
-                update_type: None,
-            });
+            return Ok(Outcome::rows(explain_text(stream).await?));
         }
         let names = names.filter(|n| n.len() == stream.schema().fields().len());
         Ok(Outcome {
-            stream,
             names,
-            set_catalog: None,
-            set_schema: None,
-            update_type: None,
+            ..Outcome::rows(stream)
         })
     }
 
@@ -224,21 +233,16 @@ impl Engine {
                     ));
                 }
                 return Ok(Outcome {
-                    stream: stream_of(Arc::new(Schema::empty()), vec![]),
-                    names: None,
-                    set_catalog: Some(catalog),
-                    set_schema: Some(schema),
+                    session: SessionUpdate {
+                        set_catalog: Some(catalog),
+                        set_schema: Some(schema),
+                    },
                     update_type: Some("USE"),
+                    ..Outcome::rows(stream_of(Arc::new(Schema::empty()), vec![]))
                 });
             }
         }?;
-        Ok(Outcome {
-            stream: stream_of(batch.schema(), vec![batch]),
-            names: None,
-            set_catalog: None,
-            set_schema: None,
-            update_type: None,
-        })
+        Ok(Outcome::rows(stream_of(batch.schema(), vec![batch])))
     }
 
     fn check_catalog(&self, catalog: Option<&str>) -> Result<(), Failure> {
@@ -618,15 +622,8 @@ async fn files(table: &Table) -> datafusion::common::Result<Arc<dyn TableProvide
         Field::new("record_count", DataType::Int64, false),
         Field::new("file_size_in_bytes", DataType::Int64, false),
     ]));
-    let tasks: Vec<iceberg::scan::FileScanTask> = match table.metadata().current_snapshot() {
-        Some(_) => table
-            .scan()
-            .build()
-            .map_err(external)?
-            .plan_files()
-            .await
-            .map_err(external)?
-            .try_collect()
+    let tasks = match table.metadata().current_snapshot() {
+        Some(_) => planned_files(&table.scan().build().map_err(external)?)
             .await
             .map_err(external)?,
         None => vec![],

@@ -113,53 +113,48 @@ pub struct Metrics {
 
 impl Metrics {
     fn new() -> Self {
+        let running = Gauge::default();
+        let queries = Family::default();
+        let duration = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+            0.001, 4.0, 10,
+        ));
+        let [canceled, abandoned, rows, files_scanned, files_skipped] = std::array::from_fn(|_| Counter::default());
         let mut registry = Registry::with_prefix("query_server");
-        let metrics = Self {
-            registry: Registry::default(),
-            running: Gauge::default(),
-            queries: Family::default(),
-            canceled: Counter::default(),
-            abandoned: Counter::default(),
-            duration: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                0.001, 4.0, 10,
-            )),
-            rows: Counter::default(),
-            files_scanned: Counter::default(),
-            files_skipped: Counter::default(),
-        };
-        registry.register(
-            "running_queries",
-            "Queries started and not finished",
-            metrics.running.clone(),
-        );
-        registry.register("queries", "Queries ended, by state", metrics.queries.clone());
-        registry.register(
-            "canceled_queries",
-            "Queries cancelled by their client",
-            metrics.canceled.clone(),
-        );
-        registry.register(
-            "abandoned_queries",
-            "Queries stopped because no client fetched their results",
-            metrics.abandoned.clone(),
-        );
+        registry.register("running_queries", "Queries started and not finished", running.clone());
+        registry.register("queries", "Queries ended, by state", queries.clone());
         registry.register(
             "query_duration_seconds",
             "Time from submission to the last page",
-            metrics.duration.clone(),
+            duration.clone(),
         );
-        registry.register("rows_returned", "Rows sent to clients", metrics.rows.clone());
-        registry.register(
-            "files_scanned",
-            "Data files read by table scans",
-            metrics.files_scanned.clone(),
-        );
-        registry.register(
-            "files_skipped",
-            "Data files of the snapshot that scans skipped by partition and column bounds",
-            metrics.files_skipped.clone(),
-        );
-        Self { registry, ..metrics }
+        for (name, help, counter) in [
+            ("canceled_queries", "Queries cancelled by their client", &canceled),
+            (
+                "abandoned_queries",
+                "Queries stopped because no client fetched their results",
+                &abandoned,
+            ),
+            ("rows_returned", "Rows sent to clients", &rows),
+            ("files_scanned", "Data files read by table scans", &files_scanned),
+            (
+                "files_skipped",
+                "Data files of the snapshot that scans skipped by partition and column bounds",
+                &files_skipped,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+        Self {
+            registry,
+            running,
+            queries,
+            canceled,
+            abandoned,
+            duration,
+            rows,
+            files_scanned,
+            files_skipped,
+        }
     }
 
     fn finished(&self, state: protocol::State) {

@@ -313,9 +313,19 @@ pub fn columns(schema: &arrow_schema::Schema) -> Vec<Column> {
 
 /// The rows of `batch` as Trino's `data` encodes them.
 pub fn rows(batch: &RecordBatch) -> Vec<Vec<Value>> {
-    let columns: Vec<Vec<Value>> = batch.columns().iter().map(|column| values(column.as_ref())).collect();
+    let mut columns: Vec<std::vec::IntoIter<Value>> = batch
+        .columns()
+        .iter()
+        .map(|column| values(column.as_ref()).into_iter())
+        .collect();
+    // Each column has a value per row: moved into the rows, not copied.
     (0..batch.num_rows())
-        .map(|row| columns.iter().map(|column| column[row].clone()).collect())
+        .map(|_| {
+            columns
+                .iter_mut()
+                .map(|column| column.next().unwrap_or(Value::Null))
+                .collect()
+        })
         .collect()
 }
 

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Metrics,
-    engine::{Engine, Session, failure},
+    engine::{Engine, Session, SessionUpdate, failure},
     protocol::{self, Column, ErrorCode, Failure, QueryResults, State, Stats},
 };
 
@@ -25,19 +25,11 @@ use crate::{
 enum Message {
     Start {
         columns: Vec<Column>,
-        set_catalog: Option<String>,
-        set_schema: Option<String>,
+        session: SessionUpdate,
         update_type: Option<&'static str>,
     },
     Batch(RecordBatch),
     Failed(Failure),
-}
-
-/// Session changes a response carries as headers (`USE`).
-#[derive(Debug, Clone, Default)]
-pub struct SessionUpdate {
-    pub set_catalog: Option<String>,
-    pub set_schema: Option<String>,
 }
 
 /// A page as sent, kept for a retry of the same token.
@@ -269,15 +261,11 @@ impl Queries {
             match message {
                 Some(Message::Start {
                     columns,
-                    set_catalog,
-                    set_schema,
+                    session,
                     update_type,
                 }) => {
                     cursor.columns = Some(columns);
-                    cursor.session = SessionUpdate {
-                        set_catalog,
-                        set_schema,
-                    };
+                    cursor.session = session;
                     cursor.update_type = update_type;
                 }
                 Some(Message::Batch(batch)) => cursor.pending.extend(protocol::rows(&batch)),
@@ -394,8 +382,7 @@ async fn execute(engine: &Engine, sql: &str, session: &Session, sender: &mpsc::S
     }
     let start = Message::Start {
         columns,
-        set_catalog: outcome.set_catalog,
-        set_schema: outcome.set_schema,
+        session: outcome.session,
         update_type: outcome.update_type,
     };
     if sender.send(start).await.is_err() {
