@@ -58,7 +58,9 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
             },
         )]);
         let files = table.write(&readings).await?;
-        table.commit("weather", files, &committed, &next).await?;
+        table
+            .commit("weather", files, &committed, &next, &Default::default())
+            .await?;
         committed = next;
     }
     // As the sink keeps a day-old table: the appends' manifests merged per hour (at once here,

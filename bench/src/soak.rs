@@ -75,7 +75,9 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
         )]);
         let timed = Instant::now();
         let files = table.write(&readings).await?;
-        table.commit("weather", files, &committed, &next).await?;
+        table
+            .commit("weather", files, &committed, &next, &Default::default())
+            .await?;
         window.push(timed.elapsed());
         committed = next;
         if commit % args.soak_maintenance_every == 0 {

@@ -9,11 +9,14 @@
 //! topic), decides when to commit, and on any failure backs off, reopens the store and
 //! resumes from its last commit.
 //!
-//! Offsets are kept per partition so that ownership of partitions can later move between
-//! instances; today one instance reads every partition of the topic.
+//! Several instances share the work: they join one consumer group, which assigns each
+//! partition to one of them and moves partitions when instances come and go. The store fences
+//! partitions ([`Store::claim`]): an instance that lost a partition without noticing (paused,
+//! cut off) cannot commit it any more, so each record is stored exactly once whoever reads it.
 
+use anyhow::Context as _;
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     sync::Arc,
     time::{Duration, Instant},
@@ -24,10 +27,11 @@ use prometheus_client::{
     registry::Registry,
 };
 use rdkafka::{
-    Message, Offset, TopicPartitionList,
-    consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer},
+    ClientContext, Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer},
     error::{KafkaError, RDKafkaErrorCode},
     message::BorrowedMessage,
+    types::RDKafkaRespErr,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -88,13 +92,22 @@ fn format_record_id(offset: i64, hash: u64) -> String {
 }
 
 /// What a daemon does with the readings; [`run`] does the rest.
+///
+/// Partitions are owned one instance at a time: the consumer group assigns them, and the store
+/// fences each one when an instance takes it over ([`Store::claim`]), so that a commit by an
+/// instance that lost the partition meanwhile (a "zombie") stores nothing ([`Fenced`]).
 pub trait Store: Send {
-    /// (Re)opens the store and returns its committed checkpoints; drops whatever was applied
-    /// but not committed. Called at start and after every failure. `None` on shutdown.
-    fn open(
-        &mut self,
-        shutdown: &CancellationToken,
-    ) -> impl Future<Output = anyhow::Result<Option<Checkpoints>>> + Send;
+    /// (Re)connects and drops whatever was applied but not committed, and every partition's
+    /// state. Called at start and after every failure. `Ok(false)` on shutdown.
+    fn open(&mut self, shutdown: &CancellationToken) -> impl Future<Output = anyhow::Result<bool>> + Send;
+
+    /// Takes over `partitions`, which the group assigned to this instance: fences their
+    /// previous owner out of the store and loads their state. Returns their committed
+    /// checkpoints (none for a partition never committed).
+    fn claim(&mut self, partitions: &[i32]) -> impl Future<Output = anyhow::Result<Checkpoints>> + Send;
+
+    /// Forgets `partitions`: handed to another instance after their last commit, or lost.
+    fn release(&mut self, partitions: &[i32]);
 
     /// `partition`'s stored checkpoint belongs to another log: it is read again from `start`.
     fn restart_partition(&mut self, partition: i32, start: i64);
@@ -107,9 +120,18 @@ pub trait Store: Send {
         false
     }
 
-    /// Commits everything applied since the last commit together with `checkpoints`, in one
-    /// atomic step. `Ok(false)`: there was nothing to commit and nothing was stored.
+    /// Commits everything applied since the last commit together with `checkpoints` (those of
+    /// the partitions this instance owns), in one atomic step, or nothing: fails with
+    /// [`Fenced`] when another instance took over one of them. `Ok(false)`: there was nothing
+    /// to commit and nothing was stored.
     fn commit(&mut self, checkpoints: &Checkpoints) -> impl Future<Output = anyhow::Result<bool>> + Send;
+}
+
+/// A commit refused because other instances took these partitions over: nothing was stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("partitions {partitions:?} were taken over by another instance")]
+pub struct Fenced {
+    pub partitions: Vec<i32>,
 }
 
 /// How [`run`] consumes.
@@ -119,7 +141,8 @@ pub struct Config {
     pub name: &'static str,
     pub kafka: KafkaArgs,
     pub topic: String,
-    /// Consumer group; its offsets are committed for lag monitoring only.
+    /// Consumer group: its instances share the topic's partitions. Its offsets are committed
+    /// for lag monitoring only.
     pub group_id: String,
     pub dead_letter_topic: String,
     /// Longest time between a record being read and its commit.
@@ -140,8 +163,11 @@ pub struct Metrics {
     pub lag: Family<PartitionLabel, Gauge>,
     pub read_offset: Family<PartitionLabel, Gauge>,
     pub committed_offset: Family<PartitionLabel, Gauge>,
+    pub owned: Family<PartitionLabel, Gauge>,
     pub recoveries: Counter,
     pub new_logs: Counter,
+    pub rebalances: Counter,
+    pub fenced: Counter,
 }
 
 impl Metrics {
@@ -156,54 +182,72 @@ impl Metrics {
             lag: Family::default(),
             read_offset: Family::default(),
             committed_offset: Family::default(),
+            owned: Family::default(),
             recoveries: Counter::default(),
             new_logs: Counter::default(),
+            rebalances: Counter::default(),
+            fenced: Counter::default(),
         };
-        registry.register(
-            "records_read",
-            "Kafka records read, valid or not",
-            metrics.records_read.clone(),
-        );
-        registry.register(
-            "dead_letters",
-            "Records sent to the dead-letter topic",
-            metrics.dead_letters.clone(),
-        );
-        registry.register(
-            "commits",
-            "Commits of data with its Kafka offsets",
-            metrics.commits.clone(),
-        );
+        for (name, help, metric) in [
+            (
+                "records_read",
+                "Kafka records read, valid or not",
+                &metrics.records_read,
+            ),
+            (
+                "dead_letters",
+                "Records sent to the dead-letter topic",
+                &metrics.dead_letters,
+            ),
+            ("commits", "Commits of data with its Kafka offsets", &metrics.commits),
+            (
+                "recoveries",
+                "Resumptions from the last commit after a failure",
+                &metrics.recoveries,
+            ),
+            (
+                "new_logs",
+                "Partitions found to hold another log than the stored offsets' and read from their beginning",
+                &metrics.new_logs,
+            ),
+            (
+                "rebalances",
+                "Partition assignments and revocations received from the consumer group",
+                &metrics.rebalances,
+            ),
+            (
+                "fenced_partitions",
+                "Partitions whose commit was refused because another instance had taken them over",
+                &metrics.fenced,
+            ),
+        ] {
+            registry.register(name, help, metric.clone());
+        }
         registry.register(
             "commit_duration_seconds",
             "Time of one commit",
             metrics.commit_duration.clone(),
         );
-        registry.register(
-            "lag_records",
-            "Records in the partition not read yet",
-            metrics.lag.clone(),
-        );
-        registry.register(
-            "read_offset",
-            "Next Kafka offset per partition after what was read (committed or not)",
-            metrics.read_offset.clone(),
-        );
-        registry.register(
-            "committed_offset",
-            "Next Kafka offset per partition that the store holds everything before",
-            metrics.committed_offset.clone(),
-        );
-        registry.register(
-            "recoveries",
-            "Resumptions from the last commit after a failure",
-            metrics.recoveries.clone(),
-        );
-        registry.register(
-            "new_logs",
-            "Partitions found to hold another log than the stored offsets' and read from their beginning",
-            metrics.new_logs.clone(),
-        );
+        for (name, help, metric) in [
+            ("lag_records", "Records in the partition not read yet", &metrics.lag),
+            (
+                "read_offset",
+                "Next Kafka offset per partition after what was read (committed or not)",
+                &metrics.read_offset,
+            ),
+            (
+                "committed_offset",
+                "Next Kafka offset per partition that the store holds everything before",
+                &metrics.committed_offset,
+            ),
+            (
+                "partition_owned",
+                "1 for each partition this instance owns (assigned by the group and claimed in the store)",
+                &metrics.owned,
+            ),
+        ] {
+            registry.register(name, help, metric.clone());
+        }
         metrics
     }
 
@@ -214,29 +258,134 @@ impl Metrics {
                 .set(checkpoint.next_offset);
         }
     }
+
+    /// Drops the per-partition series of partitions this instance no longer owns.
+    fn forget(&self, partitions: &[i32]) {
+        for &partition in partitions {
+            let label = PartitionLabel { partition };
+            for family in [&self.lag, &self.read_offset, &self.committed_offset, &self.owned] {
+                family.remove(&label);
+            }
+        }
+    }
 }
+
+/// What the group told this instance, queued by the rebalance callback for the worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Rebalanced {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+/// The consumer's context: the group's rebalances, as the worker is to act on them.
+///
+/// Assigned partitions are taken at a placeholder offset and paused at once: an explicit offset
+/// starts no lookup of the group's offsets (whose answer could land after the worker's seek),
+/// and a paused partition fetches nothing. The worker claims them in its store, seeks each to
+/// its checkpoint and resumes it. Revoked partitions are given up at once, as the group
+/// protocol wants; the worker commits what it read of them next, and the store's fencing
+/// refuses that commit if the new owner has already claimed them.
+pub struct GroupContext {
+    topic: String,
+    events: std::sync::Mutex<Vec<Rebalanced>>,
+    notify: tokio::sync::Notify,
+}
+
+impl GroupContext {
+    fn push(&self, event: Rebalanced) {
+        if let Ok(mut events) = self.events.lock() {
+            events.push(event);
+        }
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Vec<Rebalanced> {
+        self.events
+            .lock()
+            .map(|mut e| std::mem::take(&mut *e))
+            .unwrap_or_default()
+    }
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let partitions: Vec<i32> = tpl
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        let done = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut list = TopicPartitionList::new();
+                for element in tpl.elements() {
+                    if let Err(e) = list.add_partition_offset(element.topic(), element.partition(), Offset::Offset(0)) {
+                        tracing::error!(error = %e, "cannot list an assigned partition");
+                    }
+                }
+                let assigned = if cooperative {
+                    consumer.incremental_assign(&list)
+                } else {
+                    consumer.assign(&list)
+                };
+                assigned
+                    .and_then(|()| consumer.pause(&list))
+                    .map(|()| Rebalanced::Assigned(partitions))
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let unassigned = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                unassigned.map(|()| Rebalanced::Revoked(partitions))
+            }
+            other => {
+                tracing::warn!(error = %RDKafkaErrorCode::from(other), "consumer group rebalance failed");
+                return;
+            }
+        };
+        match done {
+            Ok(event) => self.push(event),
+            Err(e) => tracing::error!(error = %e, "could not apply the group's assignment"),
+        }
+    }
+}
+
+/// The consumer [`run`] reads with.
+pub type GroupConsumer = StreamConsumer<GroupContext>;
 
 /// Consumes `config.topic` into `store` until `shutdown`, then commits what was read and
 /// returns. Fails only if that last commit fails (what it held is read again next time).
+///
+/// The instance joins `config.group_id`; the group spreads the topic's partitions over its
+/// instances (cooperative-sticky: a rebalance moves only the partitions that must move).
 pub async fn run<S: Store>(
     config: &Config,
     store: &mut S,
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let consumer = config.kafka.sink_consumer(&config.group_id)?;
+    let consumer = config.kafka.group_consumer(&config.group_id, &config.topic)?;
     let dead_letters = DeadLetters::new(&config.kafka, &config.dead_letter_topic, config.name)?;
+    let topics = [config.topic.as_str(), config.dead_letter_topic.as_str()];
+    if wait_for_partitions(&config.kafka, &consumer, &config.topic, &topics, shutdown)
+        .await
+        .is_none()
+    {
+        return Ok(());
+    }
+    consumer.subscribe(&[config.topic.as_str()])?;
+    // The partitions the group assigned to this instance, across recoveries.
+    let mut assigned = BTreeSet::new();
     let mut ready = false;
     let mut backoff = Backoff::default();
     loop {
-        let topics = [config.topic.as_str(), config.dead_letter_topic.as_str()];
-        let Some(partitions) = wait_for_partitions(&config.kafka, &consumer, &config.topic, &topics, shutdown).await
-        else {
-            return Ok(());
-        };
-        let committed = match store.open(shutdown).await {
-            Ok(Some(committed)) => committed,
-            Ok(None) => return Ok(()),
+        match store.open(shutdown).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "store unavailable");
                 if backoff.wait(shutdown).await {
@@ -244,53 +393,50 @@ pub async fn run<S: Store>(
                 }
                 return Ok(());
             }
-        };
-        let (consumer_, topic, kafka) = (consumer.clone(), config.topic.clone(), config.kafka.clone());
-        let positioned = tokio::task::spawn_blocking({
-            let committed = committed.clone();
-            move || position(&kafka, consumer_.as_ref(), &topic, partitions, &committed)
-        })
-        .await
-        .map_err(anyhow::Error::from)
-        .and_then(|r| r);
-        let Positioned { start, restarted } = match positioned {
-            Ok(positioned) => positioned,
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "could not position the consumer");
-                if backoff.wait(shutdown).await {
-                    continue;
-                }
-                return Ok(());
-            }
-        };
-        for &(partition, offset) in &restarted {
-            store.restart_partition(partition, offset);
-            metrics.new_logs.inc();
         }
-        Metrics::show(&metrics.committed_offset, &committed);
         if !ready {
             ready = true;
             runtime::notify_ready();
-            tracing::info!(partitions, committed = ?offsets(&committed), "consuming");
+            tracing::info!(group = %config.group_id, topic = %config.topic, "consuming the partitions the group assigns");
         }
         let mut worker = Worker {
             config,
             consumer: &consumer,
             dead_letters: &dead_letters,
             metrics,
-            partitions,
-            read: start,
+            assigned: &mut assigned,
+            read: Checkpoints::new(),
             last_read: BTreeMap::new(),
-            committed,
+            committed: Checkpoints::new(),
             uncommitted: 0,
             first_uncommitted: None,
         };
-        match worker.consume(store, shutdown).await {
+        let consumed = worker.consume(store, shutdown).await;
+        let owned: Vec<i32> = worker.read.keys().copied().collect();
+        match consumed {
             Ok(()) => return Ok(()),
             Err(e) if shutdown.is_cancelled() => {
                 return Err(e.context("the last commit failed; what it held is read again on the next start"));
             }
             Err(e) => {
+                store.release(&owned);
+                metrics.forget(&owned);
+                if let Some(fenced) = e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
+                    // A zombie's view: the group moved these partitions while this instance was
+                    // not looking. They are left to their owner until the group assigns them
+                    // here again; the others resume from their last commit at once.
+                    metrics.fenced.inc_by(fenced.partitions.len() as u64);
+                    tracing::warn!(
+                        partitions = ?fenced.partitions,
+                        "another instance took these partitions over; what was read of them since the last commit \
+                         is left to it"
+                    );
+                    for partition in &fenced.partitions {
+                        assigned.remove(partition);
+                    }
+                    pause(consumer.as_ref(), &config.topic, &fenced.partitions);
+                    continue;
+                }
                 metrics.recoveries.inc();
                 tracing::warn!(error = %format!("{e:#}"), "resuming from the last commit");
                 if !backoff.wait(shutdown).await {
@@ -305,14 +451,31 @@ fn offsets(checkpoints: &Checkpoints) -> BTreeMap<i32, i64> {
     checkpoints.iter().map(|(p, c)| (*p, c.next_offset)).collect()
 }
 
+fn partition_list(topic: &str, partitions: &[i32]) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    for &partition in partitions {
+        list.add_partition(topic, partition);
+    }
+    list
+}
+
+fn pause<C: Consumer<X>, X: ConsumerContext>(consumer: &C, topic: &str, partitions: &[i32]) {
+    if let Err(e) = consumer.pause(&partition_list(topic, partitions)) {
+        tracing::debug!(error = %e, "could not pause partitions");
+    }
+}
+
 struct Worker<'a> {
     config: &'a Config,
-    consumer: &'a Arc<StreamConsumer>,
+    consumer: &'a Arc<GroupConsumer>,
     dead_letters: &'a DeadLetters,
     metrics: &'a Metrics,
-    partitions: i32,
-    /// Position after what was read (applied to the store or dead-lettered); the identities of
-    /// the last records are in `last_read` until the next commit.
+    /// What the group assigned to this instance; the worker claims each of them and gives up
+    /// the partitions it owns that are no longer in it.
+    assigned: &'a mut BTreeSet<i32>,
+    /// Position after what was read (applied to the store or dead-lettered) in each partition
+    /// this instance owns; the identities of the last records are in `last_read` until the
+    /// next commit.
     read: Checkpoints,
     /// `(offset, hash)` of the last record read per partition since the last commit: formatted
     /// into `read` only when committing, to keep the per-record path free of allocations.
@@ -327,7 +490,8 @@ impl Worker<'_> {
     async fn consume<S: Store>(&mut self, store: &mut S, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(self.config.commit_interval.min(Duration::from_millis(250)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let (mut last_lag_check, mut last_partition_check) = (Instant::now(), Instant::now());
+        let mut last_lag_check = Instant::now();
+        self.rebalance(store).await?;
         loop {
             tokio::select! {
                 biased;
@@ -336,6 +500,7 @@ impl Worker<'_> {
                     tracing::info!(committed = ?offsets(&self.committed), "committed what was read");
                     return Ok(());
                 }
+                () = self.consumer.context().notify.notified() => self.rebalance(store).await?,
                 message = self.consumer.recv() => {
                     let message = match message {
                         Ok(message) => message,
@@ -361,19 +526,93 @@ impl Worker<'_> {
                         last_lag_check = Instant::now();
                         self.update_lag();
                     }
-                    if last_partition_check.elapsed() > Duration::from_secs(30) {
-                        last_partition_check = Instant::now();
-                        self.check_new_partitions(store).await?;
-                    }
                 }
             }
         }
     }
 
+    /// Brings what this instance owns in line with what the group assigned: commits and gives
+    /// up the partitions revoked, then claims, positions and resumes the ones assigned.
+    async fn rebalance<S: Store>(&mut self, store: &mut S) -> anyhow::Result<()> {
+        for event in self.consumer.context().take() {
+            self.metrics.rebalances.inc();
+            match event {
+                Rebalanced::Assigned(partitions) => {
+                    tracing::info!(?partitions, "the group assigned partitions");
+                    self.assigned.extend(partitions);
+                }
+                Rebalanced::Revoked(partitions) => {
+                    tracing::info!(?partitions, "the group revoked partitions");
+                    for partition in &partitions {
+                        self.assigned.remove(partition);
+                    }
+                }
+            }
+        }
+        let revoked: Vec<i32> = self
+            .read
+            .keys()
+            .filter(|p| !self.assigned.contains(p))
+            .copied()
+            .collect();
+        if !revoked.is_empty() {
+            // What was read of them is stored before their next owner loads it.
+            self.commit(store).await?;
+            store.release(&revoked);
+            for partition in &revoked {
+                self.read.remove(partition);
+                self.committed.remove(partition);
+                self.last_read.remove(partition);
+            }
+            self.metrics.forget(&revoked);
+            tracing::info!(partitions = ?revoked, "handed partitions over");
+        }
+        let claimed: Vec<i32> = self
+            .assigned
+            .iter()
+            .filter(|p| !self.read.contains_key(p))
+            .copied()
+            .collect();
+        if claimed.is_empty() {
+            return Ok(());
+        }
+        let committed = store.claim(&claimed).await?;
+        let (consumer, topic, kafka, partitions) = (
+            self.consumer.clone(),
+            self.config.topic.clone(),
+            self.config.kafka.clone(),
+            claimed.clone(),
+        );
+        let positioned = tokio::task::spawn_blocking({
+            let committed = committed.clone();
+            move || position(&kafka, consumer.as_ref(), &topic, &partitions, &committed)
+        })
+        .await??;
+        for &(partition, offset) in &positioned.restarted {
+            store.restart_partition(partition, offset);
+            self.metrics.new_logs.inc();
+        }
+        self.consumer
+            .resume(&partition_list(&self.config.topic, &claimed))
+            .context("resuming the claimed partitions")?;
+        for &partition in &claimed {
+            self.metrics.owned.get_or_create(&PartitionLabel { partition }).set(1);
+        }
+        Metrics::show(&self.metrics.committed_offset, &committed);
+        tracing::info!(partitions = ?claimed, from = ?offsets(&positioned.start), "took partitions over");
+        self.committed.extend(committed);
+        self.read.extend(positioned.start);
+        Ok(())
+    }
+
     async fn process<S: Store>(&mut self, store: &mut S, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
         let (partition, offset) = (message.partition(), message.offset());
-        if self.read.get(&partition).is_some_and(|c| offset < c.next_offset) {
-            return Ok(()); // Read before (a fetch may start below the position asked for).
+        match self.read.get(&partition) {
+            // Read before (a fetch may start below the position asked for).
+            Some(c) if offset < c.next_offset => return Ok(()),
+            Some(_) => {}
+            // Not this instance's (any more), or not claimed yet: fetched before a pause.
+            None => return Ok(()),
         }
         self.metrics.records_read.inc();
         match reading_of(message, self.config.max_clock_skew) {
@@ -385,10 +624,9 @@ impl Worker<'_> {
                 tracing::warn!(partition, offset, error = %reason, "record sent to the dead-letter topic");
             }
         }
-        self.read
-            .entry(partition)
-            .or_insert_with(|| Checkpoint::start(0))
-            .next_offset = offset + 1;
+        if let Some(checkpoint) = self.read.get_mut(&partition) {
+            checkpoint.next_offset = offset + 1;
+        }
         self.last_read.insert(partition, (offset, record_hash(message)));
         self.uncommitted += 1;
         self.first_uncommitted.get_or_insert_with(Instant::now);
@@ -420,7 +658,7 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// Lag (high watermark − next offset) per partition, measured off the consume path.
+    /// Lag (high watermark − next offset) per owned partition, measured off the consume path.
     fn update_lag(&self) {
         let positions: Vec<(i32, i64)> = self.read.iter().map(|(p, c)| (*p, c.next_offset)).collect();
         let (consumer, topic, lag) = (
@@ -436,31 +674,6 @@ impl Worker<'_> {
                 }
             }
         });
-    }
-
-    /// Partitions added to the topic while running are read from their beginning.
-    async fn check_new_partitions<S: Store>(&mut self, store: &mut S) -> anyhow::Result<()> {
-        let (consumer, topic) = (self.consumer.clone(), self.config.topic.clone());
-        let count = tokio::task::spawn_blocking(move || partition_count(consumer.as_ref(), &topic).ok()).await?;
-        let Some(count) = count.filter(|&n| n > self.partitions) else {
-            return Ok(());
-        };
-        tracing::info!(from = self.partitions, to = count, "topic gained partitions");
-        self.commit(store).await?;
-        let (consumer, topic, kafka, read) = (
-            self.consumer.clone(),
-            self.config.topic.clone(),
-            self.config.kafka.clone(),
-            self.read.clone(),
-        );
-        let Positioned { start, restarted } =
-            tokio::task::spawn_blocking(move || position(&kafka, consumer.as_ref(), &topic, count, &read)).await??;
-        for (partition, offset) in restarted {
-            store.restart_partition(partition, offset);
-        }
-        self.read = start;
-        self.partitions = count;
-        Ok(())
     }
 }
 
@@ -498,8 +711,8 @@ pub struct Positioned {
     pub restarted: Vec<(i32, i64)>,
 }
 
-/// Assigns partitions `0..partitions` of `topic`, each at its checkpoint when the checkpoint
-/// belongs to this log, else at the log's beginning. Blocks (broker round trips).
+/// Seeks `partitions` of `topic` (assigned to `consumer`), each to its checkpoint when the
+/// checkpoint belongs to this log, else to the log's beginning. Blocks (broker round trips).
 ///
 /// The log is the checkpoint's when the record before the checkpoint's offset is the very
 /// record the checkpoint names. It is another log when the partition ends before that offset
@@ -511,11 +724,11 @@ pub struct Positioned {
 /// fetch with the first *batch* starting at or after the offset asked for, which would skip
 /// the rest of a batch the last commit ended inside. The consumer is assigned where the record
 /// before the checkpoint was found instead, and drops what it reads below the checkpoint.
-pub fn position<C: Consumer>(
+pub fn position<C: Consumer<X>, X: ConsumerContext>(
     kafka: &KafkaArgs,
     consumer: &C,
     topic: &str,
-    partitions: i32,
+    partitions: &[i32],
     committed: &Checkpoints,
 ) -> anyhow::Result<Positioned> {
     let timeout = Duration::from_secs(10);
@@ -523,7 +736,7 @@ pub fn position<C: Consumer>(
     let mut fetch_from = BTreeMap::new();
     let mut restarted = Vec::new();
     let mut reasons = Vec::new();
-    for partition in 0..partitions {
+    for &partition in partitions {
         let Some(checkpoint) = committed.get(&partition).filter(|c| c.next_offset > 0) else {
             start.insert(partition, Checkpoint::start(0));
             continue;
@@ -579,25 +792,43 @@ pub fn position<C: Consumer>(
             reasons.join("; ")
         );
     }
-    let mut assignment = TopicPartitionList::new();
+    let mut seek = TopicPartitionList::new();
     for (&partition, checkpoint) in &start {
         let from = fetch_from.get(&partition).copied().unwrap_or(checkpoint.next_offset);
-        assignment.add_partition_offset(topic, partition, Offset::Offset(from))?;
+        seek.add_partition_offset(topic, partition, Offset::Offset(from))?;
     }
-    let current = consumer.assignment()?;
-    let unchanged = current.count() == start.len() && start.keys().all(|&p| current.find_partition(topic, p).is_some());
-    if unchanged {
-        // Resuming after a failure: a new assignment would not start fetching before every
-        // group commit in flight (for monitoring only) is answered, which a stuck coordinator
-        // stretches to the request timeout. A seek does not wait for them, and librdkafka drops
-        // messages fetched before it.
-        for element in consumer.seek_partitions(assignment, timeout)?.elements() {
-            element.error()?;
-        }
-    } else {
-        consumer.assign(&assignment)?;
-    }
+    seek_assigned(consumer, seek, timeout)?;
     Ok(Positioned { start, restarted })
+}
+
+/// Seeks the partitions of `list` to its offsets. A seek, unlike a new assignment, waits for no
+/// group commit in flight, and librdkafka drops what was fetched before it. A partition
+/// assigned a moment ago may not have started its fetcher yet ("erroneous state"): retried.
+fn seek_assigned<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    mut list: TopicPartitionList,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut again = TopicPartitionList::new();
+        for element in consumer.seek_partitions(list, timeout)?.elements() {
+            match element.error() {
+                Ok(()) => {}
+                Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::State) && Instant::now() < deadline => {
+                    again.add_partition_offset(element.topic(), element.partition(), element.offset())?;
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::from(e).context(format!("seeking partition {}", element.partition())));
+                }
+            }
+        }
+        if again.count() == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        list = again;
+    }
 }
 
 /// What [`locate`] found at an offset.
@@ -704,7 +935,7 @@ fn locate(kafka: &KafkaArgs, topic: &str, partition: i32, offset: i64, low: i64)
 
 /// Partition count of `topic`, once the broker answers and the topic exists (the topics in
 /// `create` are created when missing). Retries with backoff; `None` on shutdown.
-pub async fn wait_for_partitions<C>(
+pub async fn wait_for_partitions<C, X>(
     kafka: &KafkaArgs,
     consumer: &Arc<C>,
     topic: &str,
@@ -712,7 +943,8 @@ pub async fn wait_for_partitions<C>(
     shutdown: &CancellationToken,
 ) -> Option<i32>
 where
-    C: Consumer + Send + Sync + 'static,
+    C: Consumer<X> + Send + Sync + 'static,
+    X: ConsumerContext + 'static,
 {
     let mut backoff = Backoff::default();
     loop {
@@ -734,7 +966,7 @@ where
 }
 
 /// Partitions of `topic` (0 when it does not exist). Blocks for up to 5 s.
-pub fn partition_count<C: Consumer>(consumer: &C, topic: &str) -> anyhow::Result<i32> {
+pub fn partition_count<C: Consumer<X>, X: ConsumerContext>(consumer: &C, topic: &str) -> anyhow::Result<i32> {
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
     Ok(metadata
         .topics()
@@ -745,7 +977,7 @@ pub fn partition_count<C: Consumer>(consumer: &C, topic: &str) -> anyhow::Result
 
 /// Commits `checkpoints` to the consumer group, for lag monitoring only: the store holds the
 /// position that counts.
-fn commit_for_monitoring<C: Consumer>(consumer: &C, topic: &str, checkpoints: &Checkpoints) {
+fn commit_for_monitoring<C: Consumer<X>, X: ConsumerContext>(consumer: &C, topic: &str, checkpoints: &Checkpoints) {
     let mut list = TopicPartitionList::new();
     for (&partition, checkpoint) in checkpoints {
         if list
@@ -763,16 +995,24 @@ fn commit_for_monitoring<C: Consumer>(consumer: &C, topic: &str, checkpoints: &C
 }
 
 impl KafkaArgs {
-    /// A consumer for stores that keep their own offsets: no auto-commit, no offset store, and
-    /// the beginning of a partition when they have no offset for it yet.
-    pub fn sink_consumer(&self, group_id: &str) -> anyhow::Result<Arc<StreamConsumer>> {
+    /// A member of `group_id` for stores that keep their own offsets: no auto-commit, no offset
+    /// store, cooperative-sticky assignment, and the beginning of a partition when they have no
+    /// offset for it yet. A member that stops heartbeating loses its partitions after 10 s
+    /// (librdkafka's default, 45 s, leaves a killed instance's readings waiting that long).
+    pub fn group_consumer(&self, group_id: &str, topic: &str) -> anyhow::Result<Arc<GroupConsumer>> {
+        let context = GroupContext {
+            topic: topic.to_owned(),
+            events: std::sync::Mutex::default(),
+            notify: tokio::sync::Notify::new(),
+        };
         let consumer = self
-            .client_config()
+            .client_config_with(&[("session.timeout.ms", "10000"), ("heartbeat.interval.ms", "1000")])
             .set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .create()?;
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .create_with_context(context)?;
         Ok(Arc::new(consumer))
     }
 }

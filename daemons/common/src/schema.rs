@@ -12,6 +12,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "004_window_retention",
         include_str!("../../../sql/004_window_retention.sql"),
     ),
+    (
+        "005_partition_owners",
+        include_str!("../../../sql/005_partition_owners.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock, so concurrent daemons migrate one at a time.

@@ -2,17 +2,23 @@
 //! (Parquet, ZSTD, format v2, partitioned by `hour(ts)`), exactly once.
 //!
 //! Exactly once ([`weather_common::consumer`]): each commit's snapshot summary records the next
-//! Kafka offset of every partition it covers (`kafka.offsets.weather`) and the record before
-//! it (`kafka.records.weather`, which log the offsets belong to). At start, and after any
+//! Kafka offset of every partition (`kafka.offsets.weather`) and the record before it
+//! (`kafka.records.weather`, which log the offsets belong to). At start, and after any
 //! failure, the sink reads them back from the table and resumes exactly there; what was
-//! buffered but not committed is simply read again. Before committing, the sink checks the
-//! table's offsets are still the ones it started from, so a second sink cannot double data.
+//! buffered but not committed is simply read again.
+//!
+//! Instances in one consumer group share the partitions, without a coordinator: each writes its
+//! own files and appends them with its partitions' offsets, merged with the others' from the
+//! snapshot it commits on. Before committing it checks that its partitions' offsets are still
+//! the ones it last saw; one that moved was taken over by another instance, and the commit is
+//! dropped (fenced). Table maintenance runs in the instance that owns partition 0.
 
 pub mod maintenance;
 pub mod orphans;
 pub mod table;
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -22,6 +28,7 @@ use anyhow::Context;
 use prometheus_client::{
     metrics::{
         counter::Counter,
+        family::Family,
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
@@ -31,12 +38,15 @@ use tokio_util::sync::CancellationToken;
 use weather_common::{
     WeatherReading,
     consumer::{self, Checkpoints},
-    http,
+    http::{self, PartitionLabel},
     kafka::{DEAD_LETTER_TOPIC, KafkaArgs, WEATHER_TOPIC},
     lakehouse::{CatalogArgs, CatalogConfig},
 };
 
-use crate::{maintenance::Policy, table::WeatherTable};
+use crate::{
+    maintenance::Policy,
+    table::{Epochs, WeatherTable},
+};
 
 #[derive(clap::Parser, Debug, Clone)]
 #[command(version, about)]
@@ -52,7 +62,8 @@ pub struct Args {
     #[arg(long, env = "KAFKA_TOPIC", default_value = WEATHER_TOPIC)]
     pub topic: String,
 
-    /// Consumer group; its offsets are committed for lag monitoring only.
+    /// Consumer group: its instances share the topic's partitions. Its offsets are committed
+    /// for lag monitoring only.
     #[arg(long, env = "KAFKA_GROUP_ID", default_value = "iceberg-sink")]
     pub group_id: String,
 
@@ -76,7 +87,8 @@ pub struct Args {
     pub target_file_size: usize,
 
     /// How often table maintenance runs (merging manifests, expiring snapshots, deleting the
-    /// files no one needs any more), after a commit; 0 turns it off.
+    /// files no one needs any more), after a commit, in the instance that owns partition 0;
+    /// 0 turns it off.
     #[arg(long, env = "MAINTENANCE_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub maintenance_interval: Duration,
 
@@ -139,6 +151,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         catalog,
         table: None,
         committed: Checkpoints::new(),
+        owned: BTreeSet::new(),
+        epochs: Epochs::new(),
         buffer: Vec::new(),
         metrics,
         last_maintenance: None,
@@ -157,8 +171,12 @@ struct Sink<'a> {
     args: &'a Args,
     catalog: CatalogConfig,
     table: Option<WeatherTable>,
-    /// The checkpoints of the table's last commit.
+    /// The checkpoints of the owned partitions as the table holds them.
     committed: Checkpoints,
+    /// Partitions this instance owns.
+    owned: BTreeSet<i32>,
+    /// Their owner epochs, as this instance's claim set them.
+    epochs: Epochs,
     buffer: Vec<WeatherReading>,
     metrics: Metrics,
     last_maintenance: Option<Instant>,
@@ -180,6 +198,13 @@ impl Sink<'_> {
     /// not depend on it.
     async fn maintain_if_due(&mut self) {
         let interval = self.args.maintenance_interval;
+        // One maintainer among the instances: maintenance commits only when no append came
+        // in between, but two maintainers would mostly undo each other's work.
+        if !self.owned.contains(&MAINTAINER_PARTITION) {
+            self.metrics.maintainer.set(0);
+            return;
+        }
+        self.metrics.maintainer.set(1);
         if interval.is_zero() || self.last_maintenance.is_some_and(|t| t.elapsed() < interval) {
             return;
         }
@@ -233,9 +258,15 @@ impl Sink<'_> {
     }
 }
 
+/// The owner of this partition maintains the table.
+const MAINTAINER_PARTITION: i32 = 0;
+
 impl consumer::Store for Sink<'_> {
-    async fn open(&mut self, _shutdown: &CancellationToken) -> anyhow::Result<Option<Checkpoints>> {
+    async fn open(&mut self, _shutdown: &CancellationToken) -> anyhow::Result<bool> {
         self.buffer.clear();
+        self.committed.clear();
+        self.owned.clear();
+        self.epochs.clear();
         self.table = None;
         let table = WeatherTable::open(
             &self.catalog,
@@ -244,13 +275,40 @@ impl consumer::Store for Sink<'_> {
             self.args.target_file_size,
         )
         .await?;
-        self.committed = table.committed_checkpoints(&self.args.topic)?;
         self.table = Some(table);
-        Ok(Some(self.committed.clone()))
+        Ok(true)
+    }
+
+    async fn claim(&mut self, partitions: &[i32]) -> anyhow::Result<Checkpoints> {
+        let table = self.table.as_mut().context("table not open")?;
+        let (claimed, epochs) = table
+            .claim(&self.args.topic, partitions)
+            .await
+            .context("claiming partitions")?;
+        tracing::info!(?epochs, "claimed partitions");
+        for (&partition, &epoch) in &epochs {
+            self.metrics
+                .owner_epoch
+                .get_or_create(&PartitionLabel { partition })
+                .set(epoch);
+        }
+        self.epochs.extend(epochs);
+        self.committed.extend(claimed.clone());
+        self.owned.extend(partitions);
+        Ok(claimed)
+    }
+
+    fn release(&mut self, partitions: &[i32]) {
+        for &partition in partitions {
+            self.committed.remove(&partition);
+            self.owned.remove(&partition);
+            self.epochs.remove(&partition);
+            self.metrics.owner_epoch.remove(&PartitionLabel { partition });
+        }
     }
 
     fn restart_partition(&mut self, _partition: i32, _start: i64) {
-        // Nothing is buffered right after open; the next commit records the new position.
+        // Nothing is buffered for it yet; the next commit records the new position.
     }
 
     fn apply(&mut self, _partition: i32, _offset: i64, reading: WeatherReading) {
@@ -268,10 +326,11 @@ impl consumer::Store for Sink<'_> {
         let files = table.write(&self.buffer).await.context("writing Parquet")?;
         let file_count = files.len();
         let bytes: u64 = files.iter().map(|f| f.file_size_in_bytes()).sum();
-        table
-            .commit(&self.args.topic, files, &self.committed, checkpoints)
+        let conflicts = table
+            .commit(&self.args.topic, files, &self.committed, checkpoints, &self.epochs)
             .await
             .context("committing the snapshot")?;
+        self.metrics.commit_conflicts.inc_by(conflicts as u64);
         self.metrics.records_written.inc_by(self.buffer.len() as u64);
         self.metrics.bytes_written.inc_by(bytes);
         if let Some(id) = table.current_snapshot_id() {
@@ -283,6 +342,7 @@ impl consumer::Store for Sink<'_> {
             bytes,
             elapsed_ms = started.elapsed().as_millis() as u64,
             snapshot = ?table.current_snapshot_id(),
+            conflicts,
             "committed"
         );
         self.metrics.files_per_commit.observe(file_count as f64);
@@ -290,7 +350,7 @@ impl consumer::Store for Sink<'_> {
         if file_count > 0 {
             self.metrics.bytes_per_file.observe(bytes as f64 / file_count as f64);
         }
-        self.committed = checkpoints.clone();
+        self.committed.extend(checkpoints.iter().map(|(p, c)| (*p, c.clone())));
         self.buffer.clear();
         self.maintain_if_due().await;
         self.show_shape().await;
@@ -300,6 +360,9 @@ impl consumer::Store for Sink<'_> {
 
 struct Metrics {
     records: Counter,
+    commit_conflicts: Counter,
+    maintainer: Gauge,
+    owner_epoch: Family<PartitionLabel, Gauge>,
     records_written: Counter,
     bytes_written: Counter,
     snapshot_id: Gauge,
@@ -322,6 +385,9 @@ impl Metrics {
     fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
             records: Counter::default(),
+            commit_conflicts: Counter::default(),
+            maintainer: Gauge::default(),
+            owner_epoch: Family::default(),
             records_written: Counter::default(),
             bytes_written: Counter::default(),
             snapshot_id: Gauge::default(),
@@ -409,6 +475,21 @@ impl Metrics {
             registry.register(name, help, metric.clone());
         }
         registry.register("records_consumed", "Valid readings consumed", metrics.records.clone());
+        registry.register(
+            "commit_conflicts",
+            "Commits of other instances that landed first, each met by merging the offsets again on the new snapshot",
+            metrics.commit_conflicts.clone(),
+        );
+        registry.register(
+            "owner_epoch",
+            "Owner epoch of each partition this instance claimed (raised by every claim)",
+            metrics.owner_epoch.clone(),
+        );
+        registry.register(
+            "maintainer",
+            "1 while this instance maintains the table (it owns partition 0)",
+            metrics.maintainer.clone(),
+        );
         registry.register(
             "records_written",
             "Readings committed to the table",

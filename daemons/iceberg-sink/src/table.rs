@@ -8,7 +8,7 @@ use std::{
 
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use iceberg::{
-    Catalog, NamespaceIdent, TableCreation, TableIdent,
+    Catalog, ErrorKind, Namespace, NamespaceIdent, TableCommit, TableCreation, TableIdent,
     spec::{
         DataFile, DataFileFormat, Literal, NestedField, PartitionKey, PrimitiveType, Schema, Struct, Transform, Type,
         UnboundPartitionSpec,
@@ -31,7 +31,7 @@ use parquet::{
 };
 use weather_common::{
     WeatherReading,
-    consumer::{Checkpoint, Checkpoints},
+    consumer::{Checkpoint, Checkpoints, Fenced},
     lakehouse::CatalogConfig,
 };
 
@@ -49,6 +49,15 @@ pub fn offsets_key(topic: &str) -> String {
 pub fn records_key(topic: &str) -> String {
     format!("kafka.records.{topic}")
 }
+
+/// Where partition ownership is kept: snapshot summary key `kafka.epochs.<topic>`, a JSON object
+/// of partition → owner epoch, raised by each sink instance that takes the partition over.
+pub fn epochs_key(topic: &str) -> String {
+    format!("kafka.epochs.{topic}")
+}
+
+/// Owner epoch per Kafka partition.
+pub type Epochs = BTreeMap<i32, i64>;
 
 /// Parquet with ZSTD: the table property names it for other engines; this writer must be told
 /// itself.
@@ -218,6 +227,11 @@ impl WeatherTable {
     /// The checkpoints of the newest snapshot (walking back through parents) that recorded
     /// any: its offsets, with the identity of the record before each where it has them.
     pub fn committed_checkpoints(&self, topic: &str) -> anyhow::Result<Checkpoints> {
+        Ok(self.committed_state(topic)?.0)
+    }
+
+    /// [`Self::committed_checkpoints`] and the owner epochs recorded beside them.
+    fn committed_state(&self, topic: &str) -> anyhow::Result<(Checkpoints, Epochs)> {
         let metadata = self.table.metadata();
         let mut snapshot = metadata.current_snapshot().cloned();
         while let Some(current) = snapshot {
@@ -228,7 +242,11 @@ impl WeatherTable {
                     Some(json) => serde_json::from_str(json)?,
                     None => BTreeMap::new(),
                 };
-                return offsets
+                let epochs: BTreeMap<String, i64> = match summary.get(&epochs_key(topic)) {
+                    Some(json) => serde_json::from_str(json)?,
+                    None => BTreeMap::new(),
+                };
+                let checkpoints = offsets
                     .into_iter()
                     .map(|(p, next_offset)| {
                         let last_record = records.remove(&p);
@@ -240,13 +258,18 @@ impl WeatherTable {
                             },
                         ))
                     })
-                    .collect();
+                    .collect::<anyhow::Result<Checkpoints>>()?;
+                let epochs = epochs
+                    .into_iter()
+                    .map(|(p, epoch)| Ok((p.parse()?, epoch)))
+                    .collect::<anyhow::Result<Epochs>>()?;
+                return Ok((checkpoints, epochs));
             }
             snapshot = current
                 .parent_snapshot_id()
                 .and_then(|id| metadata.snapshot_by_id(id).cloned());
         }
-        Ok(Checkpoints::new())
+        Ok((Checkpoints::new(), Epochs::new()))
     }
 
     /// The next offset per partition of [`Self::committed_checkpoints`].
@@ -342,45 +365,244 @@ impl WeatherTable {
         Ok(writer.close().await?)
     }
 
-    /// Appends `files` in one snapshot whose summary records `checkpoints`. Fails when the
-    /// table's checkpoints are no longer `expected` (another writer) or the catalog refuses
-    /// the commit.
+    /// Takes `partitions` over for a writer: raises their owner epochs in a snapshot of their
+    /// own (no files), so that a commit of their previous owner, which checks its epochs, can
+    /// no longer land. Returns the partitions' checkpoints and their new epochs.
+    pub async fn claim(&mut self, topic: &str, partitions: &[i32]) -> anyhow::Result<(Checkpoints, Epochs)> {
+        let none = (Checkpoints::new(), Epochs::new());
+        let change = Change {
+            expected: &none.0,
+            checkpoints: &none.0,
+            epochs: &none.1,
+            claim: partitions,
+        };
+        let (checkpoints, epochs) = self.append(topic, Vec::new(), &change).await?.1;
+        let mine = |p: &i32| partitions.contains(p);
+        Ok((
+            checkpoints.into_iter().filter(|(p, _)| mine(p)).collect(),
+            epochs.into_iter().filter(|(p, _)| mine(p)).collect(),
+        ))
+    }
+
+    /// Appends `files` in one snapshot whose summary records `checkpoints` (those of the
+    /// partitions this writer owns), merged with the other partitions' checkpoints from the
+    /// snapshot it is based on. Each of `checkpoints`' partitions must still be where the
+    /// writer last saw it (`expected`) and, where the writer holds an owner epoch (`epochs`),
+    /// at that epoch; else another writer took it over: [`Fenced`], and the files are deleted.
+    /// Returns how many commits of other writers landed first (each met by checking and
+    /// merging again on the new snapshot, with the same files).
     pub async fn commit(
         &mut self,
         topic: &str,
         files: Vec<DataFile>,
         expected: &Checkpoints,
         checkpoints: &Checkpoints,
-    ) -> anyhow::Result<()> {
-        self.reload().await?;
-        let found = self.committed_checkpoints(topic)?;
-        anyhow::ensure!(
-            &found == expected,
-            "the table's Kafka offsets moved under us ({found:?}, expected {expected:?}): another writer?"
-        );
-        let offsets: BTreeMap<String, i64> = checkpoints
-            .iter()
-            .map(|(p, c)| (p.to_string(), c.next_offset))
-            .collect();
-        let records: BTreeMap<String, &str> = checkpoints
-            .iter()
-            .filter_map(|(p, c)| Some((p.to_string(), c.last_record.as_deref()?)))
-            .collect();
-        let summary = HashMap::from([
-            (offsets_key(topic), serde_json::to_string(&offsets)?),
-            (records_key(topic), serde_json::to_string(&records)?),
-        ]);
-        let transaction = Transaction::new(&self.table);
-        let action = transaction
-            .fast_append()
-            // Every file has a new UUID name. The check would read every manifest of the table
-            // on every commit: a cost that grows with the table's age.
-            .with_check_duplicate(false)
-            .add_data_files(files)
-            .set_snapshot_properties(summary);
-        let transaction = action.apply(transaction)?;
-        self.table = transaction.commit(self.catalog.as_ref()).await?;
-        self.maintenance.observe(&self.table);
-        Ok(())
+        epochs: &Epochs,
+    ) -> anyhow::Result<usize> {
+        let change = Change {
+            expected,
+            checkpoints,
+            epochs,
+            claim: &[],
+        };
+        Ok(self.append(topic, files, &change).await?.0)
+    }
+
+    /// Appends `files` with `change` on the current snapshot, again on each newer one that
+    /// another writer commits first. Returns those conflicts, and the checkpoints and epochs
+    /// the new snapshot records.
+    async fn append(
+        &mut self,
+        topic: &str,
+        files: Vec<DataFile>,
+        change: &Change<'_>,
+    ) -> anyhow::Result<(usize, (Checkpoints, Epochs))> {
+        let mut conflicts = 0;
+        loop {
+            self.reload().await?;
+            let (mut checkpoints, mut epochs) = self.committed_state(topic)?;
+            let fenced: Vec<i32> = change
+                .checkpoints
+                .keys()
+                .filter(|p| {
+                    checkpoints.get(p) != change.expected.get(p)
+                        || change
+                            .epochs
+                            .get(p)
+                            .is_some_and(|mine| epochs.get(p).copied().unwrap_or(0) != *mine)
+                })
+                .copied()
+                .collect();
+            if !fenced.is_empty() {
+                tracing::warn!(
+                    ?fenced,
+                    found = ?checkpoints,
+                    expected = ?change.expected,
+                    "the table's Kafka offsets or owner epochs of these partitions moved: another writer owns them now"
+                );
+                self.delete_files(&files).await;
+                return Err(Fenced { partitions: fenced }.into());
+            }
+            checkpoints.extend(change.checkpoints.iter().map(|(p, c)| (*p, c.clone())));
+            for &partition in change.claim {
+                *epochs.entry(partition).or_default() += 1;
+            }
+            let offsets: BTreeMap<String, i64> = checkpoints
+                .iter()
+                .map(|(p, c)| (p.to_string(), c.next_offset))
+                .collect();
+            let records: BTreeMap<String, &str> = checkpoints
+                .iter()
+                .filter_map(|(p, c)| Some((p.to_string(), c.last_record.as_deref()?)))
+                .collect();
+            let owners: BTreeMap<String, i64> = epochs.iter().map(|(p, e)| (p.to_string(), *e)).collect();
+            let summary = HashMap::from([
+                (offsets_key(topic), serde_json::to_string(&offsets)?),
+                (records_key(topic), serde_json::to_string(&records)?),
+                (epochs_key(topic), serde_json::to_string(&owners)?),
+            ]);
+            let transaction = Transaction::new(&self.table);
+            let action = transaction
+                .fast_append()
+                // Every file has a new UUID name. The check would read every manifest of the table
+                // on every commit: a cost that grows with the table's age.
+                .with_check_duplicate(false)
+                .add_data_files(files.clone())
+                .set_snapshot_properties(summary);
+            let transaction = action.apply(transaction)?;
+            // Committed on exactly the base the summary was merged from, or not at all.
+            let pinned = Pinned {
+                inner: self.catalog.clone(),
+                base: self.table.clone(),
+            };
+            match transaction.commit(&pinned).await {
+                Ok(table) => {
+                    self.table = table;
+                    self.maintenance.observe(&self.table);
+                    return Ok((conflicts, (checkpoints, epochs)));
+                }
+                Err(e) if e.kind() == ErrorKind::CatalogCommitConflicts && conflicts < MAX_COMMIT_CONFLICTS => {
+                    conflicts += 1;
+                    tracing::debug!(error = %e, conflicts, "another commit came first; merging again on it");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Deletes data files that will never be committed; what fails is left to the orphan sweep.
+    async fn delete_files(&self, files: &[DataFile]) {
+        for file in files {
+            if let Err(e) = self.table.file_io().delete(file.file_path()).await {
+                tracing::debug!(error = %e, path = file.file_path(), "could not delete an uncommitted file");
+            }
+        }
+    }
+}
+
+/// What one append changes besides adding files.
+struct Change<'a> {
+    /// The checkpoints the writer last saw of the partitions in `checkpoints`.
+    expected: &'a Checkpoints,
+    /// The new checkpoints of the writer's partitions.
+    checkpoints: &'a Checkpoints,
+    /// The writer's owner epochs.
+    epochs: &'a Epochs,
+    /// Partitions whose owner epoch is raised.
+    claim: &'a [i32],
+}
+
+/// Commits in a row the same writers keep winning, before a commit gives up (and its consumer
+/// resumes from the last commit).
+const MAX_COMMIT_CONFLICTS: usize = 50;
+
+/// The catalog as one commit sees it: its table as of the base the commit was built on.
+///
+/// iceberg's `Transaction::commit` loads the table again and, when another commit landed
+/// meanwhile, applies the actions again on the new base, including the snapshot summary, which
+/// was merged from the old one: it would record stale offsets for the other writers' partitions.
+/// Pinned, the base is the one the summary was merged from; the catalog refuses the commit if
+/// the table moved on (its requirement on the current snapshot), and that refusal is not retried
+/// inside iceberg (not retryable here) but by [`WeatherTable::commit`], which merges again.
+#[derive(Debug)]
+struct Pinned {
+    inner: Arc<dyn Catalog>,
+    base: Table,
+}
+
+#[async_trait::async_trait]
+impl Catalog for Pinned {
+    async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> iceberg::Result<Vec<NamespaceIdent>> {
+        self.inner.list_namespaces(parent).await
+    }
+
+    async fn create_namespace(
+        &self,
+        namespace: &NamespaceIdent,
+        properties: HashMap<String, String>,
+    ) -> iceberg::Result<Namespace> {
+        self.inner.create_namespace(namespace, properties).await
+    }
+
+    async fn get_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<Namespace> {
+        self.inner.get_namespace(namespace).await
+    }
+
+    async fn namespace_exists(&self, namespace: &NamespaceIdent) -> iceberg::Result<bool> {
+        self.inner.namespace_exists(namespace).await
+    }
+
+    async fn update_namespace(
+        &self,
+        namespace: &NamespaceIdent,
+        properties: HashMap<String, String>,
+    ) -> iceberg::Result<()> {
+        self.inner.update_namespace(namespace, properties).await
+    }
+
+    async fn drop_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<()> {
+        self.inner.drop_namespace(namespace).await
+    }
+
+    async fn list_tables(&self, namespace: &NamespaceIdent) -> iceberg::Result<Vec<TableIdent>> {
+        self.inner.list_tables(namespace).await
+    }
+
+    async fn create_table(&self, namespace: &NamespaceIdent, creation: TableCreation) -> iceberg::Result<Table> {
+        self.inner.create_table(namespace, creation).await
+    }
+
+    async fn load_table(&self, table: &TableIdent) -> iceberg::Result<Table> {
+        if table == self.base.identifier() {
+            return Ok(self.base.clone());
+        }
+        self.inner.load_table(table).await
+    }
+
+    async fn drop_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+        self.inner.drop_table(table).await
+    }
+
+    async fn purge_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+        self.inner.purge_table(table).await
+    }
+
+    async fn table_exists(&self, table: &TableIdent) -> iceberg::Result<bool> {
+        self.inner.table_exists(table).await
+    }
+
+    async fn rename_table(&self, src: &TableIdent, dest: &TableIdent) -> iceberg::Result<()> {
+        self.inner.rename_table(src, dest).await
+    }
+
+    async fn register_table(&self, table: &TableIdent, metadata_location: String) -> iceberg::Result<Table> {
+        self.inner.register_table(table, metadata_location).await
+    }
+
+    async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
+        self.inner
+            .update_table(commit)
+            .await
+            .map_err(|e| iceberg::Error::new(e.kind(), e.message().to_owned()).with_retryable(false))
     }
 }

@@ -89,7 +89,7 @@ impl Harness {
         )]);
         let files = self.table.write(&readings).await.expect("write");
         self.table
-            .commit("weather", files, &self.committed, &next)
+            .commit("weather", files, &self.committed, &next, &Default::default())
             .await
             .expect("commit");
         self.committed = next;

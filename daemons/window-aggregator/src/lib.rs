@@ -4,8 +4,11 @@
 //! Exactly once ([`weather_common::consumer`]): window deltas, the windows still open and the
 //! checkpoint of each Kafka partition are written in one PostgreSQL transaction. At start, and
 //! after any database failure, the state of the last commit is loaded back and the consumer
-//! resumes exactly there. One instance writes at a time (a PostgreSQL advisory lock); a second one
-//! stands by until the first is gone.
+//! resumes exactly there.
+//!
+//! Instances in one consumer group share the partitions; readings are keyed by city, so a city's
+//! windows live in one partition. Each instance holds the windows of the partitions it owns and
+//! commits only those, fenced by their owner epochs ([`store::Store::claim`]).
 
 pub mod store;
 pub mod window;
@@ -28,9 +31,9 @@ use tokio_util::sync::CancellationToken;
 use weather_common::{
     WeatherReading,
     consumer::{self, Checkpoints},
-    http,
+    http::{self, PartitionLabel},
     kafka::{DEAD_LETTER_TOPIC, KafkaArgs, WEATHER_TOPIC},
-    runtime::{self, Backoff},
+    runtime::Backoff,
 };
 
 use crate::{
@@ -52,7 +55,8 @@ pub struct Args {
     #[arg(long, env = "KAFKA_TOPIC", default_value = WEATHER_TOPIC)]
     pub topic: String,
 
-    /// Consumer group; its offsets are committed for lag monitoring only.
+    /// Consumer group: its instances share the topic's partitions. Its offsets are committed
+    /// for lag monitoring only.
     #[arg(long, env = "KAFKA_GROUP_ID", default_value = "window-aggregator")]
     pub group_id: String,
 
@@ -152,6 +156,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         args: &args,
         store: None,
         aggregator: Aggregator::new(config, BTreeMap::new()),
+        epochs: BTreeMap::new(),
         metrics,
         dropped_since_commit: 0,
     };
@@ -164,26 +169,12 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Connects, migrates and takes the writer lock, retrying; `None` on shutdown.
+/// Connects and migrates, retrying; `None` on shutdown.
 async fn connect(args: &Args, shutdown: &CancellationToken) -> Option<Store> {
     let mut backoff = Backoff::default();
-    let mut standing_by = false;
     loop {
-        let attempt = async {
-            let store = Store::connect(&args.database_url, &args.topic).await?;
-            let locked = store.try_lock().await?;
-            anyhow::Ok(locked.then_some(store))
-        };
-        match attempt.await {
-            Ok(Some(store)) => return Some(store),
-            Ok(None) => {
-                if !standing_by {
-                    standing_by = true;
-                    runtime::notify_status("standing by: another window-aggregator holds the writer lock");
-                    tracing::info!("another window-aggregator writes to this database; standing by");
-                }
-                backoff = Backoff::from_step(2);
-            }
+        match Store::connect(&args.database_url, &args.topic).await {
+            Ok(store) => return Some(store),
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "PostgreSQL unavailable"),
         }
         if !backoff.wait(shutdown).await {
@@ -197,18 +188,36 @@ struct Windows<'a> {
     args: &'a Args,
     store: Option<Store>,
     aggregator: Aggregator,
+    /// Owner epoch of each partition this instance claimed.
+    epochs: BTreeMap<i32, i64>,
     metrics: Metrics,
     dropped_since_commit: u64,
 }
 
 impl consumer::Store for Windows<'_> {
-    async fn open(&mut self, shutdown: &CancellationToken) -> anyhow::Result<Option<Checkpoints>> {
+    async fn open(&mut self, shutdown: &CancellationToken) -> anyhow::Result<bool> {
         self.store = None;
+        self.aggregator = Aggregator::new(self.args.window_config()?, BTreeMap::new());
+        self.epochs.clear();
         let Some(store) = connect(self.args, shutdown).await else {
-            return Ok(None);
+            return Ok(false);
         };
-        let (state, checkpoints) = store.load().await.context("loading state")?;
-        self.aggregator = Aggregator::new(self.args.window_config()?, state);
+        self.store = Some(store);
+        Ok(true)
+    }
+
+    async fn claim(&mut self, partitions: &[i32]) -> anyhow::Result<Checkpoints> {
+        let store = self.store.as_mut().context("not connected")?;
+        let claimed = store.claim(partitions).await.context("claiming partitions")?;
+        for (&partition, &epoch) in &claimed.epochs {
+            self.metrics
+                .owner_epoch
+                .get_or_create(&PartitionLabel { partition })
+                .set(epoch);
+        }
+        tracing::info!(epochs = ?claimed.epochs, "claimed partitions");
+        self.epochs.extend(claimed.epochs);
+        self.aggregator.insert_partitions(claimed.state);
         let limit = Utc::now() + TimeDelta::from_std(self.args.max_clock_skew).unwrap_or(TimeDelta::MAX);
         let repaired = self.aggregator.repair_future_watermarks(limit);
         if repaired > 0 {
@@ -217,8 +226,15 @@ impl consumer::Store for Windows<'_> {
                 "the stored event-time high mark lay in the future (a reading from a wrong clock); reset it"
             );
         }
-        self.store = Some(store);
-        Ok(Some(checkpoints))
+        Ok(claimed.checkpoints)
+    }
+
+    fn release(&mut self, partitions: &[i32]) {
+        self.aggregator.remove_partitions(partitions);
+        for &partition in partitions {
+            self.epochs.remove(&partition);
+            self.metrics.owner_epoch.remove(&PartitionLabel { partition });
+        }
     }
 
     fn restart_partition(&mut self, _partition: i32, _start: i64) {
@@ -248,18 +264,24 @@ impl consumer::Store for Windows<'_> {
     async fn commit(&mut self, checkpoints: &Checkpoints) -> anyhow::Result<bool> {
         let store = self.store.as_mut().context("not connected")?;
         let batch = self.aggregator.take_batch();
-        let positions: Vec<Position> = checkpoints
+        let positions = checkpoints
             .iter()
-            .map(|(&partition, checkpoint)| Position {
-                partition,
-                checkpoint,
-                max_event_time: self
-                    .aggregator
-                    .partitions
-                    .get(&partition)
-                    .and_then(|s| s.max_event_time),
+            .map(|(&partition, checkpoint)| {
+                Ok(Position {
+                    partition,
+                    epoch: *self
+                        .epochs
+                        .get(&partition)
+                        .with_context(|| format!("partition {partition} was never claimed"))?,
+                    checkpoint,
+                    max_event_time: self
+                        .aggregator
+                        .partitions
+                        .get(&partition)
+                        .and_then(|s| s.max_event_time),
+                })
             })
-            .collect();
+            .collect::<anyhow::Result<Vec<Position>>>()?;
         store
             .commit(&batch, &positions)
             .await
@@ -293,6 +315,7 @@ struct OutcomeLabel {
 
 struct Metrics {
     records: Family<OutcomeLabel, Counter>,
+    owner_epoch: Family<PartitionLabel, Gauge>,
     window_rows: Counter,
     open_windows: Gauge,
     retention_deleted: Counter,
@@ -302,6 +325,7 @@ impl Metrics {
     fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
             records: Family::default(),
+            owner_epoch: Family::default(),
             window_rows: Counter::default(),
             open_windows: Gauge::default(),
             retention_deleted: Counter::default(),
@@ -315,6 +339,11 @@ impl Metrics {
             "records",
             "Readings consumed, by outcome: windowed, late (merged), dropped_late",
             metrics.records.clone(),
+        );
+        registry.register(
+            "owner_epoch",
+            "Owner epoch of each partition this instance claimed (raised by every claim)",
+            metrics.owner_epoch.clone(),
         );
         registry.register(
             "window_rows_written",

@@ -1,25 +1,33 @@
 //! PostgreSQL side: window rows, offsets and open windows, committed in one transaction.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use tokio_postgres::{Client, NoTls};
 
-use weather_common::consumer::{Checkpoint, Checkpoints};
+use weather_common::consumer::{Checkpoint, Checkpoints, Fenced};
 
 use crate::window::{Agg, Batch, PartitionState};
 
 /// What is stored of one partition's position: where the consumer is, and the event-time
-/// high mark the windows were judged by.
+/// high mark the windows were judged by; stored only while the partition's owner epoch is
+/// still `epoch`.
 #[derive(Debug)]
 pub struct Position<'a> {
     pub partition: i32,
+    pub epoch: i64,
     pub checkpoint: &'a Checkpoint,
     pub max_event_time: Option<DateTime<Utc>>,
 }
 
-/// Names the single-writer lock: one active aggregator per database, others stand by.
-const WRITER_LOCK: i64 = 0x7765_6174_6865_7202;
+/// What [`Store::claim`] loads of the partitions it takes over.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    pub state: BTreeMap<i32, PartitionState>,
+    pub checkpoints: Checkpoints,
+    /// The owner epoch each partition now has: this instance's.
+    pub epochs: BTreeMap<i32, i64>,
+}
 
 /// Channel the dashboard listens on; notified in the transaction that changed rows.
 pub const NOTIFY_CHANNEL: &str = "weather_updates";
@@ -46,43 +54,45 @@ impl Store {
         })
     }
 
-    /// Takes the writer lock if free. It is held by the session: a lost connection frees it.
-    pub async fn try_lock(&self) -> anyhow::Result<bool> {
-        let row = self
-            .client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])
-            .await?;
-        Ok(row.get(0))
-    }
-
-    /// The state of the last commit: checkpoints, event-time high marks and open windows.
-    pub async fn load(&self) -> anyhow::Result<(BTreeMap<i32, PartitionState>, Checkpoints)> {
-        let mut partitions = BTreeMap::new();
-        let mut checkpoints = Checkpoints::new();
-        for row in self
-            .client
+    /// Takes `partitions` over: raises their owner epochs (fencing out whoever owned them) and
+    /// loads their state as the last commit left it, in one transaction. A commit of the
+    /// previous owner that is under way finishes first (it holds the rows); one that comes later
+    /// finds the epoch raised and stores nothing.
+    pub async fn claim(&mut self, partitions: &[i32]) -> anyhow::Result<Claimed> {
+        let tx = self.client.transaction().await?;
+        tx.execute(
+            "INSERT INTO aggregator_offsets (topic, partition, next_offset)
+             SELECT $1, p, 0 FROM UNNEST($2::int4[]) AS p
+             ON CONFLICT (topic, partition) DO NOTHING",
+            &[&self.topic, &partitions],
+        )
+        .await?;
+        let mut claimed = Claimed::default();
+        for row in tx
             .query(
-                "SELECT partition, next_offset, last_record, max_event_time FROM aggregator_offsets WHERE topic = $1",
-                &[&self.topic],
+                "UPDATE aggregator_offsets SET owner_epoch = owner_epoch + 1
+                 WHERE topic = $1 AND partition = ANY($2)
+                 RETURNING partition, owner_epoch, next_offset, last_record, max_event_time",
+                &[&self.topic, &partitions],
             )
             .await?
         {
             let partition: i32 = row.get(0);
-            checkpoints.insert(
+            claimed.epochs.insert(partition, row.get(1));
+            claimed.checkpoints.insert(
                 partition,
                 Checkpoint {
-                    next_offset: row.get(1),
-                    last_record: row.get(2),
+                    next_offset: row.get(2),
+                    last_record: row.get(3),
                 },
             );
-            partitions.insert(partition, PartitionState::new(row.get(3)));
+            claimed.state.insert(partition, PartitionState::new(row.get(4)));
         }
-        for row in self
-            .client
+        for row in tx
             .query(
                 "SELECT partition, city, window_start, window_end, temperature_sum, record_count
-                 FROM aggregator_open_windows WHERE topic = $1",
-                &[&self.topic],
+                 FROM aggregator_open_windows WHERE topic = $1 AND partition = ANY($2)",
+                &[&self.topic, &partitions],
             )
             .await?
         {
@@ -93,20 +103,49 @@ impl Store {
                 sum: row.get(4),
                 count: row.get(5),
             };
-            partitions
+            claimed
+                .state
                 .entry(partition)
                 .or_insert_with(|| PartitionState::new(None))
                 .open
                 .insert((start.and_utc(), row.get(1)), (end.and_utc(), agg));
         }
-        Ok((partitions, checkpoints))
+        tx.commit().await?;
+        Ok(claimed)
     }
 
-    /// Adds the deltas to `weather`, replaces the open windows of the changed partitions,
-    /// stores `positions` (checkpoint and event-time high mark of every partition) and
-    /// notifies the dashboard, all in one transaction.
+    /// Stores `positions` (checkpoint and event-time high mark of every partition this
+    /// instance owns), adds the deltas to `weather`, replaces the open windows of the changed
+    /// partitions and notifies the dashboard, all in one transaction; or, when another instance
+    /// has raised the owner epoch of any of the partitions, nothing ([`Fenced`]).
     pub async fn commit(&mut self, batch: &Batch, positions: &[Position<'_>]) -> anyhow::Result<()> {
         let tx = self.client.transaction().await?;
+        // First, so that the partitions' rows are locked against a claim for the rest of it.
+        if !positions.is_empty() {
+            let ids: Vec<i32> = positions.iter().map(|p| p.partition).collect();
+            let epochs: Vec<i64> = positions.iter().map(|p| p.epoch).collect();
+            let offsets: Vec<i64> = positions.iter().map(|p| p.checkpoint.next_offset).collect();
+            let records: Vec<Option<&str>> = positions.iter().map(|p| p.checkpoint.last_record.as_deref()).collect();
+            let max_ts: Vec<Option<DateTime<Utc>>> = positions.iter().map(|p| p.max_event_time).collect();
+            let stored: BTreeSet<i32> = tx
+                .query(
+                    "UPDATE aggregator_offsets AS o SET
+                         next_offset = u.next_offset, last_record = u.last_record, max_event_time = u.max_ts
+                     FROM UNNEST($2::int4[], $3::int8[], $4::int8[], $5::text[], $6::timestamptz[])
+                         AS u(partition, epoch, next_offset, last_record, max_ts)
+                     WHERE o.topic = $1 AND o.partition = u.partition AND o.owner_epoch = u.epoch
+                     RETURNING o.partition",
+                    &[&self.topic, &ids, &epochs, &offsets, &records, &max_ts],
+                )
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            let fenced: Vec<i32> = ids.into_iter().filter(|p| !stored.contains(p)).collect();
+            if !fenced.is_empty() {
+                return Err(Fenced { partitions: fenced }.into());
+            }
+        }
         if !batch.deltas.is_empty() {
             let city: Vec<&str> = batch.deltas.iter().map(|r| r.city.as_str()).collect();
             let start: Vec<NaiveDateTime> = batch.deltas.iter().map(|r| r.start.naive_utc()).collect();
@@ -162,21 +201,6 @@ impl Store {
                 )
                 .await?;
             }
-        }
-        if !positions.is_empty() {
-            let ids: Vec<i32> = positions.iter().map(|p| p.partition).collect();
-            let offsets: Vec<i64> = positions.iter().map(|p| p.checkpoint.next_offset).collect();
-            let records: Vec<Option<&str>> = positions.iter().map(|p| p.checkpoint.last_record.as_deref()).collect();
-            let max_ts: Vec<Option<DateTime<Utc>>> = positions.iter().map(|p| p.max_event_time).collect();
-            tx.execute(
-                "INSERT INTO aggregator_offsets (topic, partition, next_offset, last_record, max_event_time)
-                 SELECT $1, * FROM UNNEST($2::int4[], $3::int8[], $4::text[], $5::timestamptz[])
-                 ON CONFLICT (topic, partition) DO UPDATE SET
-                     next_offset = EXCLUDED.next_offset, last_record = EXCLUDED.last_record,
-                     max_event_time = EXCLUDED.max_event_time",
-                &[&self.topic, &ids, &offsets, &records, &max_ts],
-            )
-            .await?;
         }
         if !batch.deltas.is_empty() {
             let payload = batch.deltas.len().to_string();

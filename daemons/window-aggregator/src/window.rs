@@ -201,6 +201,19 @@ impl Aggregator {
         repaired
     }
 
+    /// Adds the state of partitions this instance took over.
+    pub fn insert_partitions(&mut self, partitions: BTreeMap<i32, PartitionState>) {
+        self.partitions.extend(partitions);
+    }
+
+    /// Forgets partitions handed to another instance (after their last commit).
+    pub fn remove_partitions(&mut self, partitions: &[i32]) {
+        for partition in partitions {
+            self.partitions.remove(partition);
+            self.dirty.remove(partition);
+        }
+    }
+
     /// Number of window deltas waiting for the next commit.
     pub fn pending_rows(&self) -> usize {
         self.deltas.len()
@@ -208,11 +221,14 @@ impl Aggregator {
 
     /// Takes what changed since the last batch.
     pub fn take_batch(&mut self) -> Batch {
-        let deltas = self
+        let mut deltas: Vec<WindowRow> = self
             .deltas
             .drain()
             .map(|((city, start), (end, agg))| WindowRow { city, start, end, agg })
             .collect();
+        // Every instance upserts rows in one order, so two of them never wait on each other's
+        // rows in a cycle (a deadlock) should the same city reach both.
+        deltas.sort_unstable_by(|a, b| (&a.city, a.start).cmp(&(&b.city, b.start)));
         let partitions = std::mem::take(&mut self.dirty)
             .into_iter()
             .filter_map(|p| {

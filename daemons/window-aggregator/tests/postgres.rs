@@ -48,12 +48,6 @@ impl Harness {
                     &self.database_url,
                 ])
                 .args(["--listen", &self.metrics_addr, "--commit-interval", "100ms"])
-                .args([
-                    "--kafka-option",
-                    "session.timeout.ms=2000",
-                    "--kafka-option",
-                    "heartbeat.interval.ms=300",
-                ])
                 .args(extra)
                 .env("RUST_LOG", "warn"),
             Duration::from_secs(60),
