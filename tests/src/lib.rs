@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context, bail};
 
 pub mod load;
+pub mod stack;
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
@@ -241,9 +242,16 @@ pub struct MockKafka {
 impl MockKafka {
     /// One broker, with `topics` created (3 partitions each).
     pub fn start(topics: &[&str]) -> Self {
+        Self::start_with(topics, 3)
+    }
+
+    /// One broker, with `topics` created in `partitions` each.
+    pub fn start_with(topics: &[&str], partitions: i32) -> Self {
         let cluster = MockCluster::new(1).expect("starting the mock Kafka cluster");
         for topic in topics {
-            cluster.create_topic(topic, 3, 1).expect("creating a mock topic");
+            cluster
+                .create_topic(topic, partitions, 1)
+                .expect("creating a mock topic");
         }
         Self { cluster }
     }
