@@ -90,6 +90,16 @@ struct RunArgs {
     #[arg(long)]
     no_client: bool,
 
+    /// Instances of each consumer (window-aggregator, iceberg-sink): they share the topic's
+    /// partitions through their consumer groups.
+    #[arg(long, env = "PIPELINE_INSTANCES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    instances: u16,
+
+    /// Partitions of the `weather` topic, when the pipeline's daemons create it: the most
+    /// instances of a consumer that can share the work.
+    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=1024))]
+    partitions: i32,
+
     /// Seconds between Iceberg commits.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     commit_interval: Duration,
@@ -215,11 +225,25 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     let logging = format!("127.0.0.1:{}", args.logging_port);
     let query = format!("127.0.0.1:{}", args.query_port);
     let dashboard = format!("127.0.0.1:{}", args.dashboard_port);
-    let aggregator_admin = format!("127.0.0.1:{}", free_port()?);
-    let sink_admin = format!("127.0.0.1:{}", free_port()?);
-    let kafka_env = vec![("KAFKA_BROKERS".to_owned(), brokers.clone())];
+    // Admin (health, metrics) address of each consumer instance.
+    let consumer_admins = |name: &'static str| -> anyhow::Result<Vec<(&'static str, String)>> {
+        (0..args.instances)
+            .map(|i| {
+                Ok((
+                    instance_name(name, i, args.instances),
+                    format!("127.0.0.1:{}", free_port()?),
+                ))
+            })
+            .collect()
+    };
+    let aggregators = consumer_admins("window-aggregator")?;
+    let sinks = consumer_admins("iceberg-sink")?;
+    let kafka_env = vec![
+        ("KAFKA_BROKERS".to_owned(), brokers.clone()),
+        ("KAFKA_TOPIC_PARTITIONS".to_owned(), args.partitions.to_string()),
+    ];
     let spec = |name: &'static str, args: Vec<String>, env: Vec<(String, String)>| -> anyhow::Result<Spec> {
-        Ok(Spec::daemon(name, daemon(name)?, args, env))
+        Ok(Spec::daemon(name, daemon(daemon_of(name))?, args, env))
     };
     // Where the table is, for the sink that writes it and the query-server that reads it.
     let mut catalog_env = vec![
@@ -242,28 +266,32 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
             vec!["--listen".into(), logging.clone()],
             kafka_env.clone(),
         )?,
-        // The database URLs hold the password: by environment, never on a command line.
-        spec(
-            "window-aggregator",
-            vec!["--listen".into(), aggregator_admin.clone()],
-            [kafka_env.clone(), vec![database_env.clone()]].concat(),
-        )?,
-        spec(
-            "iceberg-sink",
-            vec![
-                "--listen".into(),
-                sink_admin.clone(),
-                "--commit-interval".into(),
-                format!("{}ms", args.commit_interval.as_millis()),
-            ],
-            [kafka_env.clone(), catalog_env.clone()].concat(),
-        )?,
         spec(
             "dashboard",
             vec!["--listen".into(), dashboard.clone()],
             vec![database_env.clone()],
         )?,
     ];
+    // The database URLs hold the password: by environment, never on a command line.
+    for (name, admin) in &aggregators {
+        specs.push(spec(
+            name,
+            vec!["--listen".into(), admin.clone()],
+            [kafka_env.clone(), vec![database_env.clone()]].concat(),
+        )?);
+    }
+    for (name, admin) in &sinks {
+        specs.push(spec(
+            name,
+            vec![
+                "--listen".into(),
+                admin.clone(),
+                "--commit-interval".into(),
+                format!("{}ms", args.commit_interval.as_millis()),
+            ],
+            [kafka_env.clone(), catalog_env.clone()].concat(),
+        )?);
+    }
     if trino_launcher.is_none() {
         specs.push(spec(
             "query-server",
@@ -284,19 +312,21 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         specs.push(client);
     }
 
-    let components = vec![
-        ("logging-server".to_owned(), format!("http://{logging}")),
-        ("window-aggregator".to_owned(), format!("http://{aggregator_admin}")),
-        ("iceberg-sink".to_owned(), format!("http://{sink_admin}")),
-        ("dashboard".to_owned(), format!("http://{dashboard}")),
-    ]
-    .into_iter()
-    .chain(
-        trino_launcher
-            .is_none()
-            .then(|| ("query-server".to_owned(), format!("http://{query}"))),
-    )
-    .collect();
+    let components = [("logging-server".to_owned(), format!("http://{logging}"))]
+        .into_iter()
+        .chain(
+            aggregators
+                .iter()
+                .chain(&sinks)
+                .map(|(name, admin)| ((*name).to_owned(), format!("http://{admin}"))),
+        )
+        .chain([("dashboard".to_owned(), format!("http://{dashboard}"))])
+        .chain(
+            trino_launcher
+                .is_none()
+                .then(|| ("query-server".to_owned(), format!("http://{query}"))),
+        )
+        .collect();
     let mut state = State {
         components,
         database_url: database_url.clone(),
@@ -347,7 +377,13 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     if failure.is_none() && !shutdown.is_cancelled() {
         runtime::notify_ready();
         eprintln!(
-            "\nweather-pipeline is running (Ctrl-C stops it)\n  dashboard       http://{dashboard}/\n  logging-server  http://{logging}/log?city=Boston&temperature=72.5\n  metrics         http://{logging}/metrics  http://{aggregator_admin}/metrics  http://{sink_admin}/metrics\n  PostgreSQL      {}\n  Iceberg         catalog {}, warehouse {warehouse}\n  Kafka           {brokers}\n{}\n",
+            "\nweather-pipeline is running (Ctrl-C stops it)\n  dashboard       http://{dashboard}/\n  logging-server  http://{logging}/log?city=Boston&temperature=72.5\n  metrics         http://{logging}/metrics  {}\n  PostgreSQL      {}\n  Iceberg         catalog {}, warehouse {warehouse}\n  Kafka           {brokers}\n{}\n",
+            aggregators
+                .iter()
+                .chain(&sinks)
+                .map(|(_, admin)| format!("http://{admin}/metrics"))
+                .collect::<Vec<_>>()
+                .join("  "),
             shown(&database_url),
             shown(&catalog_url),
             query_hint(match (&trino, &trino_launcher) {
@@ -367,11 +403,17 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
             clean &= stop(running.remove(i)).await;
         }
     }
-    let consumers: Vec<(&str, &str)> = [("window-aggregator", &aggregator_admin), ("iceberg-sink", &sink_admin)]
-        .into_iter()
-        .filter(|(name, _)| running.iter().any(|c| c.name == *name))
-        .map(|(name, addr)| (name, addr.as_str()))
-        .collect();
+    let running_admins = |instances: &[(&'static str, String)]| -> Vec<String> {
+        instances
+            .iter()
+            .filter(|(name, _)| running.iter().any(|c| c.name == *name))
+            .map(|(_, admin)| admin.clone())
+            .collect()
+    };
+    let consumers = [
+        ("window-aggregator", running_admins(&aggregators)),
+        ("iceberg-sink", running_admins(&sinks)),
+    ];
     wait_for_consumers(&brokers, &consumers, args.drain_timeout).await;
     while let Some(child) = running.pop() {
         clean &= stop(child).await;
@@ -455,10 +497,11 @@ fn read_offset(metrics: &str, name: &str, partition: i32) -> i64 {
         .unwrap_or(0)
 }
 
-/// Waits until every consumer has read the topic to the end it has now, so that what the
-/// logging-server acknowledged is committed when they stop; at most `timeout`.
-async fn wait_for_consumers(brokers: &str, consumers: &[(&str, &str)], timeout: Duration) {
-    if consumers.is_empty() {
+/// Waits until every consumer (all its instances together) has read the topic to the end it
+/// has now, so that what the logging-server acknowledged is committed when they stop; at most
+/// `timeout`. `consumers`: each daemon with the admin addresses of its running instances.
+async fn wait_for_consumers(brokers: &str, consumers: &[(&str, Vec<String>)], timeout: Duration) {
+    if consumers.iter().all(|(_, admins)| admins.is_empty()) {
         return;
     }
     let ends = match log_ends(brokers).await {
@@ -472,11 +515,19 @@ async fn wait_for_consumers(brokers: &str, consumers: &[(&str, &str)], timeout: 
     let mut reported = started;
     loop {
         let mut behind = Vec::new();
-        for (name, addr) in consumers {
-            let metrics = get(addr, "/metrics").await.unwrap_or_default();
+        for (name, admins) in consumers.iter().filter(|(_, admins)| !admins.is_empty()) {
+            let mut metrics = Vec::new();
+            for admin in admins {
+                metrics.push(get(admin, "/metrics").await.unwrap_or_default());
+            }
+            // A partition's reader is whichever instance owns it now; offsets only grow, so the
+            // furthest any instance reports is where the group stands.
             let left: i64 = ends
                 .iter()
-                .map(|&(p, end)| (end - read_offset(&metrics, name, p)).max(0))
+                .map(|&(p, end)| {
+                    let read = metrics.iter().map(|m| read_offset(m, name, p)).max().unwrap_or(0);
+                    (end - read).max(0)
+                })
                 .sum();
             if left > 0 {
                 behind.push(format!("{name} {left}"));
@@ -502,6 +553,22 @@ async fn wait_for_consumers(brokers: &str, consumers: &[(&str, &str)], timeout: 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The name instance `i` of `count` of daemon `name` runs under: the daemon's own name when it
+/// runs alone, `name@i` otherwise (as a systemd template unit names its instances). Leaked:
+/// a handful per run, and the supervisor keeps names for the life of the process.
+fn instance_name(name: &'static str, i: u16, count: u16) -> &'static str {
+    if count == 1 {
+        name
+    } else {
+        Box::leak(format!("{name}@{i}").into_boxed_str())
+    }
+}
+
+/// The daemon an instance name runs.
+fn daemon_of(name: &str) -> &str {
+    name.split_once('@').map_or(name, |(daemon, _)| daemon)
 }
 
 /// Trino from `launcher`, reading the warehouse on S3 (Trino's local file system does not
@@ -567,9 +634,17 @@ async fn status(state_dir: &std::path::Path) -> anyhow::Result<()> {
                 .collect()
         };
         println!("{name:<18} {health}");
-        for line in pick("window_aggregator_lag_records")
+        let prefix = daemon_of(name).replace('-', "_");
+        let owned: Vec<String> = pick(&format!("{prefix}_partition_owned{{"))
+            .iter()
+            .filter_map(|l| l.split('"').nth(1).map(str::to_owned))
+            .collect();
+        if !owned.is_empty() {
+            println!("    owns partitions {}", owned.join(", "));
+        }
+        for line in pick(&format!("{prefix}_lag_records"))
             .into_iter()
-            .chain(pick("iceberg_sink_lag_records"))
+            .chain(pick(&format!("{prefix}_owner_epoch")))
         {
             println!("    {line}");
         }
