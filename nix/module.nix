@@ -38,6 +38,83 @@ let
     };
   };
 
+  # The consumers can run several instances per host: one consumer group shares the topic's
+  # partitions among them.
+  consumerOptions =
+    name: defaultListen:
+    daemonOptions name defaultListen
+    // {
+      instances = mkOption {
+        type = types.ints.between 1 64;
+        default = 1;
+        description = ''
+          Instances of ${name} on this host, in one consumer group: they share the topic's partitions
+          (more instances than partitions leaves some idle). With more than one, the units are instances
+          of the template `weather-pipeline-${name}@.service` (`@0`, `@1`, …), instance i listening on the
+          port of `listen` plus i.
+        '';
+      };
+    };
+
+  # The systemd services a daemon runs as: one, or an instance of its template per instance.
+  unitNames =
+    name:
+    let
+      n = cfg.${name}.instances or 1;
+    in
+    if n == 1 then
+      [ "weather-pipeline-${name}.service" ]
+    else
+      map (i: "weather-pipeline-${name}@${toString i}.service") (lib.range 0 (n - 1));
+
+  # `listen` with its port raised by `offset`.
+  shiftListen =
+    listen: offset:
+    let
+      parts = lib.splitString ":" listen;
+    in
+    lib.concatStringsSep ":" (lib.init parts ++ [ (toString (lib.toInt (lib.last parts) + offset)) ]);
+
+  # The ports a daemon's instances listen on.
+  listenPorts =
+    name:
+    let
+      d = cfg.${name};
+    in
+    lib.optionals (d.listen != null) (
+      map (i: lib.toInt (lib.last (lib.splitString ":" (shiftListen d.listen i)))) (lib.range 0 ((d.instances or 1) - 1))
+    );
+
+  # A consumer's service `service`, or with several instances the template made of it and a
+  # drop-in per instance that enables it and gives it its own listener.
+  consumerServices =
+    name: service:
+    let
+      d = cfg.${name};
+    in
+    if d.instances == 1 then
+      { "weather-pipeline-${name}" = service; }
+    else
+      {
+        "weather-pipeline-${name}@" = service // {
+          description = "weather-pipeline ${name}, instance %i";
+          # The instances are enabled one by one below; a template is not wanted by anything.
+          wantedBy = [ ];
+        };
+      }
+      // lib.listToAttrs (
+        map (
+          i:
+          lib.nameValuePair "weather-pipeline-${name}@${toString i}" (
+            {
+              overrideStrategy = "asDropin";
+              wantedBy = [ "multi-user.target" ];
+            }
+            // lib.optionalAttrs (d.listen != null) { environment.LISTEN = shiftListen d.listen i; }
+          )
+        ) (lib.range 0 (d.instances - 1))
+      );
+
   # PostgreSQL's databases and roles exist once postgresql-setup.service (in postgresql.target)
   # and our ownership step have run, not when postgresql.service is up.
   backboneUnits =
@@ -94,10 +171,7 @@ let
     wantedBy = [ "multi-user.target" ];
     requires = [ "${s3Backbone}.service" ];
     after = [ "${s3Backbone}.service" ];
-    before = [
-      "weather-pipeline-iceberg-sink.service"
-      "weather-pipeline-query-server.service"
-    ];
+    before = unitNames "iceberg-sink" ++ unitNames "query-server";
     path = [ pkgs.gawk ];
     serviceConfig = {
       Type = "oneshot";
@@ -281,8 +355,8 @@ in
     };
 
     logging-server = daemonOptions "logging-server" "127.0.0.1:9998";
-    window-aggregator = daemonOptions "window-aggregator" "127.0.0.1:9102";
-    iceberg-sink = daemonOptions "iceberg-sink" "127.0.0.1:9101";
+    window-aggregator = consumerOptions "window-aggregator" "127.0.0.1:9102";
+    iceberg-sink = consumerOptions "iceberg-sink" "127.0.0.1:9101";
     dashboard = daemonOptions "dashboard" "127.0.0.1:3000";
     # SQL on the table over Trino's protocol, on Trino's port.
     query-server = daemonOptions "query-server" "127.0.0.1:8080";
@@ -310,22 +384,16 @@ in
   config = lib.mkMerge [
     {
       networking.firewall.allowedTCPPorts = lib.concatMap (
-        name:
-        let
-          d = cfg.${name};
-        in
-        lib.optional (d.enable && d.openFirewall && d.listen != null) (
-          lib.toInt (lib.last (lib.splitString ":" d.listen))
-        )
+        name: lib.optionals (cfg.${name}.enable && cfg.${name}.openFirewall) (listenPorts name)
       ) [ "logging-server" "window-aggregator" "iceberg-sink" "dashboard" "query-server" ];
     }
     (mkIf cfg.logging-server.enable {
       systemd.services.weather-pipeline-logging-server = unit "logging-server" { };
     })
     (mkIf cfg.window-aggregator.enable {
-      systemd.services.weather-pipeline-window-aggregator = unit "window-aggregator" {
-        DATABASE_URL = cfg.databaseUrl;
-      };
+      systemd.services = consumerServices "window-aggregator" (
+        unit "window-aggregator" { DATABASE_URL = cfg.databaseUrl; }
+      );
     })
     (mkIf cfg.dashboard.enable {
       systemd.services.weather-pipeline-dashboard = unit "dashboard" { DATABASE_URL = cfg.databaseUrl; };
@@ -341,7 +409,7 @@ in
       ];
     })
     (mkIf cfg.iceberg-sink.enable {
-      systemd.services.weather-pipeline-iceberg-sink = lakehouseUnit "iceberg-sink";
+      systemd.services = consumerServices "iceberg-sink" (lakehouseUnit "iceberg-sink");
     })
     (mkIf cfg.query-server.enable {
       systemd.services.weather-pipeline-query-server = lakehouseUnit "query-server";

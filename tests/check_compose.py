@@ -1,6 +1,7 @@
 """Checks compose.yaml without a Docker engine: valid YAML, every service has an image, every
 depends_on names a service with a condition Compose knows, every service is on a declared
-network, and every mounted file exists in the repository."""
+network, every mounted file exists in the repository, and a service run in several replicas
+publishes no fixed host port and has no fixed container name (replicas would collide)."""
 
 import pathlib
 import sys
@@ -30,6 +31,11 @@ for name, service in services.items():
         source = volume.split(":")[0]
         if source.startswith("./") and not (root / source).exists():
             problems.append(f"{name}: mounts missing {source}")
+    replicas = (service.get("deploy") or {}).get("replicas", 1)
+    if not isinstance(replicas, int) or replicas < 1:
+        problems.append(f"{name}: replicas {replicas!r} is not a positive number")
+    elif replicas > 1 and (service.get("ports") or "container_name" in service):
+        problems.append(f"{name}: {replicas} replicas cannot share fixed ports or a container name")
 if problems:
     sys.exit("\n".join(problems))
 print(f"compose.yaml: {len(services)} services ok")

@@ -29,6 +29,10 @@ let
           types.submodule {
             options = {
               description = mkOption { type = types.str; default = ""; };
+              overrideStrategy = mkOption {
+                type = types.enum [ "asDropinIfExists" "asDropin" ];
+                default = "asDropinIfExists";
+              };
               wantedBy = mkOption { type = types.listOf types.str; default = [ ]; };
               requiredBy = mkOption { type = types.listOf types.str; default = [ ]; };
               wants = mkOption { type = types.listOf types.str; default = [ ]; };
@@ -134,6 +138,16 @@ let
       backbone = {
         enable = true;
         minio = true;
+      };
+    };
+    # Several instances of the consumers on one host, one of them exposed.
+    instances = lib.recursiveUpdate allDaemons {
+      backbone.enable = true;
+      window-aggregator.instances = 3;
+      iceberg-sink = {
+        instances = 2;
+        listen = "0.0.0.0:9101";
+        openFirewall = true;
       };
     };
     # Credentials, extra arguments and environment, exposed listeners.

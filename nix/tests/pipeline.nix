@@ -15,8 +15,12 @@
         logging-server.enable = true;
         window-aggregator.enable = true;
         dashboard.enable = true;
-        # The warehouse is bucket `warehouse` of the backbone's Garage, with the key it made.
-        iceberg-sink.enable = true;
+        # The warehouse is bucket `warehouse` of the backbone's Garage, with the key it made. Two
+        # instances share the topic's partitions (units iceberg-sink@0 and @1, on 9101 and 9102).
+        iceberg-sink = {
+          enable = true;
+          instances = 2;
+        };
         query-server.enable = true;
       };
       environment.systemPackages = [ pkgs.curl pkgs.postgresql ];
@@ -42,7 +46,8 @@
     machine.succeed("test $(stat -c %a /var/lib/weather-pipeline-s3/credentials) = 600")
     machine.wait_for_unit("weather-pipeline-logging-server.service")
     machine.wait_for_unit("weather-pipeline-window-aggregator.service")
-    machine.wait_for_unit("weather-pipeline-iceberg-sink.service")
+    machine.wait_for_unit("weather-pipeline-iceberg-sink@0.service")
+    machine.wait_for_unit("weather-pipeline-iceberg-sink@1.service")
     machine.wait_for_unit("weather-pipeline-dashboard.service")
 
     for i in range(50):
@@ -52,8 +57,10 @@
         "test $(sudo -u postgres psql -tA weather -c 'SELECT coalesce(sum(record_count), 0) FROM weather') -eq 50",
         timeout=120,
     )
+    # Whichever instance owns Boston's partition wrote them; together, exactly 50.
     machine.wait_until_succeeds(
-        "curl -fsS http://127.0.0.1:9101/metrics | grep -E '^iceberg_sink_records_written_total 50$'",
+        "curl -fsS http://127.0.0.1:9101/metrics http://127.0.0.1:9102/metrics"
+        " | awk '/^iceberg_sink_records_written_total/ { n += $2 } END { exit n != 50 }'",
         timeout=120,
     )
     machine.succeed("curl -fsS http://127.0.0.1:3000/api/weather | grep Boston")
