@@ -16,6 +16,7 @@ use std::{
 
 mod end_to_end;
 mod query;
+mod scale;
 mod soak;
 
 use anyhow::Context;
@@ -57,7 +58,10 @@ struct Args {
     /// Readings in the table the SQL benchmark queries.
     #[arg(long, default_value_t = 1_000_000)]
     query_rows: usize,
-    /// Run only these parts (http, consumers, end-to-end, soak, query); all by default.
+    /// Readings the scale-out benchmark feeds to 1, 2 and 4 instances of each consumer.
+    #[arg(long, default_value_t = 500_000)]
+    scale_readings: usize,
+    /// Run only these parts (http, consumers, scale, end-to-end, soak, query); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the results table.
@@ -80,6 +84,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if runs("consumers") {
         consumer_benchmarks(&args, &mut rows).await?;
+    }
+    if runs("scale") {
+        scale::benchmark(&args, &mut rows).await?;
     }
     if runs("end-to-end") {
         end_to_end::benchmark(&args, &mut rows).await?;

@@ -226,12 +226,14 @@ impl Sink<'_> {
                 self.metrics
                     .compacted_partitions
                     .inc_by(report.compacted_partitions as u64);
+                self.metrics.maintenance_rebases.inc_by(report.rebases as u64);
                 tracing::info!(
                     merged = ?report.merged,
                     expired_snapshots = report.expired_snapshots,
                     compacted_partitions = report.compacted_partitions,
                     deleted_files = report.deleted_files,
                     orphans_deleted = report.orphans_deleted,
+                    rebases = report.rebases,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "table maintenance"
                 );
@@ -376,6 +378,7 @@ struct Metrics {
     maintenance_failures: Counter,
     manifest_merges: Counter,
     compacted_partitions: Counter,
+    maintenance_rebases: Counter,
     orphans_deleted: Counter,
     expired_snapshots: Counter,
     deleted_files: Counter,
@@ -401,6 +404,7 @@ impl Metrics {
             maintenance_failures: Counter::default(),
             manifest_merges: Counter::default(),
             compacted_partitions: Counter::default(),
+            maintenance_rebases: Counter::default(),
             orphans_deleted: Counter::default(),
             expired_snapshots: Counter::default(),
             deleted_files: Counter::default(),
@@ -440,6 +444,11 @@ impl Metrics {
                 "compacted_partitions",
                 "Closed partitions whose data files were compacted",
                 &metrics.compacted_partitions,
+            ),
+            (
+                "maintenance_rebases",
+                "Appends that landed while a manifest rewrite was made, each met by listing it again on them",
+                &metrics.maintenance_rebases,
             ),
             ("expired_snapshots", "Snapshots expired", &metrics.expired_snapshots),
             (

@@ -10,8 +10,10 @@
 //! snapshot producer: it writes the manifests (and compacted files), a manifest list and the
 //! next metadata file, then swaps the table's `metadata_location` in the SQL catalog with the
 //! same compare-and-set the catalog uses. A concurrent commit makes the swap match no row: the
-//! rewrite is dropped (its files deleted) and tried again next time, never written over the
-//! other commit. The rewrite snapshot is a `replace` that carries the Kafka checkpoints of the
+//! rewrite is then listed again on the new snapshot, keeping what was appended meanwhile and
+//! reusing its compacted files (several sinks append every few seconds between them, so a
+//! compaction of many files would otherwise never land); it is never written over the other
+//! commit, and dropped (its files deleted) when another rewrite came first. The rewrite snapshot is a `replace` that carries the Kafka checkpoints of the
 //! snapshot it replaces, so the next append finds them in the current snapshot whatever was
 //! expired.
 
@@ -66,6 +68,8 @@ pub struct Report {
     pub deleted_files: usize,
     /// Files the orphan sweep deleted.
     pub orphans_deleted: usize,
+    /// Appends that landed while the rewrite was made, each met by listing it again on them.
+    pub rebases: usize,
 }
 
 /// A rewrite committed by [`rewrite_manifests`].
@@ -73,6 +77,8 @@ pub struct Rewrite {
     pub manifests_before: usize,
     pub manifests_after: usize,
     pub compacted_partitions: usize,
+    /// Commits that came first, on each of which the rewrite was listed again.
+    pub rebases: usize,
     pub table: Table,
 }
 
@@ -154,6 +160,7 @@ impl Maintenance {
         if let Some(rewrite) = rewrite_manifests(catalog, row, &table, policy).await? {
             report.merged = Some((rewrite.manifests_before, rewrite.manifests_after));
             report.compacted_partitions = rewrite.compacted_partitions;
+            report.rebases = rewrite.rebases;
             table = rewrite.table;
             self.observe(&table);
         }
@@ -204,7 +211,6 @@ pub async fn rewrite_manifests(
     let Some(current) = metadata.current_snapshot() else {
         return Ok(None);
     };
-    let old_location = table.metadata_location().context("table without metadata location")?;
     let manifests = manifests_of(table, current).await?;
     let mut per_partition: HashMap<Vec<u8>, usize> = HashMap::new();
     for key in manifests.iter().filter_map(single_partition) {
@@ -228,41 +234,131 @@ pub async fn rewrite_manifests(
         return Ok(None);
     }
 
+    let file_io = table.file_io();
+    // The manifests whose entries the rewrite lists anew: those waiting to be merged, the
+    // crowded ones, and the merged manifests of the partitions those touch.
+    let mut consumed: BTreeSet<String> = BTreeSet::new();
+    let mut by_partition: BTreeMap<Option<Vec<u8>>, Vec<ManifestEntryRef>> = BTreeMap::new();
+    for manifest in unsettled.iter().copied().chain(manifests.iter().filter(|m| crowded(m))) {
+        consumed.insert(manifest.manifest_path.clone());
+        let (entries, _) = manifest.load_manifest(file_io).await?.into_parts();
+        for entry in entries.into_iter().filter(|e| e.is_alive()) {
+            by_partition.entry(partition_key(&entry)).or_default().push(entry);
+        }
+    }
+    let rest: Vec<&ManifestFile> = manifests
+        .iter()
+        .filter(|m| !consumed.contains(&m.manifest_path))
+        .collect();
+    for manifest in rest {
+        // Only data manifests are rewritten; delete manifests (no writer here makes any) stay.
+        let touched = manifest.content == ManifestContentType::Data
+            && single_partition(manifest).is_some_and(|k| by_partition.contains_key(&Some(k)));
+        if touched {
+            consumed.insert(manifest.manifest_path.clone());
+            let (entries, _) = manifest.load_manifest(file_io).await?.into_parts();
+            for entry in entries.into_iter().filter(|e| e.is_alive()) {
+                by_partition.entry(partition_key(&entry)).or_default().push(entry);
+            }
+        }
+    }
+    // Compaction, the costly part, is done once; the listing is redone on each newer snapshot.
+    let mut plan = Vec::new();
+    let mut compacted_files = Vec::new();
+    for (key, entries) in by_partition {
+        let hour = key.as_deref().filter(|k| closed(k)).and_then(hour_of);
+        match hour.filter(|_| entries.len() > policy.max_files_per_partition) {
+            Some(hour) => {
+                let paths: Vec<String> = entries.iter().map(|e| e.file_path().to_owned()).collect();
+                let files = crate::table::rewrite_partition(table, hour, &paths, policy.target_file_size).await?;
+                compacted_files.extend(files.iter().map(|f| f.file_path().to_owned()));
+                plan.push(Listing::Compacted(files));
+            }
+            None => plan.push(Listing::Kept(entries)),
+        }
+    }
+    let compacted_partitions = plan.iter().filter(|l| matches!(l, Listing::Compacted(_))).count();
+    let mut base = table.clone();
+    for rebases in 0..MAX_REBASES {
+        match list_rewrite(row, &base, &plan, &consumed).await? {
+            Listed::Swapped { before, after } => {
+                return Ok(Some(Rewrite {
+                    manifests_before: before,
+                    manifests_after: after,
+                    compacted_partitions,
+                    rebases,
+                    table: catalog.load_table(table.identifier()).await?,
+                }));
+            }
+            Listed::Conflict => base = catalog.load_table(table.identifier()).await?,
+            Listed::Abandoned => break,
+        }
+    }
+    tracing::info!("other commits kept coming first, or rewrote the manifests; the rewrite is retried later");
+    for path in compacted_files {
+        file_io.delete(&path).await?;
+    }
+    Ok(None)
+}
+
+/// Snapshots a rewrite is listed on before it is given up (each only costs its listing: the
+/// compaction is kept). Appends come every few seconds per sink, so a compaction that takes
+/// longer than that meets one almost always.
+const MAX_REBASES: usize = 20;
+
+/// How a rewrite lists one partition's files.
+enum Listing {
+    /// Files written by compaction, added by the rewrite snapshot.
+    Compacted(Vec<iceberg::spec::DataFile>),
+    /// Files listed before, kept with their snapshot and sequence numbers.
+    Kept(Vec<ManifestEntryRef>),
+}
+
+/// What [`list_rewrite`] came to.
+enum Listed {
+    Swapped {
+        before: usize,
+        after: usize,
+    },
+    /// Another commit came first: list again on it.
+    Conflict,
+    /// A manifest the plan read is gone (another rewrite): the plan no longer fits.
+    Abandoned,
+}
+
+/// Writes the rewrite's manifests, manifest list and metadata on the current snapshot of
+/// `base` and swaps the table to them. The manifests the plan read (`consumed`) are replaced;
+/// every other manifest of `base`, among them those appended since the plan was made, stays as
+/// it is. The snapshot carries `base`'s Kafka checkpoints: the newest.
+async fn list_rewrite(
+    row: &CatalogRow,
+    base: &Table,
+    plan: &[Listing],
+    consumed: &BTreeSet<String>,
+) -> anyhow::Result<Listed> {
+    let metadata = base.metadata();
+    let (Some(current), Some(old_location)) = (metadata.current_snapshot(), base.metadata_location()) else {
+        return Ok(Listed::Abandoned);
+    };
+    let manifests = manifests_of(base, current).await?;
+    let present: BTreeSet<&str> = manifests.iter().map(|m| m.manifest_path.as_str()).collect();
+    if !consumed.iter().all(|p| present.contains(p.as_str())) {
+        return Ok(Listed::Abandoned);
+    }
+    let others: Vec<ManifestFile> = manifests
+        .iter()
+        .filter(|m| !consumed.contains(&m.manifest_path))
+        .cloned()
+        .collect();
     let snapshot_id = new_snapshot_id(metadata);
     let sequence_number = metadata.next_sequence_number();
     let schema = metadata.current_schema().clone();
     let spec = metadata.default_partition_spec().as_ref().clone();
-    let file_io = table.file_io();
+    let file_io = base.file_io();
     let metadata_dir = format!("{}/metadata", metadata.location());
-    let mut by_partition: BTreeMap<Option<Vec<u8>>, Vec<ManifestEntryRef>> = BTreeMap::new();
-    for manifest in unsettled.iter().copied().chain(manifests.iter().filter(|m| crowded(m))) {
-        let (entries, _) = manifest.load_manifest(file_io).await?.into_parts();
-        for entry in entries.into_iter().filter(|e| e.is_alive()) {
-            by_partition.entry(partition_key(&entry)).or_default().push(entry);
-        }
-    }
-    // The merged manifests of the partitions touched join the rewrite; the others stay.
-    let mut others = Vec::new();
-    for manifest in manifests.iter().filter(|m| !crowded(m)) {
-        if manifest.content == ManifestContentType::Data && !settled(manifest) {
-            continue; // Read above.
-        }
-        // Only data manifests are rewritten; delete manifests (no writer here makes any) stay.
-        let touched = manifest.content == ManifestContentType::Data
-            && single_partition(manifest).is_some_and(|k| by_partition.contains_key(&Some(k)));
-        if !touched {
-            others.push(manifest.clone());
-            continue;
-        }
-        let (entries, _) = manifest.load_manifest(file_io).await?.into_parts();
-        for entry in entries.into_iter().filter(|e| e.is_alive()) {
-            by_partition.entry(partition_key(&entry)).or_default().push(entry);
-        }
-    }
     let mut written = Vec::new();
     let mut merged = Vec::new();
-    let mut compacted_partitions = 0;
-    for (i, (key, entries)) in by_partition.into_iter().enumerate() {
+    for (i, listing) in plan.iter().enumerate() {
         let path = format!("{metadata_dir}/{}-m{i}.avro", uuid::Uuid::new_v4());
         written.push(path.clone());
         let mut writer = ManifestWriterBuilder::new(
@@ -272,31 +368,28 @@ pub async fn rewrite_manifests(
             spec.clone(),
         )
         .build_v2_data();
-        let hour = key.as_deref().filter(|k| closed(k)).and_then(hour_of);
-        if let Some(hour) = hour.filter(|_| entries.len() > policy.max_files_per_partition) {
-            let paths: Vec<String> = entries.iter().map(|e| e.file_path().to_owned()).collect();
-            let files = crate::table::rewrite_partition(table, hour, &paths, policy.target_file_size).await?;
-            for file in files {
-                written.push(file.file_path().to_owned());
-                writer.add_file(file, sequence_number)?;
+        match listing {
+            Listing::Compacted(files) => {
+                for file in files {
+                    writer.add_file(file.clone(), sequence_number)?;
+                }
             }
-            compacted_partitions += 1;
-            merged.push(writer.write_manifest_file().await?);
-            continue;
-        }
-        for entry in entries {
-            let (Some(added_by), Some(sequence)) = (entry.snapshot_id(), entry.sequence_number()) else {
-                anyhow::bail!(
-                    "manifest entry of {} without snapshot or sequence number",
-                    entry.file_path()
-                );
-            };
-            writer.add_existing_file(
-                entry.data_file().clone(),
-                added_by,
-                sequence,
-                entry.file_sequence_number,
-            )?;
+            Listing::Kept(entries) => {
+                for entry in entries {
+                    let (Some(added_by), Some(sequence)) = (entry.snapshot_id(), entry.sequence_number()) else {
+                        anyhow::bail!(
+                            "manifest entry of {} without snapshot or sequence number",
+                            entry.file_path()
+                        );
+                    };
+                    writer.add_existing_file(
+                        entry.data_file().clone(),
+                        added_by,
+                        sequence,
+                        entry.file_sequence_number,
+                    )?;
+                }
+            }
         }
         merged.push(writer.write_manifest_file().await?);
     }
@@ -341,19 +434,17 @@ pub async fn rewrite_manifests(
     written.push(new_location.clone());
     next.write_to(file_io, &location).await?;
 
-    if !row.swap(table, old_location, &new_location).await? {
-        tracing::info!("another commit came first; the manifest rewrite is retried later");
+    if !row.swap(base, old_location, &new_location).await? {
+        tracing::debug!("another commit came first; the manifest rewrite is listed again on it");
         for path in written {
             file_io.delete(&path).await?;
         }
-        return Ok(None);
+        return Ok(Listed::Conflict);
     }
-    Ok(Some(Rewrite {
-        manifests_before: manifests.len(),
-        manifests_after: after,
-        compacted_partitions,
-        table: catalog.load_table(table.identifier()).await?,
-    }))
+    Ok(Listed::Swapped {
+        before: manifests.len(),
+        after,
+    })
 }
 
 /// The `hour(ts)` partition of a data file; `None` for other layouts.

@@ -11,9 +11,18 @@ use std::{
 use arrow_array::{Array, Float64Array, StringArray, TimestampMicrosecondArray};
 use chrono::{DateTime, TimeDelta, Utc};
 use futures::TryStreamExt;
-use iceberg_sink::table::{WeatherTable, offsets_key};
+use iceberg_sink::{
+    maintenance::Policy,
+    table::{WeatherTable, offsets_key},
+};
 use rdkafka::Message;
-use weather_common::{WeatherReading, kafka::KafkaArgs, lakehouse::CatalogConfig, reading::DEMO_CITIES};
+use weather_common::{
+    WeatherReading,
+    consumer::{Checkpoint, Checkpoints},
+    kafka::KafkaArgs,
+    lakehouse::CatalogConfig,
+    reading::DEMO_CITIES,
+};
 use weather_testkit::{
     ChildGuard, MockKafka, Postgres, S3Server, Tansu, consume, free_port, http_get, metric, produce, produce_readings,
     produce_with, pyiceberg_check, reading_records,
@@ -514,6 +523,68 @@ async fn maintenance_keeps_every_reading_exactly_once_and_the_metadata_small() {
         pyiceberg_check(&harness.catalog_url, "weather", &harness.s3.endpoint, "default.weather").expect("pyiceberg");
     assert_eq!(found["rows"], 30_000, "{found}");
     assert_eq!(found["distinct_ts"], 30_000, "{found}");
+}
+
+/// Appends `batch` to `table` as one commit of partition 0, whose offset counts the readings.
+async fn append(table: &mut WeatherTable, committed: &mut Checkpoints, batch: &[WeatherReading]) {
+    let files = table.write(batch).await.expect("write");
+    let offset = committed.get(&0).map_or(0, |c| c.next_offset) + batch.len() as i64;
+    let next = Checkpoints::from([(0, Checkpoint::start(offset))]);
+    table
+        .commit("weather", files, committed, &next, &Default::default())
+        .await
+        .expect("append");
+    *committed = next;
+}
+
+/// Maintenance that meets other sinks' appends while it compacts lists its rewrite again on
+/// them instead of giving it up (with several sinks appending every few seconds, a compaction of
+/// many files would otherwise never land): it lands, and every reading appended before, during
+/// and after is in the table once, with the newest offsets.
+#[tokio::test(flavor = "multi_thread")]
+async fn maintenance_lands_on_top_of_concurrent_appends() {
+    let harness = Harness::start().await;
+    let (_, readings) = readings(12_000);
+    const COMMITS: usize = 120;
+    // Each commit takes readings from all three hours: a file in each.
+    let batch = |k: usize| -> Vec<WeatherReading> { readings.iter().skip(k).step_by(COMMITS).cloned().collect() };
+    let mut writer = harness.table().await;
+    let mut committed = Checkpoints::new();
+    for k in 0..80 {
+        append(&mut writer, &mut committed, &batch(k)).await;
+    }
+    let policy = Policy {
+        snapshot_retention: Duration::from_secs(3600),
+        min_snapshots: 10,
+        max_unmerged_manifests: 4,
+        max_files_per_partition: 4,
+        target_file_size: 128 << 20,
+        orphan_age: Duration::from_secs(86_400),
+    };
+    let mut maintainer = harness.table().await;
+    let appends = async {
+        for k in 80..COMMITS {
+            append(&mut writer, &mut committed, &batch(k)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (report, ()) = tokio::join!(maintainer.maintain(&policy), appends);
+    let report = report.expect("maintenance");
+    eprintln!("{report:?}");
+    assert!(report.merged.is_some(), "the rewrite landed: {report:?}");
+    assert_eq!(
+        report.compacted_partitions, 2,
+        "both closed hours compacted: {report:?}"
+    );
+    assert!(
+        report.rebases > 0,
+        "appends came first and the rewrite was listed on them: {report:?}"
+    );
+    assert_eq!(harness.rows().await, expected_rows(&readings), "no loss, no duplicate");
+    assert_eq!(harness.committed().await, 12_000, "the newest offsets");
+    let found =
+        pyiceberg_check(&harness.catalog_url, "weather", &harness.s3.endpoint, "default.weather").expect("pyiceberg");
+    assert_eq!(found["rows"], 12_000, "{found}");
 }
 
 /// Files nothing references, as a sink killed between writing and committing leaves them, are
