@@ -28,6 +28,7 @@ use prometheus_client::{
 };
 use rdkafka::{
     ClientContext, Message, Offset, TopicPartitionList,
+    config::RDKafkaLogLevel,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer},
     error::{KafkaError, RDKafkaErrorCode},
     message::BorrowedMessage,
@@ -65,6 +66,18 @@ impl Checkpoint {
 /// Checkpoints by partition.
 pub type Checkpoints = BTreeMap<i32, Checkpoint>;
 
+/// Owner epoch by partition: raised by each claim of the partition (see [`Store::claim`]).
+pub type Epochs = BTreeMap<i32, i64>;
+
+/// What a store holds of the partitions it claimed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claim {
+    /// Their committed checkpoints (none for a partition never committed).
+    pub checkpoints: Checkpoints,
+    /// The owner epochs the claim gave them: this instance's.
+    pub epochs: Epochs,
+}
+
 /// Identity of one record: its offset, timestamp, key and value, hashed (FNV-1a, 64 bits).
 /// Two logs that both have a record at some offset almost never have the same one there.
 pub fn record_id<M: Message>(message: &M) -> String {
@@ -101,10 +114,9 @@ pub trait Store: Send {
     /// state. Called at start and after every failure. `Ok(false)` on shutdown.
     fn open(&mut self, shutdown: &CancellationToken) -> impl Future<Output = anyhow::Result<bool>> + Send;
 
-    /// Takes over `partitions`, which the group assigned to this instance: fences their
-    /// previous owner out of the store and loads their state. Returns their committed
-    /// checkpoints (none for a partition never committed).
-    fn claim(&mut self, partitions: &[i32]) -> impl Future<Output = anyhow::Result<Checkpoints>> + Send;
+    /// Takes over `partitions`, which the group assigned to this instance: raises their owner
+    /// epochs, which fences their previous owner out of the store, and loads their state.
+    fn claim(&mut self, partitions: &[i32]) -> impl Future<Output = anyhow::Result<Claim>> + Send;
 
     /// Forgets `partitions`: handed to another instance after their last commit, or lost.
     fn release(&mut self, partitions: &[i32]);
@@ -164,6 +176,7 @@ pub struct Metrics {
     pub read_offset: Family<PartitionLabel, Gauge>,
     pub committed_offset: Family<PartitionLabel, Gauge>,
     pub owned: Family<PartitionLabel, Gauge>,
+    pub owner_epoch: Family<PartitionLabel, Gauge>,
     pub recoveries: Counter,
     pub new_logs: Counter,
     pub rebalances: Counter,
@@ -183,6 +196,7 @@ impl Metrics {
             read_offset: Family::default(),
             committed_offset: Family::default(),
             owned: Family::default(),
+            owner_epoch: Family::default(),
             recoveries: Counter::default(),
             new_logs: Counter::default(),
             rebalances: Counter::default(),
@@ -245,6 +259,11 @@ impl Metrics {
                 "1 for each partition this instance owns (assigned by the group and claimed in the store)",
                 &metrics.owned,
             ),
+            (
+                "owner_epoch",
+                "Owner epoch of each partition this instance owns (raised by every claim)",
+                &metrics.owner_epoch,
+            ),
         ] {
             registry.register(name, help, metric.clone());
         }
@@ -263,7 +282,13 @@ impl Metrics {
     fn forget(&self, partitions: &[i32]) {
         for &partition in partitions {
             let label = PartitionLabel { partition };
-            for family in [&self.lag, &self.read_offset, &self.committed_offset, &self.owned] {
+            for family in [
+                &self.lag,
+                &self.read_offset,
+                &self.committed_offset,
+                &self.owned,
+                &self.owner_epoch,
+            ] {
                 family.remove(&label);
             }
         }
@@ -307,7 +332,21 @@ impl GroupContext {
     }
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    /// librdkafka's log, as rdkafka's default passes it on, except failed group offset commits:
+    /// they are for lag monitoring only (the store holds the offsets that count), and fail
+    /// routinely while the group rebalances.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        use RDKafkaLogLevel::*;
+        match level {
+            _ if fac == "COMMITFAIL" => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            Emerg | Alert | Critical | Error => tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            Notice | Info => tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
@@ -576,7 +615,10 @@ impl Worker<'_> {
         if claimed.is_empty() {
             return Ok(());
         }
-        let committed = store.claim(&claimed).await?;
+        let Claim {
+            checkpoints: committed,
+            epochs,
+        } = store.claim(&claimed).await?;
         let (consumer, topic, kafka, partitions) = (
             self.consumer.clone(),
             self.config.topic.clone(),
@@ -598,8 +640,14 @@ impl Worker<'_> {
         for &partition in &claimed {
             self.metrics.owned.get_or_create(&PartitionLabel { partition }).set(1);
         }
+        for (&partition, &epoch) in &epochs {
+            self.metrics
+                .owner_epoch
+                .get_or_create(&PartitionLabel { partition })
+                .set(epoch);
+        }
         Metrics::show(&self.metrics.committed_offset, &committed);
-        tracing::info!(partitions = ?claimed, from = ?offsets(&positioned.start), "took partitions over");
+        tracing::info!(partitions = ?claimed, from = ?offsets(&positioned.start), ?epochs, "took partitions over");
         self.committed.extend(committed);
         self.read.extend(positioned.start);
         Ok(())

@@ -28,7 +28,6 @@ use anyhow::Context;
 use prometheus_client::{
     metrics::{
         counter::Counter,
-        family::Family,
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
@@ -37,16 +36,13 @@ use prometheus_client::{
 use tokio_util::sync::CancellationToken;
 use weather_common::{
     WeatherReading,
-    consumer::{self, Checkpoints},
-    http::{self, PartitionLabel},
+    consumer::{self, Checkpoints, Claim, Epochs},
+    http,
     kafka::{DEAD_LETTER_TOPIC, KafkaArgs, WEATHER_TOPIC},
     lakehouse::{CatalogArgs, CatalogConfig},
 };
 
-use crate::{
-    maintenance::Policy,
-    table::{Epochs, WeatherTable},
-};
+use crate::{maintenance::Policy, table::WeatherTable};
 
 #[derive(clap::Parser, Debug, Clone)]
 #[command(version, about)]
@@ -281,31 +277,23 @@ impl consumer::Store for Sink<'_> {
         Ok(true)
     }
 
-    async fn claim(&mut self, partitions: &[i32]) -> anyhow::Result<Checkpoints> {
+    async fn claim(&mut self, partitions: &[i32]) -> anyhow::Result<Claim> {
         let table = self.table.as_mut().context("table not open")?;
-        let (claimed, epochs) = table
+        let claim = table
             .claim(&self.args.topic, partitions)
             .await
             .context("claiming partitions")?;
-        tracing::info!(?epochs, "claimed partitions");
-        for (&partition, &epoch) in &epochs {
-            self.metrics
-                .owner_epoch
-                .get_or_create(&PartitionLabel { partition })
-                .set(epoch);
-        }
-        self.epochs.extend(epochs);
-        self.committed.extend(claimed.clone());
+        self.epochs.extend(claim.epochs.clone());
+        self.committed.extend(claim.checkpoints.clone());
         self.owned.extend(partitions);
-        Ok(claimed)
+        Ok(claim)
     }
 
     fn release(&mut self, partitions: &[i32]) {
-        for &partition in partitions {
-            self.committed.remove(&partition);
-            self.owned.remove(&partition);
-            self.epochs.remove(&partition);
-            self.metrics.owner_epoch.remove(&PartitionLabel { partition });
+        for partition in partitions {
+            self.committed.remove(partition);
+            self.owned.remove(partition);
+            self.epochs.remove(partition);
         }
     }
 
@@ -364,7 +352,6 @@ struct Metrics {
     records: Counter,
     commit_conflicts: Counter,
     maintainer: Gauge,
-    owner_epoch: Family<PartitionLabel, Gauge>,
     records_written: Counter,
     bytes_written: Counter,
     snapshot_id: Gauge,
@@ -390,7 +377,6 @@ impl Metrics {
             records: Counter::default(),
             commit_conflicts: Counter::default(),
             maintainer: Gauge::default(),
-            owner_epoch: Family::default(),
             records_written: Counter::default(),
             bytes_written: Counter::default(),
             snapshot_id: Gauge::default(),
@@ -488,11 +474,6 @@ impl Metrics {
             "commit_conflicts",
             "Commits of other instances that landed first, each met by merging the offsets again on the new snapshot",
             metrics.commit_conflicts.clone(),
-        );
-        registry.register(
-            "owner_epoch",
-            "Owner epoch of each partition this instance claimed (raised by every claim)",
-            metrics.owner_epoch.clone(),
         );
         registry.register(
             "maintainer",

@@ -31,7 +31,7 @@ use parquet::{
 };
 use weather_common::{
     WeatherReading,
-    consumer::{Checkpoint, Checkpoints, Fenced},
+    consumer::{Checkpoint, Checkpoints, Claim, Epochs, Fenced},
     lakehouse::CatalogConfig,
 };
 
@@ -55,9 +55,6 @@ pub fn records_key(topic: &str) -> String {
 pub fn epochs_key(topic: &str) -> String {
     format!("kafka.epochs.{topic}")
 }
-
-/// Owner epoch per Kafka partition.
-pub type Epochs = BTreeMap<i32, i64>;
 
 /// Parquet with ZSTD: the table property names it for other engines; this writer must be told
 /// itself.
@@ -368,7 +365,7 @@ impl WeatherTable {
     /// Takes `partitions` over for a writer: raises their owner epochs in a snapshot of their
     /// own (no files), so that a commit of their previous owner, which checks its epochs, can
     /// no longer land. Returns the partitions' checkpoints and their new epochs.
-    pub async fn claim(&mut self, topic: &str, partitions: &[i32]) -> anyhow::Result<(Checkpoints, Epochs)> {
+    pub async fn claim(&mut self, topic: &str, partitions: &[i32]) -> anyhow::Result<Claim> {
         let none = (Checkpoints::new(), Epochs::new());
         let change = Change {
             expected: &none.0,
@@ -378,10 +375,10 @@ impl WeatherTable {
         };
         let (checkpoints, epochs) = self.append(topic, Vec::new(), &change).await?.1;
         let mine = |p: &i32| partitions.contains(p);
-        Ok((
-            checkpoints.into_iter().filter(|(p, _)| mine(p)).collect(),
-            epochs.into_iter().filter(|(p, _)| mine(p)).collect(),
-        ))
+        Ok(Claim {
+            checkpoints: checkpoints.into_iter().filter(|(p, _)| mine(p)).collect(),
+            epochs: epochs.into_iter().filter(|(p, _)| mine(p)).collect(),
+        })
     }
 
     /// Appends `files` in one snapshot whose summary records `checkpoints` (those of the

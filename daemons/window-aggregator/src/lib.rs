@@ -30,8 +30,8 @@ use prometheus_client::{
 use tokio_util::sync::CancellationToken;
 use weather_common::{
     WeatherReading,
-    consumer::{self, Checkpoints},
-    http::{self, PartitionLabel},
+    consumer::{self, Checkpoints, Claim, Epochs},
+    http,
     kafka::{DEAD_LETTER_TOPIC, KafkaArgs, WEATHER_TOPIC},
     runtime::Backoff,
 };
@@ -156,7 +156,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         args: &args,
         store: None,
         aggregator: Aggregator::new(config, BTreeMap::new()),
-        epochs: BTreeMap::new(),
+        epochs: Epochs::new(),
         metrics,
         dropped_since_commit: 0,
     };
@@ -189,7 +189,7 @@ struct Windows<'a> {
     store: Option<Store>,
     aggregator: Aggregator,
     /// Owner epoch of each partition this instance claimed.
-    epochs: BTreeMap<i32, i64>,
+    epochs: Epochs,
     metrics: Metrics,
     dropped_since_commit: u64,
 }
@@ -206,17 +206,10 @@ impl consumer::Store for Windows<'_> {
         Ok(true)
     }
 
-    async fn claim(&mut self, partitions: &[i32]) -> anyhow::Result<Checkpoints> {
+    async fn claim(&mut self, partitions: &[i32]) -> anyhow::Result<Claim> {
         let store = self.store.as_mut().context("not connected")?;
         let claimed = store.claim(partitions).await.context("claiming partitions")?;
-        for (&partition, &epoch) in &claimed.epochs {
-            self.metrics
-                .owner_epoch
-                .get_or_create(&PartitionLabel { partition })
-                .set(epoch);
-        }
-        tracing::info!(epochs = ?claimed.epochs, "claimed partitions");
-        self.epochs.extend(claimed.epochs);
+        self.epochs.extend(claimed.epochs.clone());
         self.aggregator.insert_partitions(claimed.state);
         let limit = Utc::now() + TimeDelta::from_std(self.args.max_clock_skew).unwrap_or(TimeDelta::MAX);
         let repaired = self.aggregator.repair_future_watermarks(limit);
@@ -226,14 +219,16 @@ impl consumer::Store for Windows<'_> {
                 "the stored event-time high mark lay in the future (a reading from a wrong clock); reset it"
             );
         }
-        Ok(claimed.checkpoints)
+        Ok(Claim {
+            checkpoints: claimed.checkpoints,
+            epochs: claimed.epochs,
+        })
     }
 
     fn release(&mut self, partitions: &[i32]) {
         self.aggregator.remove_partitions(partitions);
-        for &partition in partitions {
-            self.epochs.remove(&partition);
-            self.metrics.owner_epoch.remove(&PartitionLabel { partition });
+        for partition in partitions {
+            self.epochs.remove(partition);
         }
     }
 
@@ -315,7 +310,6 @@ struct OutcomeLabel {
 
 struct Metrics {
     records: Family<OutcomeLabel, Counter>,
-    owner_epoch: Family<PartitionLabel, Gauge>,
     window_rows: Counter,
     open_windows: Gauge,
     retention_deleted: Counter,
@@ -325,7 +319,6 @@ impl Metrics {
     fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
             records: Family::default(),
-            owner_epoch: Family::default(),
             window_rows: Counter::default(),
             open_windows: Gauge::default(),
             retention_deleted: Counter::default(),
@@ -339,11 +332,6 @@ impl Metrics {
             "records",
             "Readings consumed, by outcome: windowed, late (merged), dropped_late",
             metrics.records.clone(),
-        );
-        registry.register(
-            "owner_epoch",
-            "Owner epoch of each partition this instance claimed (raised by every claim)",
-            metrics.owner_epoch.clone(),
         );
         registry.register(
             "window_rows_written",

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, NaiveDateTime, Utc};
 use tokio_postgres::{Client, NoTls};
 
-use weather_common::consumer::{Checkpoint, Checkpoints, Fenced};
+use weather_common::consumer::{Checkpoint, Checkpoints, Epochs, Fenced};
 
 use crate::window::{Agg, Batch, PartitionState};
 
@@ -26,7 +26,7 @@ pub struct Claimed {
     pub state: BTreeMap<i32, PartitionState>,
     pub checkpoints: Checkpoints,
     /// The owner epoch each partition now has: this instance's.
-    pub epochs: BTreeMap<i32, i64>,
+    pub epochs: Epochs,
 }
 
 /// Channel the dashboard listens on; notified in the transaction that changed rows.
