@@ -1,9 +1,10 @@
 //! The life of the whole stack the way a person runs it, on one state directory: Ctrl-C at the
 //! terminal (SIGINT to the whole process group) under load, `kill -9` of `pipeline` itself
 //! under load, `kill -INT` of its pid alone, each followed by a run on the state the last one
-//! left. At the end every reading ever answered 200 is in Iceberg exactly once (read by
-//! PyIceberg), the PostgreSQL windows count exactly what Iceberg holds, and no stop left a
-//! process running.
+//! left; the middle two runs with two instances of each consumer, which take over the single
+//! instances' partitions and hand them back. At the end every reading ever answered 200 is in
+//! Iceberg exactly once (read by PyIceberg), the PostgreSQL windows count exactly what Iceberg
+//! holds, and no stop left a process running.
 
 use std::{
     collections::HashSet,
@@ -27,8 +28,8 @@ struct Ports {
 
 /// `pipeline` with its defaults (private PostgreSQL, the durable broker found on PATH), in a
 /// process group of its own as a shell runs a job, without the built-in client: the test's
-/// load sends readings it can tell apart.
-fn start(state: &Path, ports: &Ports) -> ChildGuard {
+/// load sends readings it can tell apart. `instances` of each consumer.
+fn start(state: &Path, ports: &Ports, instances: u16) -> ChildGuard {
     ChildGuard::spawn_ready(
         "pipeline",
         Command::new(workspace_binary("pipeline"))
@@ -38,6 +39,7 @@ fn start(state: &Path, ports: &Ports) -> ChildGuard {
             .args(["--dashboard-port", &ports.dashboard.to_string()])
             .args(["--query-port", &ports.query.to_string()])
             .args(["--no-client", "--commit-interval", "1s"])
+            .args(["--instances", &instances.to_string()])
             .env_remove("KAFKA_BROKERS")
             .env_remove("DATABASE_URL")
             .env("RUST_LOG", "warn")
@@ -86,7 +88,7 @@ async fn acknowledged_readings_survive_ctrl_c_kill_9_of_pipeline_and_reruns() {
     let mut told = Told::default();
 
     // 1. Ctrl-C at the terminal while clients send: one clean drain, exit 0, nothing left.
-    let mut pipeline = start(state.path(), &ports);
+    let mut pipeline = start(state.path(), &ports, 1);
     let load = Load::start_at(&logging, 4, 0);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let children = descendants(pipeline.child.id());
@@ -97,9 +99,10 @@ async fn acknowledged_readings_survive_ctrl_c_kill_9_of_pipeline_and_reruns() {
     let alive = still_running(&children, Duration::from_secs(5));
     assert!(alive.is_empty(), "Ctrl-C: left running {alive:?}");
 
-    // 2. A second run on that state; `kill -9` of the pipeline while clients send: every
-    //    child follows it, and what was acknowledged is in the broker's log on disk.
-    let mut pipeline = start(state.path(), &ports);
+    // 2. A second run on that state, two instances of each consumer; `kill -9` of the pipeline
+    //    while clients send: every child follows it, and what was acknowledged is in the
+    //    broker's log on disk.
+    let mut pipeline = start(state.path(), &ports, 2);
     let load = Load::start_at(&logging, 4, 100_000);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let children = descendants(pipeline.child.id());
@@ -109,7 +112,7 @@ async fn acknowledged_readings_survive_ctrl_c_kill_9_of_pipeline_and_reruns() {
     assert!(alive.is_empty(), "kill -9 pipeline: left running {alive:?}");
 
     // 3. A third run recovers the killed one's state; `kill -INT` of its pid alone.
-    let mut pipeline = start(state.path(), &ports);
+    let mut pipeline = start(state.path(), &ports, 2);
     let load = Load::start_at(&logging, 4, 200_000);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let children = descendants(pipeline.child.id());
@@ -121,7 +124,7 @@ async fn acknowledged_readings_survive_ctrl_c_kill_9_of_pipeline_and_reruns() {
     assert!(alive.is_empty(), "kill -INT: left running {alive:?}");
 
     // 4. A fourth run: every acknowledged reading once in Iceberg, the windows agree.
-    let mut pipeline = start(state.path(), &ports);
+    let mut pipeline = start(state.path(), &ports, 1);
     let state_json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state.path().join("state.json")).expect("state.json")).expect("json");
     let database_url = state_json["database_url"].as_str().expect("database_url").to_owned();
