@@ -1,10 +1,11 @@
-//! Several instances of each consumer: `--scale-readings` readings (60 cities, so every one of
-//! the topic's 6 partitions holds some) pre-filled on tansu, then read by 1, 2 and 4 instances
-//! of the window-aggregator and of the iceberg-sink at once, each count on a topic, a database
-//! and a table of its own. Timed from the last instance's READY until the instances' commits
-//! (summed) cover every reading; CPU is the instances' together, so readings per CPU-second is
-//! the per-core rate. Then 4 sinks under a steady 200 readings/s with the default 10 s commit
-//! interval for a minute: how often one sink's commit meets another's (commit conflicts).
+//! Several instances of each consumer: 1, 2 and 4 instances of the window-aggregator and of the
+//! iceberg-sink on tansu, each count on a topic, a database and a table of its own. Once the
+//! group has spread the topic's 6 partitions over the instances, `--scale-readings` readings
+//! (60 cities, so every partition holds some) are produced at once (about 1M/s, faster than
+//! any consumer here reads) and timed until the instances together have taken every one; CPU
+//! is the instances' together, so readings per CPU-second is the per-core rate. Then 4 sinks
+//! under a steady 200 readings/s with the default 10 s commit interval for a minute: how often
+//! one sink's commit meets another's (commit conflicts).
 
 use std::{
     process::Command,
@@ -20,9 +21,9 @@ use crate::{Backbone, Row, cpu_seconds};
 const PARTITIONS: i32 = 6;
 const CITIES: usize = 60;
 
-/// `count` readings, one hour of event time, `CITIES` cities in turn.
-fn readings(count: usize, base: chrono::DateTime<Utc>) -> Vec<WeatherReading> {
-    let step = 3_600_000_000 / count.max(1) as i64;
+/// `count` readings spread over `span` of event time from `base`, `CITIES` cities in turn.
+fn readings(count: usize, base: chrono::DateTime<Utc>, span: TimeDelta) -> Vec<WeatherReading> {
+    let step = span.num_microseconds().unwrap_or(0) / count.max(1) as i64;
     (0..count)
         .map(|i| WeatherReading {
             city: format!("City {}", i % CITIES),
@@ -62,6 +63,28 @@ impl Instances {
         Ok(instances)
     }
 
+    /// Waits until every partition is owned and, where there are enough, every instance owns
+    /// some; how long that took.
+    async fn wait_for_spread(&self) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let mut owned = Vec::new();
+            for admin in &self.admins {
+                let body = http_get(admin, "/metrics").await.map(|r| r.body).unwrap_or_default();
+                owned.push(body.lines().filter(|l| l.contains("_partition_owned{")).count());
+            }
+            let spread = owned.iter().all(|&n| n > 0 || self.admins.len() > PARTITIONS as usize);
+            if spread && owned.iter().sum::<usize>() == PARTITIONS as usize {
+                return Ok(started.elapsed());
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(120),
+                "the group did not spread the partitions: {owned:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `name` summed over the instances' /metrics.
     async fn sum(&self, name: &str) -> f64 {
         let mut sum = 0.0;
@@ -96,11 +119,6 @@ pub(crate) async fn benchmark(args: &crate::Args, rows: &mut Vec<Row>) -> anyhow
             ..KafkaArgs::new(&brokers)
         };
         kafka.ensure_topics(&[&topic]).await?;
-        produce_readings(
-            &brokers,
-            &topic,
-            &readings(args.scale_readings, Utc::now() - TimeDelta::hours(2)),
-        )?;
         let database_url = backbone._postgres.create_database(&format!("scale{count}")).await?;
         let common = |group: &str| {
             vec![
@@ -134,10 +152,21 @@ pub(crate) async fn benchmark(args: &crate::Args, rows: &mut Vec<Row>) -> anyhow
             ),
         ] {
             let instances = Instances::start(name, count, &[common(name), extra].concat())?;
-            let started = Instant::now();
+            let settled = instances.wait_for_spread().await?;
             let cpu_before = instances.cpu();
+            let before = instances.sum(done_metric).await;
+            let started = Instant::now();
+            produce_readings(
+                &brokers,
+                &topic,
+                &readings(
+                    args.scale_readings,
+                    Utc::now() - TimeDelta::hours(2),
+                    TimeDelta::hours(1),
+                ),
+            )?;
             loop {
-                let done = instances.sum(done_metric).await;
+                let done = instances.sum(done_metric).await - before;
                 if done >= total {
                     break;
                 }
@@ -166,9 +195,10 @@ pub(crate) async fn benchmark(args: &crate::Args, rows: &mut Vec<Row>) -> anyhow
                 }
             };
             let value = format!(
-                "{rate:.0} readings/s ({} in {elapsed:.1} s{speedup}); {:.0} readings per CPU-second{conflicts}",
+                "{rate:.0} readings/s ({} in {elapsed:.1} s{speedup}); {:.0} readings per CPU-second{conflicts}; the group spread the partitions {:.1} s after the instances were ready",
                 args.scale_readings,
                 total / cpu.max(1e-9),
+                settled.as_secs_f64(),
             );
             println!("{count} × {name}: {value}");
             rows.push(Row {
@@ -218,7 +248,7 @@ pub(crate) async fn benchmark(args: &crate::Args, rows: &mut Vec<Row>) -> anyhow
     let started = Instant::now();
     let mut sent = 0;
     while started.elapsed() < minute {
-        let batch = readings(200, Utc::now());
+        let batch = readings(200, Utc::now(), TimeDelta::seconds(1));
         produce_readings(&brokers, topic, &batch)?;
         sent += batch.len();
         tokio::time::sleep(

@@ -784,6 +784,9 @@ pub fn position<C: Consumer<X>, X: ConsumerContext>(
     let mut fetch_from = BTreeMap::new();
     let mut restarted = Vec::new();
     let mut reasons = Vec::new();
+    // The partitions whose record before the checkpoint is to be read back: `(partition,
+    // checkpoint, log start)`.
+    let mut to_locate = Vec::new();
     for &partition in partitions {
         let Some(checkpoint) = committed.get(&partition).filter(|c| c.next_offset > 0) else {
             start.insert(partition, Checkpoint::start(0));
@@ -805,7 +808,28 @@ pub fn position<C: Consumer<X>, X: ConsumerContext>(
             start.insert(partition, checkpoint.clone());
             continue;
         }
-        match locate(kafka, topic, partition, next - 1, low)? {
+        to_locate.push((partition, checkpoint, low));
+    }
+    // Each read-back waits on the broker; a rebalance hands several partitions over at once.
+    let located: Vec<anyhow::Result<Located>> = std::thread::scope(|scope| {
+        let readers: Vec<_> = to_locate
+            .iter()
+            .map(|&(partition, checkpoint, low)| {
+                scope.spawn(move || locate(kafka, topic, partition, checkpoint.next_offset - 1, low))
+            })
+            .collect();
+        readers
+            .into_iter()
+            .map(|reader| {
+                reader
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("reading back a checkpoint's record panicked")))
+            })
+            .collect()
+    });
+    for ((partition, checkpoint, low), located) in to_locate.into_iter().zip(located) {
+        let next = checkpoint.next_offset;
+        match located? {
             Located::Found { from, id } => match &checkpoint.last_record {
                 Some(expected) if &id != expected => {
                     reasons.push(format!(
@@ -879,6 +903,10 @@ fn seek_assigned<C: Consumer<X>, X: ConsumerContext>(
     }
 }
 
+/// How long a read-back fetch must bring nothing before the broker counts as silent there (it
+/// answers an empty fetch within 100 ms).
+const SILENCE: Duration = Duration::from_millis(600);
+
 /// What [`locate`] found at an offset.
 #[derive(Debug, PartialEq, Eq)]
 enum Located {
@@ -902,6 +930,8 @@ fn locate(kafka: &KafkaArgs, topic: &str, partition: i32, offset: i64, low: i64)
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "error")
+        // A fetch with nothing to return answers at once, so that silence is told quickly.
+        .set("fetch.wait.max.ms", "100")
         .create()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut back = 0;
@@ -914,7 +944,7 @@ fn locate(kafka: &KafkaArgs, topic: &str, partition: i32, offset: i64, low: i64)
         // ends there (or that `from` lies past its end) rather than just falling silent.
         let (mut first, mut last, mut eof) = (None, None, false);
         let mut last_heard = Instant::now();
-        while last_heard.elapsed() < Duration::from_secs(2) && Instant::now() < deadline {
+        while last_heard.elapsed() < SILENCE && Instant::now() < deadline {
             let Some(polled) = reader.poll(Duration::from_millis(100)) else {
                 continue;
             };
