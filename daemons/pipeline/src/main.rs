@@ -242,6 +242,14 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         ("KAFKA_BROKERS".to_owned(), brokers.clone()),
         ("KAFKA_TOPIC_PARTITIONS".to_owned(), args.partitions.to_string()),
     ];
+    // Each run's consumers form groups of their own (the stores hold the offsets that count).
+    // tansu 0.6 keeps a group's members in its storage across its own restarts without ever
+    // expiring them: after a `kill -9` of the pipeline, the dead members would keep every
+    // partition of a group they shared with the next run's consumers.
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let group_env = |daemon: &str| ("KAFKA_GROUP_ID".to_owned(), format!("{daemon}-{run_id}"));
     let spec = |name: &'static str, args: Vec<String>, env: Vec<(String, String)>| -> anyhow::Result<Spec> {
         Ok(Spec::daemon(name, daemon(daemon_of(name))?, args, env))
     };
@@ -277,7 +285,11 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         specs.push(spec(
             name,
             vec!["--listen".into(), admin.clone()],
-            [kafka_env.clone(), vec![database_env.clone()]].concat(),
+            [
+                kafka_env.clone(),
+                vec![database_env.clone(), group_env("window-aggregator")],
+            ]
+            .concat(),
         )?);
     }
     for (name, admin) in &sinks {
@@ -289,7 +301,7 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
                 "--commit-interval".into(),
                 format!("{}ms", args.commit_interval.as_millis()),
             ],
-            [kafka_env.clone(), catalog_env.clone()].concat(),
+            [kafka_env.clone(), catalog_env.clone(), vec![group_env("iceberg-sink")]].concat(),
         )?);
     }
     if trino_launcher.is_none() {
