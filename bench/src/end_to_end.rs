@@ -39,7 +39,7 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
         database_url,
         catalog_url,
         s3,
-        _postgres,
+        postgres: _postgres,
     } = Backbone::start().await?;
     let [logging, aggregator, sink, dashboard] = [(); 4].map(|()| format!("127.0.0.1:{}", free_port()));
     let brokers = kafka.brokers.as_str();

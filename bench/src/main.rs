@@ -372,7 +372,7 @@ async fn create_topics(brokers: &str) -> anyhow::Result<()> {
 /// The services the daemons stand on, private to one benchmark.
 struct Backbone {
     kafka: Tansu,
-    _postgres: Postgres,
+    postgres: Postgres,
     database_url: String,
     catalog_url: String,
     s3: S3Server,
@@ -388,7 +388,7 @@ impl Backbone {
             kafka,
             database_url: postgres.create_database("weather").await?,
             catalog_url: postgres.create_database("iceberg").await?,
-            _postgres: postgres,
+            postgres,
             s3: S3Server::start().await?,
         })
     }
@@ -400,7 +400,7 @@ async fn consumer_benchmarks(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result
         database_url,
         catalog_url,
         s3,
-        _postgres,
+        postgres: _postgres,
     } = Backbone::start().await?;
 
     // One hour of readings from ten cities, in event-time order.

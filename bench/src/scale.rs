@@ -119,7 +119,7 @@ pub(crate) async fn benchmark(args: &crate::Args, rows: &mut Vec<Row>) -> anyhow
             ..KafkaArgs::new(&brokers)
         };
         kafka.ensure_topics(&[&topic]).await?;
-        let database_url = backbone._postgres.create_database(&format!("scale{count}")).await?;
+        let database_url = backbone.postgres.create_database(&format!("scale{count}")).await?;
         let common = |group: &str| {
             vec![
                 "--kafka-brokers".to_owned(),
