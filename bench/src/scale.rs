@@ -14,7 +14,7 @@ use std::{
 
 use chrono::{TimeDelta, Utc};
 use weather_common::{WeatherReading, kafka::KafkaArgs};
-use weather_testkit::{ChildGuard, free_port, http_get, metric, produce_readings, workspace_binary};
+use weather_testkit::{ChildGuard, free_port, http_get, metric, owned_partitions, produce_readings, workspace_binary};
 
 use crate::{Backbone, Row, cpu_seconds};
 
@@ -70,8 +70,7 @@ impl Instances {
         loop {
             let mut owned = Vec::new();
             for admin in &self.admins {
-                let body = http_get(admin, "/metrics").await.map(|r| r.body).unwrap_or_default();
-                owned.push(body.lines().filter(|l| l.contains("_partition_owned{")).count());
+                owned.push(owned_partitions(admin).await.len());
             }
             let spread = owned.iter().all(|&n| n > 0 || self.admins.len() > PARTITIONS as usize);
             if spread && owned.iter().sum::<usize>() == PARTITIONS as usize {

@@ -952,6 +952,20 @@ pub fn build_workspace_binaries() {
     assert!(status.success(), "building the daemons failed");
 }
 
+/// The partitions a consumer listening on `addr` owns (its `*_partition_owned` series); none
+/// when it does not answer.
+pub async fn owned_partitions(addr: &str) -> Vec<i32> {
+    let Ok(response) = http_get(addr, "/metrics").await else {
+        return Vec::new();
+    };
+    response
+        .body
+        .lines()
+        .filter(|l| l.contains("_partition_owned{"))
+        .filter_map(|l| l.split("partition=\"").nth(1)?.split('"').next()?.parse().ok())
+        .collect()
+}
+
 /// The value of the first sample in Prometheus text whose name and labels are `name`.
 pub fn metric(metrics: &str, name: &str) -> Option<f64> {
     metrics.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())

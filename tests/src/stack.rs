@@ -154,15 +154,7 @@ impl Stack {
 
     /// The partitions `instance` owns, from its /metrics.
     pub async fn owned_partitions(&self, instance: Instance) -> Vec<i32> {
-        let Ok(response) = http_get(self.instance_addr(instance), "/metrics").await else {
-            return Vec::new();
-        };
-        response
-            .body
-            .lines()
-            .filter(|l| l.contains("_partition_owned{"))
-            .filter_map(|l| l.split("partition=\"").nth(1)?.split('"').next()?.parse().ok())
-            .collect()
+        crate::owned_partitions(self.instance_addr(instance)).await
     }
 
     /// `(city → readings)` summed over the window rows.

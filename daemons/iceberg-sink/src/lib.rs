@@ -18,7 +18,6 @@ pub mod orphans;
 pub mod table;
 
 use std::{
-    collections::BTreeSet,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -147,7 +146,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         catalog,
         table: None,
         committed: Checkpoints::new(),
-        owned: BTreeSet::new(),
         epochs: Epochs::new(),
         buffer: Vec::new(),
         metrics,
@@ -169,9 +167,7 @@ struct Sink<'a> {
     table: Option<WeatherTable>,
     /// The checkpoints of the owned partitions as the table holds them.
     committed: Checkpoints,
-    /// Partitions this instance owns.
-    owned: BTreeSet<i32>,
-    /// Their owner epochs, as this instance's claim set them.
+    /// The owner epochs of the partitions this instance owns, as its claims set them.
     epochs: Epochs,
     buffer: Vec<WeatherReading>,
     metrics: Metrics,
@@ -196,7 +192,7 @@ impl Sink<'_> {
         let interval = self.args.maintenance_interval;
         // One maintainer among the instances: maintenance commits only when no append came
         // in between, but two maintainers would mostly undo each other's work.
-        if !self.owned.contains(&MAINTAINER_PARTITION) {
+        if !self.epochs.contains_key(&MAINTAINER_PARTITION) {
             self.metrics.maintainer.set(0);
             return;
         }
@@ -263,7 +259,6 @@ impl consumer::Store for Sink<'_> {
     async fn open(&mut self, _shutdown: &CancellationToken) -> anyhow::Result<bool> {
         self.buffer.clear();
         self.committed.clear();
-        self.owned.clear();
         self.epochs.clear();
         self.table = None;
         let table = WeatherTable::open(
@@ -285,14 +280,12 @@ impl consumer::Store for Sink<'_> {
             .context("claiming partitions")?;
         self.epochs.extend(claim.epochs.clone());
         self.committed.extend(claim.checkpoints.clone());
-        self.owned.extend(partitions);
         Ok(claim)
     }
 
     fn release(&mut self, partitions: &[i32]) {
         for partition in partitions {
             self.committed.remove(partition);
-            self.owned.remove(partition);
             self.epochs.remove(partition);
         }
     }
@@ -411,6 +404,11 @@ impl Metrics {
                 "Size of the current metadata file",
                 &metrics.metadata_bytes,
             ),
+            (
+                "maintainer",
+                "1 while this instance maintains the table (it owns partition 0)",
+                &metrics.maintainer,
+            ),
         ] {
             registry.register(name, help, metric.clone());
         }
@@ -430,6 +428,11 @@ impl Metrics {
                 "compacted_partitions",
                 "Closed partitions whose data files were compacted",
                 &metrics.compacted_partitions,
+            ),
+            (
+                "commit_conflicts",
+                "Commits of other instances that landed first, each met by merging the offsets again on the new snapshot",
+                &metrics.commit_conflicts,
             ),
             (
                 "maintenance_rebases",
@@ -470,16 +473,6 @@ impl Metrics {
             registry.register(name, help, metric.clone());
         }
         registry.register("records_consumed", "Valid readings consumed", metrics.records.clone());
-        registry.register(
-            "commit_conflicts",
-            "Commits of other instances that landed first, each met by merging the offsets again on the new snapshot",
-            metrics.commit_conflicts.clone(),
-        );
-        registry.register(
-            "maintainer",
-            "1 while this instance maintains the table (it owns partition 0)",
-            metrics.maintainer.clone(),
-        );
         registry.register(
             "records_written",
             "Readings committed to the table",

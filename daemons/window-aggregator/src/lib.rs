@@ -209,7 +209,7 @@ impl consumer::Store for Windows<'_> {
     async fn claim(&mut self, partitions: &[i32]) -> anyhow::Result<Claim> {
         let store = self.store.as_mut().context("not connected")?;
         let claimed = store.claim(partitions).await.context("claiming partitions")?;
-        self.epochs.extend(claimed.epochs.clone());
+        self.epochs.extend(claimed.claim.epochs.clone());
         self.aggregator.insert_partitions(claimed.state);
         let limit = Utc::now() + TimeDelta::from_std(self.args.max_clock_skew).unwrap_or(TimeDelta::MAX);
         let repaired = self.aggregator.repair_future_watermarks(limit);
@@ -219,10 +219,7 @@ impl consumer::Store for Windows<'_> {
                 "the stored event-time high mark lay in the future (a reading from a wrong clock); reset it"
             );
         }
-        Ok(Claim {
-            checkpoints: claimed.checkpoints,
-            epochs: claimed.epochs,
-        })
+        Ok(claimed.claim)
     }
 
     fn release(&mut self, partitions: &[i32]) {

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, NaiveDateTime, Utc};
 use tokio_postgres::{Client, NoTls};
 
-use weather_common::consumer::{Checkpoint, Checkpoints, Epochs, Fenced};
+use weather_common::consumer::{Checkpoint, Claim, Fenced};
 
 use crate::window::{Agg, Batch, PartitionState};
 
@@ -24,9 +24,8 @@ pub struct Position<'a> {
 #[derive(Debug, Default)]
 pub struct Claimed {
     pub state: BTreeMap<i32, PartitionState>,
-    pub checkpoints: Checkpoints,
-    /// The owner epoch each partition now has: this instance's.
-    pub epochs: Epochs,
+    /// Their checkpoints and the owner epochs they now have: this instance's.
+    pub claim: Claim,
 }
 
 /// Channel the dashboard listens on; notified in the transaction that changed rows.
@@ -78,8 +77,8 @@ impl Store {
             .await?
         {
             let partition: i32 = row.get(0);
-            claimed.epochs.insert(partition, row.get(1));
-            claimed.checkpoints.insert(
+            claimed.claim.epochs.insert(partition, row.get(1));
+            claimed.claim.checkpoints.insert(
                 partition,
                 Checkpoint {
                     next_offset: row.get(2),
