@@ -709,16 +709,20 @@ impl Worker<'_> {
     /// Lag (high watermark − next offset) per owned partition, measured off the consume path.
     fn update_lag(&self) {
         let positions: Vec<(i32, i64)> = self.read.iter().map(|(p, c)| (*p, c.next_offset)).collect();
-        let (consumer, topic, lag) = (
+        let (consumer, topic, lag, owned) = (
             self.consumer.clone(),
             self.config.topic.clone(),
             self.metrics.lag.clone(),
+            self.metrics.owned.clone(),
         );
         tokio::task::spawn_blocking(move || {
             for (partition, next_offset) in positions {
-                if let Ok((_, high)) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(1)) {
-                    lag.get_or_create(&PartitionLabel { partition })
-                        .set((high - next_offset).max(0));
+                let label = PartitionLabel { partition };
+                if let Ok((_, high)) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(1))
+                    // Handed over meanwhile: its series is gone and stays gone.
+                    && owned.get(&label).is_some()
+                {
+                    lag.get_or_create(&label).set((high - next_offset).max(0));
                 }
             }
         });
