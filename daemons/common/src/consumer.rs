@@ -13,6 +13,10 @@
 //! partition to one of them and moves partitions when instances come and go. The store fences
 //! partitions ([`Store::claim`]): an instance that lost a partition without noticing (paused,
 //! cut off) cannot commit it any more, so each record is stored exactly once whoever reads it.
+//! The group's assignment is checked too: an instance left short of its share with no
+//! rebalance coming joins again (`watch_group`), and a fenced partition the group still
+//! assigns here is claimed again after a while (`Assignment::hold`), since tansu 0.6, the
+//! broker the deployments run, gets the assignment wrong when a member dies.
 
 use anyhow::Context as _;
 use std::{
@@ -181,6 +185,7 @@ pub struct Metrics {
     pub new_logs: Counter,
     pub rebalances: Counter,
     pub fenced: Counter,
+    pub group_rejoins: Counter,
 }
 
 impl Metrics {
@@ -201,6 +206,7 @@ impl Metrics {
             new_logs: Counter::default(),
             rebalances: Counter::default(),
             fenced: Counter::default(),
+            group_rejoins: Counter::default(),
         };
         for (name, help, metric) in [
             (
@@ -233,6 +239,12 @@ impl Metrics {
                 "fenced_partitions",
                 "Partitions whose commit was refused because another instance had taken them over",
                 &metrics.fenced,
+            ),
+            (
+                "group_rejoins",
+                "Times this instance joined its group again because the group left it fewer partitions than its \
+                 share and no rebalance followed (a broker that lost the group's assignment)",
+                &metrics.group_rejoins,
             ),
         ] {
             registry.register(name, help, metric.clone());
@@ -417,8 +429,16 @@ pub async fn run<S: Store>(
         return Ok(());
     }
     consumer.subscribe(&[config.topic.as_str()])?;
-    // The partitions the group assigned to this instance, across recoveries.
-    let mut assigned = BTreeSet::new();
+    let stop_watching = shutdown.child_token();
+    tokio::spawn(watch_group(
+        consumer.clone(),
+        config.clone(),
+        metrics.rebalances.clone(),
+        metrics.group_rejoins.clone(),
+        stop_watching.clone(),
+    ));
+    let _stop_watching = stop_watching.drop_guard();
+    let mut assigned = Assignment::default();
     let mut ready = false;
     let mut backoff = Backoff::default();
     loop {
@@ -462,17 +482,15 @@ pub async fn run<S: Store>(
                 metrics.forget(&owned);
                 if let Some(fenced) = e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
                     // A zombie's view: the group moved these partitions while this instance was
-                    // not looking. They are left to their owner until the group assigns them
-                    // here again; the others resume from their last commit at once.
+                    // not looking. They are left to their owner (see `Assignment::hold`); the
+                    // others resume from their last commit at once.
                     metrics.fenced.inc_by(fenced.partitions.len() as u64);
                     tracing::warn!(
                         partitions = ?fenced.partitions,
                         "another instance took these partitions over; what was read of them since the last commit \
                          is left to it"
                     );
-                    for partition in &fenced.partitions {
-                        assigned.remove(partition);
-                    }
+                    assigned.hold(&fenced.partitions, Instant::now() + SESSION_TIMEOUT);
                     pause(consumer.as_ref(), &config.topic, &fenced.partitions);
                     continue;
                 }
@@ -484,6 +502,194 @@ pub async fn run<S: Store>(
             }
         }
     }
+}
+
+/// The time the group takes to notice a member gone (librdkafka's default, 45 s, would leave a
+/// killed instance's readings waiting that long). [`watch_group`] checks this often, and a
+/// partition another instance took over is held back this long (see [`Assignment::hold`]).
+const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The partitions the group assigned to this instance, kept across recoveries, less those held
+/// back after another instance took them over.
+#[derive(Debug, Default)]
+struct Assignment {
+    assigned: BTreeSet<i32>,
+    held: BTreeMap<i32, Instant>,
+}
+
+impl Assignment {
+    fn assign(&mut self, partitions: &[i32]) {
+        for partition in partitions {
+            self.assigned.insert(*partition);
+            self.held.remove(partition);
+        }
+    }
+
+    fn revoke(&mut self, partitions: &[i32]) {
+        for partition in partitions {
+            self.assigned.remove(partition);
+            self.held.remove(partition);
+        }
+    }
+
+    fn contains(&self, partition: i32) -> bool {
+        self.assigned.contains(&partition)
+    }
+
+    /// Leaves `partitions`, whose commit was fenced, to the instance that claimed them until
+    /// `until`: a working group tells this instance before then that they are no longer its
+    /// (revoked, or lost when its membership expired). If the group still assigns them here
+    /// after that, it is the group's word that counts: a broker that got the assignment wrong
+    /// (tansu 0.6, after a member died) sends nothing more, and the partitions would otherwise
+    /// be read by no one.
+    fn hold(&mut self, partitions: &[i32], until: Instant) {
+        for partition in partitions {
+            if self.assigned.contains(partition) {
+                self.held.insert(*partition, until);
+            }
+        }
+    }
+
+    /// Whether a hold has run out by `now`.
+    fn hold_over(&self, now: Instant) -> bool {
+        self.held.values().any(|until| *until <= now)
+    }
+
+    /// The assigned partitions to claim: not owned yet (`owned`), and not held at `now`. Holds
+    /// that ran out are dropped, and their partitions logged.
+    fn to_claim(&mut self, owned: &Checkpoints, now: Instant) -> Vec<i32> {
+        let over: Vec<i32> = self
+            .held
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        if !over.is_empty() {
+            tracing::warn!(
+                partitions = ?over,
+                "the group still assigns these partitions here after another instance took them over; \
+                 claiming them again"
+            );
+            for partition in &over {
+                self.held.remove(partition);
+            }
+        }
+        self.assigned
+            .iter()
+            .filter(|p| !owned.contains_key(p) && !self.held.contains_key(p))
+            .copied()
+            .collect()
+    }
+}
+
+/// Joins the group again when it leaves this instance fewer partitions than a balanced
+/// assignment gives each member, on two checks in a row with no rebalance between them.
+///
+/// A broker should never do that: cooperative-sticky balances the partitions over the members
+/// after every rebalance. tansu 0.6 does when a member that held partitions dies: if it led the
+/// group and a follower's SyncGroup is what finds it gone, the group settles with no partition
+/// assigned to anyone; if it did not, its partitions stay assigned to it after it is dropped.
+/// Either way no rebalance follows and its partitions would be read by no one, for good. Leaving
+/// and joining again starts the rebalance that hands them out.
+async fn watch_group(
+    consumer: Arc<GroupConsumer>,
+    config: Config,
+    rebalances: Counter,
+    rejoins: Counter,
+    stop: CancellationToken,
+) {
+    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + SESSION_TIMEOUT, SESSION_TIMEOUT);
+    // The rebalance count when this instance was first seen short, on the previous check.
+    let mut short_since: Option<u64> = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = check.tick() => {}
+        }
+        let (consumer, config) = (consumer.clone(), config.clone());
+        let shape = tokio::task::spawn_blocking(move || {
+            let shape = group_shape(consumer.as_ref(), &config.group_id, &config.topic);
+            (shape, consumer, config)
+        })
+        .await;
+        let Ok((shape, consumer, config)) = shape else {
+            continue;
+        };
+        let shape = match shape {
+            Ok(shape) => shape,
+            // Brokers without group descriptions (librdkafka's mock cluster) are not checked.
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "could not describe the consumer group");
+                short_since = None;
+                continue;
+            }
+        };
+        let seen = rebalances.get();
+        if !shape.short() {
+            short_since = None;
+            continue;
+        }
+        if short_since != Some(seen) {
+            short_since = Some(seen);
+            continue;
+        }
+        short_since = None;
+        rejoins.inc();
+        tracing::warn!(
+            group = %config.group_id,
+            assigned = shape.assigned,
+            partitions = shape.partitions,
+            members = shape.members,
+            "the group left this instance fewer partitions than its share, and no rebalance followed: \
+             the broker lost the group's assignment; joining the group again"
+        );
+        consumer.unsubscribe();
+        if let Err(e) = consumer.subscribe(&[config.topic.as_str()]) {
+            tracing::error!(error = %e, "could not join the consumer group again");
+        }
+    }
+}
+
+/// What [`watch_group`] compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GroupShape {
+    /// Partitions the group assigned to this instance.
+    assigned: usize,
+    /// Partitions of the topic.
+    partitions: usize,
+    /// Members of the group.
+    members: usize,
+    /// The group is not rebalancing.
+    stable: bool,
+}
+
+impl GroupShape {
+    /// Holds fewer partitions than a balanced assignment gives every member of a stable group.
+    fn short(&self) -> bool {
+        self.stable && self.members > 0 && self.assigned < self.partitions / self.members
+    }
+}
+
+/// Blocks for up to 10 s.
+fn group_shape<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<GroupShape> {
+    let assigned = consumer.assignment()?.elements_for_topic(topic).len();
+    let partitions = usize::try_from(partition_count(consumer, topic)?)?;
+    let groups = consumer.fetch_group_list(Some(group), Duration::from_secs(5))?;
+    let info = groups
+        .groups()
+        .iter()
+        .find(|g| g.name() == group)
+        .with_context(|| format!("the broker does not describe group {group}"))?;
+    Ok(GroupShape {
+        assigned,
+        partitions,
+        members: info.members().len(),
+        stable: info.state() == "Stable",
+    })
 }
 
 fn offsets(checkpoints: &Checkpoints) -> BTreeMap<i32, i64> {
@@ -511,7 +717,7 @@ struct Worker<'a> {
     metrics: &'a Metrics,
     /// What the group assigned to this instance; the worker claims each of them and gives up
     /// the partitions it owns that are no longer in it.
-    assigned: &'a mut BTreeSet<i32>,
+    assigned: &'a mut Assignment,
     /// Position after what was read (applied to the store or dead-lettered) in each partition
     /// this instance owns; the identities of the last records are in `last_read` until the
     /// next commit.
@@ -561,6 +767,9 @@ impl Worker<'_> {
                         self.commit(store).await?;
                     }
                     Metrics::show(&self.metrics.read_offset, &self.read);
+                    if self.assigned.hold_over(Instant::now()) {
+                        self.rebalance(store).await?;
+                    }
                     if last_lag_check.elapsed() > Duration::from_secs(5) {
                         last_lag_check = Instant::now();
                         self.update_lag();
@@ -578,20 +787,18 @@ impl Worker<'_> {
             match event {
                 Rebalanced::Assigned(partitions) => {
                     tracing::info!(?partitions, "the group assigned partitions");
-                    self.assigned.extend(partitions);
+                    self.assigned.assign(&partitions);
                 }
                 Rebalanced::Revoked(partitions) => {
                     tracing::info!(?partitions, "the group revoked partitions");
-                    for partition in &partitions {
-                        self.assigned.remove(partition);
-                    }
+                    self.assigned.revoke(&partitions);
                 }
             }
         }
         let revoked: Vec<i32> = self
             .read
             .keys()
-            .filter(|p| !self.assigned.contains(p))
+            .filter(|p| !self.assigned.contains(**p))
             .copied()
             .collect();
         if !revoked.is_empty() {
@@ -606,12 +813,7 @@ impl Worker<'_> {
             self.metrics.forget(&revoked);
             tracing::info!(partitions = ?revoked, "handed partitions over");
         }
-        let claimed: Vec<i32> = self
-            .assigned
-            .iter()
-            .filter(|p| !self.read.contains_key(p))
-            .copied()
-            .collect();
+        let claimed = self.assigned.to_claim(&self.read, Instant::now());
         if claimed.is_empty() {
             return Ok(());
         }
@@ -1079,8 +1281,8 @@ fn commit_for_monitoring<C: Consumer<X>, X: ConsumerContext>(consumer: &C, topic
 impl KafkaArgs {
     /// A member of `group_id` for stores that keep their own offsets: no auto-commit, no offset
     /// store, cooperative-sticky assignment, and the beginning of a partition when they have no
-    /// offset for it yet. A member that stops heartbeating loses its partitions after 10 s
-    /// (librdkafka's default, 45 s, leaves a killed instance's readings waiting that long).
+    /// offset for it yet. A member that stops heartbeating loses its partitions after
+    /// `SESSION_TIMEOUT` (10 s).
     pub fn group_consumer(&self, group_id: &str, topic: &str) -> anyhow::Result<Arc<GroupConsumer>> {
         let context = GroupContext {
             topic: topic.to_owned(),
@@ -1088,7 +1290,10 @@ impl KafkaArgs {
             notify: tokio::sync::Notify::new(),
         };
         let consumer = self
-            .client_config_with(&[("session.timeout.ms", "10000"), ("heartbeat.interval.ms", "1000")])
+            .client_config_with(&[
+                ("session.timeout.ms", &SESSION_TIMEOUT.as_millis().to_string()),
+                ("heartbeat.interval.ms", "1000"),
+            ])
             .set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -1158,5 +1363,59 @@ mod tests {
         assert!(stamped_at("2020-01-01T00:00:00.000Z").is_ok());
         let bad = record(0, STAMP, r#"{"city":"Boston"}"#);
         assert!(reading_of(&bad, skew).expect_err("bad").contains("temperature"));
+    }
+
+    #[test]
+    fn a_fenced_partition_is_held_back_until_the_group_says_otherwise_or_the_hold_runs_out() {
+        let now = Instant::now();
+        let owned =
+            |partitions: &[i32]| -> Checkpoints { partitions.iter().map(|p| (*p, Checkpoint::start(0))).collect() };
+        let mut assignment = Assignment::default();
+        assignment.assign(&[0, 1, 2]);
+        assert_eq!(assignment.to_claim(&owned(&[]), now), [0, 1, 2]);
+        assert_eq!(assignment.to_claim(&owned(&[0]), now), [1, 2]);
+
+        // Fenced on 1 and 2: held back, still assigned.
+        assignment.hold(&[1, 2], now + SESSION_TIMEOUT);
+        assert!(assignment.contains(1));
+        assert_eq!(assignment.to_claim(&owned(&[0]), now), Vec::<i32>::new());
+        assert!(!assignment.hold_over(now + SESSION_TIMEOUT / 2));
+        // The group revokes 1 (a working group does): gone, hold and all.
+        assignment.revoke(&[1]);
+        assert!(!assignment.contains(1));
+        // Nothing more said of 2: claimed again once the hold runs out.
+        assert!(assignment.hold_over(now + SESSION_TIMEOUT));
+        assert_eq!(assignment.to_claim(&owned(&[0]), now + SESSION_TIMEOUT), [2]);
+        assert!(!assignment.hold_over(now + SESSION_TIMEOUT * 2));
+
+        // Assigned again by the group: claimed at once.
+        assignment.hold(&[2], now + SESSION_TIMEOUT);
+        assignment.assign(&[2]);
+        assert_eq!(assignment.to_claim(&owned(&[0]), now), [2]);
+        // A partition not assigned is not held.
+        assignment.hold(&[7], now + SESSION_TIMEOUT);
+        assert!(!assignment.hold_over(now + SESSION_TIMEOUT));
+    }
+
+    #[test]
+    fn an_instance_is_short_only_below_a_balanced_share_of_a_stable_group() {
+        let shape = |assigned, partitions, members, stable| GroupShape {
+            assigned,
+            partitions,
+            members,
+            stable,
+        };
+        // tansu after the leader died: one member, nothing assigned.
+        assert!(shape(0, 3, 1, true).short());
+        // After a follower died: 2 left of 3, each with its old 2 of 6.
+        assert!(shape(2, 6, 2, true).short());
+        assert!(!shape(3, 6, 2, true).short());
+        // 4 members on 6 partitions: 1 is a fair share.
+        assert!(!shape(1, 6, 4, true).short());
+        // More members than partitions: some rightly get none.
+        assert!(!shape(0, 3, 4, true).short());
+        // Rebalancing, or not described.
+        assert!(!shape(0, 3, 1, false).short());
+        assert!(!shape(0, 3, 0, true).short());
     }
 }
