@@ -168,3 +168,47 @@ async fn three_instances_of_each_consumer_store_every_reading_exactly_once() {
         assert!(status.success(), "{instance:?} stopped cleanly: {status:?}");
     }
 }
+
+/// The same group on tansu, whose coordinator does not hand a dead member's partitions out
+/// again by itself (see `weather_common::consumer::watch_group`): the partitions of an instance
+/// killed with SIGKILL reach the others, whether it was the first to join (the group's leader)
+/// or not, and every acknowledged reading is stored exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_tansu_the_partitions_of_a_killed_instance_reach_the_others() {
+    let mut stack = Stack::start_on_tansu(INSTANCES, PARTITIONS).await;
+    let load = Load::start(stack.addr("logging-server"), 4);
+    let mut totals = Totals::default();
+    wait_for_spread(&stack, &[], "tansu: start").await;
+    // Instance 0 of each consumer started, and joined its group, first.
+    for (number, scenario) in [
+        (1, "tansu: kill -9 of an instance that joined later"),
+        (0, "tansu: kill -9 of the instance that joined first"),
+    ] {
+        let killed: Vec<Instance> = CONSUMERS.iter().map(|c| (*c, number)).collect();
+        for &instance in &killed {
+            stack.kill9_instance(instance);
+        }
+        let survivors: Vec<Instance> = CONSUMERS
+            .iter()
+            .flat_map(|c| (0..INSTANCES).map(move |i| (*c, i)))
+            .filter(|i| i.1 != number)
+            .collect();
+        wait_for_spread(&stack, &[], scenario).await;
+        let rejoins = total(&stack, &survivors, "group_rejoins").await;
+        println!("{scenario}: the survivors joined their groups again {rejoins} times");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        verify(&stack, &load, scenario, &mut totals).await;
+        for &instance in &killed {
+            stack.spawn_instance(instance);
+        }
+        wait_for_spread(&stack, &[], &format!("{scenario}, then started again")).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    verify(&stack, &load, "tansu: the killed instances back", &mut totals).await;
+
+    load.stop().await;
+    for (instance, mut guard) in std::mem::take(&mut stack.running) {
+        let status = guard.terminate(Duration::from_secs(60)).expect("exit");
+        assert!(status.success(), "{instance:?} stopped cleanly: {status:?}");
+    }
+}

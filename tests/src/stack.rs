@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    ChildGuard, MockKafka, Postgres, S3Server, build_workspace_binaries, connect, free_port, http_get,
+    ChildGuard, MockKafka, Postgres, S3Server, Tansu, build_workspace_binaries, connect, free_port, http_get,
     load::{Key, Load, Tally, per_city},
     metric, pyiceberg_readings, workspace_binary,
 };
@@ -25,6 +25,8 @@ pub type Instance = (&'static str, usize);
 
 pub struct Stack {
     pub kafka: MockKafka,
+    /// The broker the daemons use instead of `kafka`, when set.
+    pub tansu: Option<Tansu>,
     pub postgres: Postgres,
     pub s3: S3Server,
     pub database_url: String,
@@ -41,6 +43,20 @@ impl Stack {
 
     /// `instances` of each consumer and one of the others; the topic in `partitions`.
     pub async fn start_with(instances: usize, partitions: i32) -> Self {
+        Self::start_on(None, instances, partitions).await
+    }
+
+    /// As [`Stack::start_with`], on tansu (the broker `pipeline`, the NixOS module and compose
+    /// run) instead of librdkafka's mock cluster.
+    pub async fn start_on_tansu(instances: usize, partitions: i32) -> Self {
+        let tansu = Tansu::start().expect("tansu");
+        let mut kafka = weather_common::kafka::KafkaArgs::new(tansu.brokers.clone());
+        kafka.topic_partitions = partitions;
+        kafka.ensure_topics(&["weather", "weather.dlq"]).await.expect("topics");
+        Self::start_on(Some(tansu), instances, partitions).await
+    }
+
+    async fn start_on(tansu: Option<Tansu>, instances: usize, partitions: i32) -> Self {
         build_workspace_binaries();
         let kafka = MockKafka::start_with(&["weather", "weather.dlq"], partitions);
         let postgres = Postgres::start().expect("PostgreSQL");
@@ -57,6 +73,7 @@ impl Stack {
             .collect();
         let mut stack = Self {
             kafka,
+            tansu,
             postgres,
             s3,
             database_url,
@@ -69,6 +86,14 @@ impl Stack {
             stack.spawn_instance(instance);
         }
         stack
+    }
+
+    /// The broker the daemons use.
+    pub fn brokers(&self) -> String {
+        match &self.tansu {
+            Some(tansu) => tansu.brokers.clone(),
+            None => self.kafka.brokers(),
+        }
     }
 
     /// Where the first instance of `name` listens.
@@ -102,7 +127,7 @@ impl Stack {
             .args(["--listen", self.instance_addr(instance)])
             .env("RUST_LOG", "warn");
         if name != "dashboard" {
-            command.args(["--kafka-brokers", &self.kafka.brokers()]);
+            command.args(["--kafka-brokers", &self.brokers()]);
         }
         match name {
             "window-aggregator" => {
