@@ -243,9 +243,10 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         ("KAFKA_TOPIC_PARTITIONS".to_owned(), args.partitions.to_string()),
     ];
     // Each run's consumers form groups of their own (the stores hold the offsets that count).
-    // tansu 0.6 keeps a group's members in its storage across its own restarts without ever
-    // expiring them: after a `kill -9` of the pipeline, the dead members would keep every
-    // partition of a group they shared with the next run's consumers.
+    // In a group shared with the previous run, the members a `kill -9` of the pipeline left
+    // behind would hold every partition until their session expires, and then tansu 0.6 may
+    // settle the group with no partition assigned, which the consumers repair only by joining
+    // again: up to half a minute without reading.
     let run_id = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
