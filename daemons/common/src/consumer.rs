@@ -16,7 +16,7 @@
 //! The group's assignment is checked too: an instance left short of its share with no
 //! rebalance coming joins again (`watch_group`), and a fenced partition the group still
 //! assigns here is claimed again after a while (`Assignment::hold`), since tansu 0.6, the
-//! broker the deployments run, gets the assignment wrong when a member dies.
+//! broker the deployments run, gets the assignment wrong when the member leading a group dies.
 
 use anyhow::Context as _;
 use std::{
@@ -540,8 +540,8 @@ impl Assignment {
     /// `until`: a working group tells this instance before then that they are no longer its
     /// (revoked, or lost when its membership expired). If the group still assigns them here
     /// after that, it is the group's word that counts: a broker that got the assignment wrong
-    /// (tansu 0.6, after a member died) sends nothing more, and the partitions would otherwise
-    /// be read by no one.
+    /// (tansu 0.6, after the group's leader died) sends nothing more, and the partitions would
+    /// otherwise be read by no one.
     fn hold(&mut self, partitions: &[i32], until: Instant) {
         for partition in partitions {
             if self.assigned.contains(partition) {
@@ -557,7 +557,7 @@ impl Assignment {
 
     /// The assigned partitions to claim: not owned yet (`owned`), and not held at `now`. Holds
     /// that ran out are dropped, and their partitions logged.
-    fn to_claim(&mut self, owned: &Checkpoints, now: Instant) -> Vec<i32> {
+    fn claimable(&mut self, owned: &Checkpoints, now: Instant) -> Vec<i32> {
         let over: Vec<i32> = self
             .held
             .iter()
@@ -586,11 +586,10 @@ impl Assignment {
 /// assignment gives each member, on two checks in a row with no rebalance between them.
 ///
 /// A broker should never do that: cooperative-sticky balances the partitions over the members
-/// after every rebalance. tansu 0.6 does when a member that held partitions dies: if it led the
-/// group and a follower's SyncGroup is what finds it gone, the group settles with no partition
-/// assigned to anyone; if it did not, its partitions stay assigned to it after it is dropped.
-/// Either way no rebalance follows and its partitions would be read by no one, for good. Leaving
-/// and joining again starts the rebalance that hands them out.
+/// after every rebalance. tansu 0.6 does when the member leading the group dies and a
+/// follower's SyncGroup is what finds it gone: the group settles with no partition assigned to
+/// anyone, and no rebalance follows, so the partitions would be read by no one, for good.
+/// Leaving and joining again starts the rebalance that hands them out.
 async fn watch_group(
     consumer: Arc<GroupConsumer>,
     config: Config,
@@ -670,7 +669,7 @@ impl GroupShape {
     }
 }
 
-/// Blocks for up to 10 s.
+/// Blocks for up to 7 s.
 fn group_shape<C: Consumer<X>, X: ConsumerContext>(
     consumer: &C,
     group: &str,
@@ -678,7 +677,7 @@ fn group_shape<C: Consumer<X>, X: ConsumerContext>(
 ) -> anyhow::Result<GroupShape> {
     let assigned = consumer.assignment()?.elements_for_topic(topic).len();
     let partitions = usize::try_from(partition_count(consumer, topic)?)?;
-    let groups = consumer.fetch_group_list(Some(group), Duration::from_secs(5))?;
+    let groups = consumer.fetch_group_list(Some(group), Duration::from_secs(2))?;
     let info = groups
         .groups()
         .iter()
@@ -813,7 +812,7 @@ impl Worker<'_> {
             self.metrics.forget(&revoked);
             tracing::info!(partitions = ?revoked, "handed partitions over");
         }
-        let claimed = self.assigned.to_claim(&self.read, Instant::now());
+        let claimed = self.assigned.claimable(&self.read, Instant::now());
         if claimed.is_empty() {
             return Ok(());
         }
@@ -1372,26 +1371,26 @@ mod tests {
             |partitions: &[i32]| -> Checkpoints { partitions.iter().map(|p| (*p, Checkpoint::start(0))).collect() };
         let mut assignment = Assignment::default();
         assignment.assign(&[0, 1, 2]);
-        assert_eq!(assignment.to_claim(&owned(&[]), now), [0, 1, 2]);
-        assert_eq!(assignment.to_claim(&owned(&[0]), now), [1, 2]);
+        assert_eq!(assignment.claimable(&owned(&[]), now), [0, 1, 2]);
+        assert_eq!(assignment.claimable(&owned(&[0]), now), [1, 2]);
 
         // Fenced on 1 and 2: held back, still assigned.
         assignment.hold(&[1, 2], now + SESSION_TIMEOUT);
         assert!(assignment.contains(1));
-        assert_eq!(assignment.to_claim(&owned(&[0]), now), Vec::<i32>::new());
+        assert_eq!(assignment.claimable(&owned(&[0]), now), Vec::<i32>::new());
         assert!(!assignment.hold_over(now + SESSION_TIMEOUT / 2));
         // The group revokes 1 (a working group does): gone, hold and all.
         assignment.revoke(&[1]);
         assert!(!assignment.contains(1));
         // Nothing more said of 2: claimed again once the hold runs out.
         assert!(assignment.hold_over(now + SESSION_TIMEOUT));
-        assert_eq!(assignment.to_claim(&owned(&[0]), now + SESSION_TIMEOUT), [2]);
+        assert_eq!(assignment.claimable(&owned(&[0]), now + SESSION_TIMEOUT), [2]);
         assert!(!assignment.hold_over(now + SESSION_TIMEOUT * 2));
 
         // Assigned again by the group: claimed at once.
         assignment.hold(&[2], now + SESSION_TIMEOUT);
         assignment.assign(&[2]);
-        assert_eq!(assignment.to_claim(&owned(&[0]), now), [2]);
+        assert_eq!(assignment.claimable(&owned(&[0]), now), [2]);
         // A partition not assigned is not held.
         assignment.hold(&[7], now + SESSION_TIMEOUT);
         assert!(!assignment.hold_over(now + SESSION_TIMEOUT));
