@@ -306,7 +306,7 @@ pub fn consume(brokers: &str, topic: &str, count: usize, timeout: Duration) -> a
 /// A tansu broker (Kafka protocol, in-memory storage) as a private process.
 pub struct Tansu {
     pub brokers: String,
-    _child: ChildGuard,
+    child: ChildGuard,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -344,9 +344,18 @@ impl Tansu {
         wait_for_port(&brokers, Duration::from_secs(30))?;
         Ok(Self {
             brokers,
-            _child: child,
+            child,
             _dir: dir,
         })
+    }
+
+    /// Freezes the broker (SIGSTOP): its connections stay open and nothing answers.
+    pub fn freeze(&self) {
+        self.child.signal(libc::SIGSTOP);
+    }
+
+    pub fn thaw(&self) {
+        self.child.signal(libc::SIGCONT);
     }
 }
 

@@ -420,9 +420,57 @@ pub async fn run<S: Store>(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let consumer = config.kafka.group_consumer(&config.group_id, &config.topic)?;
+    let consumed = consume(config, &consumer, store, metrics, shutdown).await;
+    close(consumer).await;
+    consumed
+}
+
+/// Leaves the group and closes `consumer`, waiting at most [`SESSION_TIMEOUT`] (the group
+/// forgets a silent member after that anyway): librdkafka's close waits for the broker's
+/// answers, and a broker that went away with this instance (a `kill -9` of `pipeline` stops
+/// both) may never give them. The close runs on a thread of its own, which exiting ends.
+async fn close(consumer: Arc<GroupConsumer>) {
+    let (closed, done) = tokio::sync::oneshot::channel();
+    let closing = std::thread::Builder::new()
+        .name("consumer-close".into())
+        .spawn(move || {
+            // The last reference closes it: lag and group checks in flight let go of theirs.
+            let mut consumer = consumer;
+            loop {
+                match Arc::try_unwrap(consumer) {
+                    Ok(last) => {
+                        drop(last);
+                        break;
+                    }
+                    Err(shared) => consumer = shared,
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = closed.send(());
+        });
+    let closed = match closing {
+        Ok(_) => tokio::time::timeout(SESSION_TIMEOUT, done).await.is_ok(),
+        Err(_) => false,
+    };
+    if !closed {
+        tracing::warn!(
+            "the Kafka consumer did not close within {SESSION_TIMEOUT:?} (the broker does not answer); exiting \
+             without it"
+        );
+    }
+}
+
+/// [`run`] with its consumer.
+async fn consume<S: Store>(
+    config: &Config,
+    consumer: &Arc<GroupConsumer>,
+    store: &mut S,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let dead_letters = DeadLetters::new(&config.kafka, &config.dead_letter_topic, config.name)?;
     let topics = [config.topic.as_str(), config.dead_letter_topic.as_str()];
-    if wait_for_partitions(&config.kafka, &consumer, &config.topic, &topics, shutdown)
+    if wait_for_partitions(&config.kafka, consumer, &config.topic, &topics, shutdown)
         .await
         .is_none()
     {
@@ -460,7 +508,7 @@ pub async fn run<S: Store>(
         }
         let mut worker = Worker {
             config,
-            consumer: &consumer,
+            consumer,
             dead_letters: &dead_letters,
             metrics,
             assigned: &mut assigned,

@@ -454,6 +454,42 @@ async fn a_sink_restarted_inside_batches_on_tansu_reads_nothing_twice_and_skips_
     assert_eq!(harness.rows().await, expected_rows(&readings), "every reading once");
 }
 
+/// SIGTERM while the broker is frozen (it holds its connections and answers nothing, as a
+/// broker stopped at the same moment can): the sink commits what it read and exits within its
+/// bound on leaving the group, instead of waiting for the broker's answer without end.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_the_broker_frozen_commits_and_exits_in_time() {
+    let harness = Harness::start_with_tansu().await;
+    let (_, readings) = readings(500);
+    produce_readings(&harness.brokers(), "weather", &readings).expect("produce");
+    let mut sink = harness.sink(&["--commit-interval", "1h"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let read = || async {
+        let metrics = http_get(&harness.admin, "/metrics")
+            .await
+            .map(|r| r.body)
+            .unwrap_or_default();
+        metric(&metrics, "iceberg_sink_records_read_total").unwrap_or(0.0)
+    };
+    while read().await < 500.0 {
+        assert!(Instant::now() < deadline, "the sink read every reading");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tansu = harness.tansu.as_ref().expect("tansu");
+    tansu.freeze();
+    let stopping = Instant::now();
+    let status = sink.terminate(Duration::from_secs(60)).expect("exit");
+    let took = stopping.elapsed();
+    tansu.thaw();
+    assert_eq!(status.code(), Some(0), "a clean exit");
+    assert!(took < Duration::from_secs(20), "exited {took:?} after SIGTERM");
+    assert_eq!(
+        harness.rows().await,
+        expected_rows(&readings),
+        "every reading, committed on the way out"
+    );
+}
+
 /// Maintenance after every commit (manifest merges, compaction of closed hours, snapshot
 /// expiry, deleting what no retained snapshot needs) while readings stream in, and the sink killed with kill -9 twice on the way
 /// (with maintenance that often, a kill lands in or next to a maintenance commit): every
