@@ -128,6 +128,22 @@ impl Harness {
         }
     }
 
+    /// Waits until the sink holds `count` readings (its commit interval kept long).
+    async fn wait_buffered(&self, count: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let metrics = http_get(&self.admin, "/metrics").await.expect("metrics").body;
+            if metric(&metrics, "iceberg_sink_records_consumed_total") == Some(count as f64) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sink never buffered {count} readings:\n{metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Every row of the table as `(ts µs, city, temperature)`, sorted.
     async fn rows(&self) -> Vec<(i64, String, f64)> {
         let table = self.table().await;
@@ -322,21 +338,7 @@ async fn sigterm_commits_what_is_buffered() {
     produce_readings(&harness.brokers(), "weather", &readings).expect("produce");
     // No commit would happen for an hour: only the shutdown path can put the rows in the table.
     let mut sink = harness.sink(&["--commit-interval", "1h"]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let metrics = weather_testkit::http_get(&harness.admin, "/metrics")
-            .await
-            .expect("metrics")
-            .body;
-        if metrics.lines().any(|l| l == "iceberg_sink_records_consumed_total 5000") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the sink never buffered everything:\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    harness.wait_buffered(5_000).await;
     assert_eq!(harness.committed().await, 0, "nothing committed before SIGTERM");
     assert_eq!(sink.terminate(Duration::from_secs(60)).expect("exit").code(), Some(0));
     assert_eq!(harness.committed().await, 5_000);
@@ -463,18 +465,7 @@ async fn sigterm_with_the_broker_frozen_commits_and_exits_in_time() {
     let (_, readings) = readings(500);
     produce_readings(&harness.brokers(), "weather", &readings).expect("produce");
     let mut sink = harness.sink(&["--commit-interval", "1h"]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let read = || async {
-        let metrics = http_get(&harness.admin, "/metrics")
-            .await
-            .map(|r| r.body)
-            .unwrap_or_default();
-        metric(&metrics, "iceberg_sink_records_read_total").unwrap_or(0.0)
-    };
-    while read().await < 500.0 {
-        assert!(Instant::now() < deadline, "the sink read every reading");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    harness.wait_buffered(500).await;
     let tansu = harness.tansu.as_ref().expect("tansu");
     tansu.freeze();
     let stopping = Instant::now();
