@@ -1,6 +1,6 @@
 //! The daemons of the pipeline as systemd would run them, each a private process, against a
-//! mock Kafka cluster, PostgreSQL and an S3 server, with several instances of the consumers
-//! where asked; and the exactly-once check of everything a [`Load`] was told.
+//! mock Kafka cluster (or tansu), PostgreSQL and an S3 server, with several instances of the
+//! consumers where asked; and the exactly-once check of everything a [`Load`] was told.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -46,8 +46,8 @@ impl Stack {
         Self::start_on(None, instances, partitions).await
     }
 
-    /// As [`Stack::start_with`], on tansu (the broker `pipeline`, the NixOS module and compose
-    /// run) instead of librdkafka's mock cluster.
+    /// As [`Stack::start_with`], on tansu (the broker `pipeline` runs) instead of librdkafka's
+    /// mock cluster.
     pub async fn start_on_tansu(instances: usize, partitions: i32) -> Self {
         let tansu = Tansu::start().expect("tansu");
         let mut kafka = weather_common::kafka::KafkaArgs::new(tansu.brokers.clone());

@@ -16,7 +16,7 @@
 //! The group's assignment is checked too: an instance left short of its share with no
 //! rebalance coming joins again (`watch_group`), and a fenced partition the group still
 //! assigns here is claimed again after a while (`Assignment::hold`), since tansu 0.6, the
-//! broker the deployments run, gets the assignment wrong when the member leading a group dies.
+//! broker `pipeline` runs, gets the assignment wrong when the member leading a group dies.
 
 use anyhow::Context as _;
 use std::{
