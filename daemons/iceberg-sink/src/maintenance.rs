@@ -13,9 +13,9 @@
 //! rewrite is then listed again on the new snapshot, keeping what was appended meanwhile and
 //! reusing its compacted files (several sinks append every few seconds between them, so a
 //! compaction of many files would otherwise never land); it is never written over the other
-//! commit, and dropped (its files deleted) when another rewrite came first. The rewrite snapshot is a `replace` that carries the Kafka checkpoints of the
-//! snapshot it replaces, so the next append finds them in the current snapshot whatever was
-//! expired.
+//! commit, and dropped (its files deleted) when another rewrite came first. The rewrite
+//! snapshot is a `replace` that carries the Kafka checkpoints of the snapshot it replaces, so
+//! the next append finds them in the current snapshot whatever was expired.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -27,6 +27,7 @@ use std::{
 use anyhow::Context;
 use iceberg::{
     MetadataLocation,
+    io::FileIO,
     spec::{
         Literal, MAIN_BRANCH, ManifestContentType, ManifestEntryRef, ManifestFile, ManifestListWriter,
         ManifestWriterBuilder, Operation, PrimitiveLiteral, Snapshot, SnapshotRef, SnapshotReference,
@@ -238,13 +239,9 @@ pub async fn rewrite_manifests(
     // The manifests whose entries the rewrite lists anew: those waiting to be merged, the
     // crowded ones, and the merged manifests of the partitions those touch.
     let mut consumed: BTreeSet<String> = BTreeSet::new();
-    let mut by_partition: BTreeMap<Option<Vec<u8>>, Vec<ManifestEntryRef>> = BTreeMap::new();
+    let mut by_partition: ByPartition = BTreeMap::new();
     for manifest in unsettled.iter().copied().chain(manifests.iter().filter(|m| crowded(m))) {
-        consumed.insert(manifest.manifest_path.clone());
-        let (entries, _) = manifest.load_manifest(file_io).await?.into_parts();
-        for entry in entries.into_iter().filter(|e| e.is_alive()) {
-            by_partition.entry(partition_key(&entry)).or_default().push(entry);
-        }
+        read_entries(manifest, file_io, &mut consumed, &mut by_partition).await?;
     }
     let rest: Vec<&ManifestFile> = manifests
         .iter()
@@ -255,11 +252,7 @@ pub async fn rewrite_manifests(
         let touched = manifest.content == ManifestContentType::Data
             && single_partition(manifest).is_some_and(|k| by_partition.contains_key(&Some(k)));
         if touched {
-            consumed.insert(manifest.manifest_path.clone());
-            let (entries, _) = manifest.load_manifest(file_io).await?.into_parts();
-            for entry in entries.into_iter().filter(|e| e.is_alive()) {
-                by_partition.entry(partition_key(&entry)).or_default().push(entry);
-            }
+            read_entries(manifest, file_io, &mut consumed, &mut by_partition).await?;
         }
     }
     // Compaction, the costly part, is done once; the listing is redone on each newer snapshot.
@@ -299,6 +292,25 @@ pub async fn rewrite_manifests(
         file_io.delete(&path).await?;
     }
     Ok(None)
+}
+
+/// Live manifest entries by `hour(ts)` partition key.
+type ByPartition = BTreeMap<Option<Vec<u8>>, Vec<ManifestEntryRef>>;
+
+/// Reads the live entries of `manifest` into `by_partition` and notes it as `consumed` by the
+/// rewrite.
+async fn read_entries(
+    manifest: &ManifestFile,
+    file_io: &FileIO,
+    consumed: &mut BTreeSet<String>,
+    by_partition: &mut ByPartition,
+) -> anyhow::Result<()> {
+    consumed.insert(manifest.manifest_path.clone());
+    let (entries, _) = manifest.load_manifest(file_io).await?.into_parts();
+    for entry in entries.into_iter().filter(|e| e.is_alive()) {
+        by_partition.entry(partition_key(&entry)).or_default().push(entry);
+    }
+    Ok(())
 }
 
 /// Snapshots a rewrite is listed on before it is given up (each only costs its listing: the
