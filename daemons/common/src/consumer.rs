@@ -653,13 +653,8 @@ async fn watch_group(
             () = stop.cancelled() => return,
             _ = check.tick() => {}
         }
-        let (consumer, config) = (consumer.clone(), config.clone());
-        let shape = tokio::task::spawn_blocking(move || {
-            let shape = group_shape(consumer.as_ref(), &config.group_id, &config.topic);
-            (shape, consumer, config)
-        })
-        .await;
-        let Ok((shape, consumer, config)) = shape else {
+        let (probe, group, topic) = (consumer.clone(), config.group_id.clone(), config.topic.clone());
+        let Ok(shape) = tokio::task::spawn_blocking(move || group_shape(probe.as_ref(), &group, &topic)).await else {
             continue;
         };
         let shape = match shape {
