@@ -5,7 +5,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    process::Command,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -14,7 +13,7 @@ use anyhow::Context;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use tokio_util::sync::CancellationToken;
 use weather_common::reading::DEMO_CITIES;
-use weather_testkit::{ChildGuard, connect, free_port, http_get, workspace_binary};
+use weather_testkit::{connect, free_port, http_get};
 
 use crate::{Args, Backbone, Row, percentile, rss_mib};
 
@@ -77,15 +76,7 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
     let mut daemons = Vec::new();
     for (name, flags) in specs {
         let started = Instant::now();
-        let guard = ChildGuard::spawn_ready(
-            name,
-            Command::new(workspace_binary(name))
-                .args(flags)
-                .env("AWS_ACCESS_KEY_ID", "test")
-                .env("AWS_SECRET_ACCESS_KEY", "test")
-                .env("RUST_LOG", "warn"),
-            Duration::from_secs(60),
-        )?;
+        let guard = crate::spawn_daemon(name, flags)?;
         daemons.push((name, guard, started.elapsed()));
     }
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -144,6 +144,24 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts daemon `name` of this workspace with `args` (S3 credentials of the test server, logs
+/// at warn) and waits for its READY=1.
+fn spawn_daemon<I, A>(name: &str, args: I) -> anyhow::Result<ChildGuard>
+where
+    I: IntoIterator<Item = A>,
+    A: AsRef<std::ffi::OsStr>,
+{
+    ChildGuard::spawn_ready(
+        name,
+        Command::new(workspace_binary(name))
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("RUST_LOG", "warn"),
+        Duration::from_secs(60),
+    )
+}
+
 fn memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -442,16 +460,8 @@ async fn consumer_benchmarks(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result
         ),
     ] {
         let spawned = Instant::now();
-        let mut child = ChildGuard::spawn_ready(
-            name,
-            Command::new(workspace_binary(name))
-                .args(["--kafka-brokers", &kafka.brokers, "--listen", &admin])
-                .args(&extra)
-                .env("AWS_ACCESS_KEY_ID", "test")
-                .env("AWS_SECRET_ACCESS_KEY", "test")
-                .env("RUST_LOG", "warn"),
-            Duration::from_secs(60),
-        )?;
+        let flags = ["--kafka-brokers", kafka.brokers.as_str(), "--listen", &admin];
+        let mut child = spawn_daemon(name, flags.iter().copied().chain(extra.iter().map(String::as_str)))?;
         let ready = spawned.elapsed();
         let started = Instant::now();
         let cpu_before = cpu_seconds(child.child.id());

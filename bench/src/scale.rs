@@ -7,14 +7,11 @@
 //! under a steady 200 readings/s with the default 10 s commit interval for a minute: how often
 //! one sink's commit meets another's (commit conflicts).
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
 use weather_common::{WeatherReading, kafka::KafkaArgs};
-use weather_testkit::{ChildGuard, free_port, http_get, metric, owned_partitions, produce_readings, workspace_binary};
+use weather_testkit::{ChildGuard, free_port, http_get, metric, owned_partitions, produce_readings};
 
 use crate::{Backbone, Row, cpu_seconds};
 
@@ -47,16 +44,8 @@ impl Instances {
         };
         for _ in 0..count {
             let admin = format!("127.0.0.1:{}", free_port());
-            let child = ChildGuard::spawn_ready(
-                name,
-                Command::new(workspace_binary(name))
-                    .args(["--listen", &admin])
-                    .args(args)
-                    .env("AWS_ACCESS_KEY_ID", "test")
-                    .env("AWS_SECRET_ACCESS_KEY", "test")
-                    .env("RUST_LOG", "warn"),
-                Duration::from_secs(60),
-            )?;
+            let listen = ["--listen".to_owned(), admin.clone()];
+            let child = crate::spawn_daemon(name, listen.iter().chain(args))?;
             instances.admins.push(admin);
             instances.children.push(child);
         }
