@@ -21,6 +21,7 @@ mod soak;
 
 use anyhow::Context;
 use chrono::{TimeDelta, Utc};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -335,6 +336,18 @@ async fn http_benchmark(
         anyhow::ensure!(Instant::now() < deadline, "logging-server never became ready");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let latencies = broker_round_trips(brokers, args.duration).await?;
+    let rate = latencies.len() as f64 / args.duration.as_secs_f64();
+    let line = format!(
+        "{rate:.0} acknowledgements/s, p50 {:.2} ms, p99 {:.2} ms",
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3
+    );
+    println!("broker round trip, {broker}: {line}");
+    rows.push(Row {
+        what: format!("broker alone: one reading produced and acknowledged at a time, {broker}"),
+        value: line,
+    });
     let get = Arc::new(format!("GET /log?city=Boston&temperature=72.5 HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes());
     for connections in [1, 16, 64] {
         let (latencies, errors) = load(&addr, get.clone(), connections, args.duration).await?;
@@ -378,6 +391,29 @@ async fn http_benchmark(
     shutdown.cancel();
     server.await??;
     Ok(())
+}
+
+/// Produces one reading at a time with the logging-server's producer settings, each waiting
+/// for its acknowledgement: the broker's own round trip, which bounds one HTTP connection.
+async fn broker_round_trips(brokers: &str, duration: Duration) -> anyhow::Result<Vec<Duration>> {
+    let producer: FutureProducer = KafkaArgs::new(brokers)
+        .client_config_with(&[("acks", "all"), ("enable.idempotence", "true"), ("linger.ms", "0")])
+        .create()?;
+    let payload = WeatherReading::new("Boston", 72.5, Utc::now())?.to_json();
+    let mut latencies = Vec::new();
+    let end = Instant::now() + duration;
+    while Instant::now() < end {
+        let started = Instant::now();
+        let record = FutureRecord::to(WEATHER_TOPIC).key("Boston").payload(&payload);
+        producer
+            .send(record, Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| e)
+            .context("producing")?;
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    Ok(latencies)
 }
 
 /// Creates the pipeline's topics on a broker that does not auto-create them.
