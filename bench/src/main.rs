@@ -220,6 +220,16 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// "N unit, p50 …, p99 …" of `latencies` (sorted) gathered over `duration`.
+fn rate_and_latency(latencies: &[Duration], duration: Duration, unit: &str) -> String {
+    format!(
+        "{:.0} {unit}, p50 {:.2} ms, p99 {:.2} ms",
+        latencies.len() as f64 / duration.as_secs_f64(),
+        percentile(latencies, 0.5).as_secs_f64() * 1e3,
+        percentile(latencies, 0.99).as_secs_f64() * 1e3
+    )
+}
+
 /// Keeps `connections` keep-alive connections busy with `request` for `duration`; returns the
 /// latency of every 200 answer and the count of other answers.
 async fn load(
@@ -341,12 +351,7 @@ async fn http_benchmark(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let latencies = broker_round_trips(brokers, args.duration).await?;
-    let rate = latencies.len() as f64 / args.duration.as_secs_f64();
-    let line = format!(
-        "{rate:.0} acknowledgements/s, p50 {:.2} ms, p99 {:.2} ms",
-        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3
-    );
+    let line = rate_and_latency(&latencies, args.duration, "acknowledgements/s");
     println!("broker round trip, {broker}: {line}");
     rows.push(Row {
         what: format!("broker alone: one reading produced and acknowledged at a time, {broker}"),
@@ -355,11 +360,9 @@ async fn http_benchmark(
     let get = Arc::new(format!("GET /log?city=Boston&temperature=72.5 HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes());
     for connections in [1, 16, 64] {
         let (latencies, errors) = load(&addr, get.clone(), connections, args.duration).await?;
-        let rate = latencies.len() as f64 / args.duration.as_secs_f64();
         let line = format!(
-            "{rate:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {errors} non-200",
-            percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-            percentile(&latencies, 0.99).as_secs_f64() * 1e3
+            "{}, {errors} non-200",
+            rate_and_latency(&latencies, args.duration, "req/s")
         );
         println!("GET /log, {connections} connections, {broker}: {line}");
         rows.push(Row {
