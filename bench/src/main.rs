@@ -21,7 +21,7 @@ mod soak;
 
 use anyhow::Context;
 use chrono::{TimeDelta, Utc};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -400,12 +400,11 @@ async fn http_benchmark(
     Ok(())
 }
 
-/// Produces one reading at a time with the logging-server's producer settings, each waiting
-/// for its acknowledgement: the broker's own round trip, which bounds one HTTP connection.
+/// Produces one reading at a time with the logging-server's producer for a lone request, each
+/// waiting for its acknowledgement: the broker's own round trip, which bounds one HTTP
+/// connection.
 async fn broker_round_trips(brokers: &str, duration: Duration) -> anyhow::Result<Vec<Duration>> {
-    let producer: FutureProducer = KafkaArgs::new(brokers)
-        .client_config_with(&[("acks", "all"), ("enable.idempotence", "true"), ("linger.ms", "0")])
-        .create()?;
+    let producer = logging_server::producer(&logging_server::Args::with_brokers(brokers), Duration::ZERO)?;
     let payload = WeatherReading::new("Boston", 72.5, Utc::now())?.to_json();
     let mut latencies = Vec::new();
     let end = Instant::now() + duration;

@@ -93,26 +93,13 @@ impl Args {
 
 /// Serves `listener` until `shutdown` is cancelled; every request accepted by then is answered.
 pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let message_timeout = args.produce_timeout.as_millis().to_string();
-    let producer = |linger: Duration| -> anyhow::Result<FutureProducer> {
-        let linger = linger.as_secs_f64() * 1e3;
-        args.kafka
-            .client_config_with(&[
-                ("acks", "all"),
-                ("enable.idempotence", "true"),
-                ("linger.ms", &linger.to_string()),
-                ("message.timeout.ms", &message_timeout),
-            ])
-            .create()
-            .context("creating the Kafka producer")
-    };
     // A request alone is sent at once; requests that arrive while others are producing wait a
     // moment for company, so that under load a broker round trip carries many readings.
-    let prompt = producer(Duration::ZERO)?;
+    let prompt = producer(&args, Duration::ZERO)?;
     let batching = if args.batch_linger.is_zero() {
         prompt.clone()
     } else {
-        producer(args.batch_linger)?
+        producer(&args, args.batch_linger)?
     };
     let server = Arc::new(Server {
         prompt,
@@ -145,6 +132,20 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
         .context("flushing the producer")?;
     tracing::info!("logging-server stopped");
     Ok(())
+}
+
+/// The server's producer: every reading acknowledged by all in-sync replicas, retried without
+/// duplicates, given up after `--produce-timeout`, sent after waiting `linger` for company.
+pub fn producer(args: &Args, linger: Duration) -> anyhow::Result<FutureProducer> {
+    args.kafka
+        .client_config_with(&[
+            ("acks", "all"),
+            ("enable.idempotence", "true"),
+            ("linger.ms", &(linger.as_secs_f64() * 1e3).to_string()),
+            ("message.timeout.ms", &args.produce_timeout.as_millis().to_string()),
+        ])
+        .create()
+        .context("creating the Kafka producer")
 }
 
 /// Sends READY=1 once the broker answers and the topic exists (creating it if missing).
