@@ -47,13 +47,38 @@ need_pipeline_packages() {
   need postgresql "the window table and the Iceberg catalog" has_postgres
 }
 
-# tansu 0.6 with its SQLite storage: the pipeline's Kafka-protocol broker, its log on disk.
-# Kept in its own root, so that a tansu without SQLite storage on PATH is not taken for it.
-install_tansu() {
-  local root="$cache/tansu-0.6.0-libsql"
-  if [ ! -x "$root/bin/tansu" ]; then
-    say "building the broker, tansu 0.6.0 with SQLite storage, into $root (about 15 minutes on 2 cores, once)"
-    cargo install --root "$root" tansu@0.6.0 --locked --no-default-features --features dynostore,libsql
+# nisshi (tansu's continuation) with its SQLite storage: the pipeline's Kafka-protocol broker,
+# its log on disk. 0.8 is the first release whose log end the consumers can rely on; it needs
+# Rust 1.96 or later. Kept in its own root, so that another nisshi on PATH is not taken for it.
+nisshi_version=0.8.1
+nisshi_rust=1.96
+
+# Prints `+TOOLCHAIN` for the first installed rustup toolchain whose rustc is at least
+# $nisshi_rust, or `+` when the default one is; nothing when none is.
+nisshi_toolchain() {
+  local toolchain version
+  for toolchain in "" $(rustup toolchain list 2>/dev/null | awk '{print $1}'); do
+    version=$(rustc ${toolchain:++$toolchain} --version 2>/dev/null | awk '{print $2}') || continue
+    version=${version%%-*}
+    if [ -n "$version" ] && [ "$(printf '%s\n%s\n' "$nisshi_rust" "$version" | sort -V | head -n1)" = "$nisshi_rust" ]; then
+      printf '+%s\n' "$toolchain"
+      return 0
+    fi
+  done
+}
+
+install_nisshi() {
+  local root="$cache/nisshi-$nisshi_version-libsql"
+  if [ ! -x "$root/bin/nisshi" ]; then
+    local toolchain
+    toolchain=$(nisshi_toolchain)
+    [ -n "$toolchain" ] ||
+      die "building the broker, nisshi $nisshi_version, needs Rust $nisshi_rust or later, and $(rustc --version) is older: \
+run 'rustup toolchain install stable' (or any toolchain from $nisshi_rust on), then run again"
+    say "building the broker, nisshi $nisshi_version with SQLite storage, into $root with Rust $(rustc ${toolchain%+} --version 2>/dev/null | awk '{print $2}') (it needs $nisshi_rust or later; about 15 minutes on 2 cores, once)"
+    # `cargo +TOOLCHAIN`, or plain `cargo` when the default toolchain is new enough.
+    cargo ${toolchain%+} install --root "$root" "nisshi@$nisshi_version" --locked \
+      --no-default-features --features dynostore,libsql
   fi
   export PATH="$root/bin:$PATH"
 }
