@@ -13,10 +13,8 @@
 //! partition to one of them and moves partitions when instances come and go. The store fences
 //! partitions ([`Store::claim`]): an instance that lost a partition without noticing (paused,
 //! cut off) cannot commit it any more, so each record is stored exactly once whoever reads it.
-//! The group's assignment is checked too: an instance left short of its share with no
-//! rebalance coming joins again (`watch_group`), and a fenced partition the group still
-//! assigns here is claimed again after a while (`Assignment::hold`), since tansu 0.6, the
-//! broker `pipeline` runs, gets the assignment wrong when the member leading a group dies.
+//! The group is trusted as the Kafka protocol defines it: a partition fenced here stays held
+//! back until the group revokes it or assigns it here again ([`Assignment::hold`]).
 
 use anyhow::Context as _;
 use std::{
@@ -34,7 +32,7 @@ use rdkafka::{
     ClientContext, Message, Offset, TopicPartitionList,
     config::RDKafkaLogLevel,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer},
-    error::{KafkaError, RDKafkaErrorCode},
+    error::RDKafkaErrorCode,
     message::BorrowedMessage,
     types::RDKafkaRespErr,
 };
@@ -185,7 +183,6 @@ pub struct Metrics {
     pub new_logs: Counter,
     pub rebalances: Counter,
     pub fenced: Counter,
-    pub group_rejoins: Counter,
 }
 
 impl Metrics {
@@ -206,7 +203,6 @@ impl Metrics {
             new_logs: Counter::default(),
             rebalances: Counter::default(),
             fenced: Counter::default(),
-            group_rejoins: Counter::default(),
         };
         for (name, help, metric) in [
             (
@@ -239,12 +235,6 @@ impl Metrics {
                 "fenced_partitions",
                 "Partitions whose commit was refused because another instance had taken them over",
                 &metrics.fenced,
-            ),
-            (
-                "group_rejoins",
-                "Times this instance joined its group again because the group left it fewer partitions than its \
-                 share and no rebalance followed (a broker that lost the group's assignment)",
-                &metrics.group_rejoins,
             ),
         ] {
             registry.register(name, help, metric.clone());
@@ -477,15 +467,6 @@ async fn consume<S: Store>(
         return Ok(());
     }
     consumer.subscribe(&[config.topic.as_str()])?;
-    let stop_watching = shutdown.child_token();
-    tokio::spawn(watch_group(
-        consumer.clone(),
-        config.clone(),
-        metrics.rebalances.clone(),
-        metrics.group_rejoins.clone(),
-        stop_watching.clone(),
-    ));
-    let _stop_watching = stop_watching.drop_guard();
     let mut assigned = Assignment::default();
     let mut ready = false;
     let mut backoff = Backoff::default();
@@ -530,15 +511,15 @@ async fn consume<S: Store>(
                 metrics.forget(&owned);
                 if let Some(fenced) = e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
                     // A zombie's view: the group moved these partitions while this instance was
-                    // not looking. They are left to their owner (see `Assignment::hold`); the
-                    // others resume from their last commit at once.
+                    // not looking. They are left to their owner until the group says so too
+                    // (see `Assignment::hold`); the others resume from their last commit at once.
                     metrics.fenced.inc_by(fenced.partitions.len() as u64);
                     tracing::warn!(
                         partitions = ?fenced.partitions,
                         "another instance took these partitions over; what was read of them since the last commit \
                          is left to it"
                     );
-                    assigned.hold(&fenced.partitions, Instant::now() + SESSION_TIMEOUT);
+                    assigned.hold(&fenced.partitions);
                     pause(consumer.as_ref(), &config.topic, &fenced.partitions);
                     continue;
                 }
@@ -553,8 +534,7 @@ async fn consume<S: Store>(
 }
 
 /// The time the group takes to notice a member gone (librdkafka's default, 45 s, would leave a
-/// killed instance's readings waiting that long). [`watch_group`] checks this often, and a
-/// partition another instance took over is held back this long (see [`Assignment::hold`]).
+/// killed instance's readings waiting that long).
 const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The partitions the group assigned to this instance, kept across recoveries, less those held
@@ -562,7 +542,7 @@ const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 struct Assignment {
     assigned: BTreeSet<i32>,
-    held: BTreeMap<i32, Instant>,
+    held: BTreeSet<i32>,
 }
 
 impl Assignment {
@@ -584,154 +564,26 @@ impl Assignment {
         self.assigned.contains(&partition)
     }
 
-    /// Leaves `partitions`, whose commit was fenced, to the instance that claimed them until
-    /// `until`: a working group tells this instance before then that they are no longer its
-    /// (revoked, or lost when its membership expired). If the group still assigns them here
-    /// after that, it is the group's word that counts: a broker that got the assignment wrong
-    /// (tansu 0.6, after the group's leader died) sends nothing more, and the partitions would
-    /// otherwise be read by no one.
-    fn hold(&mut self, partitions: &[i32], until: Instant) {
+    /// Leaves `partitions`, whose commit was fenced, to the instance that claimed them. That
+    /// instance was assigned them in a later generation of the group, so the group revokes them
+    /// here (or this instance finds its membership lost) next; should it assign them here again
+    /// instead, they are claimed again.
+    fn hold(&mut self, partitions: &[i32]) {
         for partition in partitions {
             if self.assigned.contains(partition) {
-                self.held.insert(*partition, until);
+                self.held.insert(*partition);
             }
         }
     }
 
-    /// Whether a hold has run out by `now`.
-    fn hold_over(&self, now: Instant) -> bool {
-        self.held.values().any(|until| *until <= now)
-    }
-
-    /// The assigned partitions to claim: not owned yet (`owned`), and not held at `now`. Holds
-    /// that ran out are dropped, and their partitions logged.
-    fn claimable(&mut self, owned: &Checkpoints, now: Instant) -> Vec<i32> {
-        let over: Vec<i32> = self
-            .held
-            .iter()
-            .filter(|(_, until)| **until <= now)
-            .map(|(p, _)| *p)
-            .collect();
-        if !over.is_empty() {
-            tracing::warn!(
-                partitions = ?over,
-                "the group still assigns these partitions here after another instance took them over; \
-                 claiming them again"
-            );
-            for partition in &over {
-                self.held.remove(partition);
-            }
-        }
+    /// The assigned partitions to claim: neither owned yet (`owned`) nor held.
+    fn claimable(&self, owned: &Checkpoints) -> Vec<i32> {
         self.assigned
             .iter()
-            .filter(|p| !owned.contains_key(p) && !self.held.contains_key(p))
+            .filter(|p| !owned.contains_key(p) && !self.held.contains(p))
             .copied()
             .collect()
     }
-}
-
-/// Joins the group again when it leaves this instance fewer partitions than a balanced
-/// assignment gives each member, on two checks in a row with no rebalance between them.
-///
-/// A broker should never do that: cooperative-sticky balances the partitions over the members
-/// after every rebalance. tansu 0.6 does when the member leading the group dies and a
-/// follower's SyncGroup is what finds it gone: the group settles with no partition assigned to
-/// anyone, and no rebalance follows, so the partitions would be read by no one, for good.
-/// Leaving and joining again starts the rebalance that hands them out.
-async fn watch_group(
-    consumer: Arc<GroupConsumer>,
-    config: Config,
-    rebalances: Counter,
-    rejoins: Counter,
-    stop: CancellationToken,
-) {
-    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + SESSION_TIMEOUT, SESSION_TIMEOUT);
-    // The rebalance count when this instance was first seen short, on the previous check.
-    let mut short_since: Option<u64> = None;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = check.tick() => {}
-        }
-        let (probe, group, topic) = (consumer.clone(), config.group_id.clone(), config.topic.clone());
-        let Ok(shape) = tokio::task::spawn_blocking(move || group_shape(probe.as_ref(), &group, &topic)).await else {
-            continue;
-        };
-        let shape = match shape {
-            Ok(shape) => shape,
-            // Brokers without group descriptions (librdkafka's mock cluster) are not checked.
-            Err(e) => {
-                tracing::debug!(error = %format!("{e:#}"), "could not describe the consumer group");
-                short_since = None;
-                continue;
-            }
-        };
-        let seen = rebalances.get();
-        if !shape.short() {
-            short_since = None;
-            continue;
-        }
-        if short_since != Some(seen) {
-            short_since = Some(seen);
-            continue;
-        }
-        short_since = None;
-        rejoins.inc();
-        tracing::warn!(
-            group = %config.group_id,
-            assigned = shape.assigned,
-            partitions = shape.partitions,
-            members = shape.members,
-            "the group left this instance fewer partitions than its share, and no rebalance followed: \
-             the broker lost the group's assignment; joining the group again"
-        );
-        consumer.unsubscribe();
-        if let Err(e) = consumer.subscribe(&[config.topic.as_str()]) {
-            tracing::error!(error = %e, "could not join the consumer group again");
-        }
-    }
-}
-
-/// What [`watch_group`] compares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct GroupShape {
-    /// Partitions the group assigned to this instance.
-    assigned: usize,
-    /// Partitions of the topic.
-    partitions: usize,
-    /// Members of the group.
-    members: usize,
-    /// The group is not rebalancing.
-    stable: bool,
-}
-
-impl GroupShape {
-    /// Holds fewer partitions than a balanced assignment gives every member of a stable group.
-    fn short(&self) -> bool {
-        self.stable && self.members > 0 && self.assigned < self.partitions / self.members
-    }
-}
-
-/// Blocks for up to 7 s.
-fn group_shape<C: Consumer<X>, X: ConsumerContext>(
-    consumer: &C,
-    group: &str,
-    topic: &str,
-) -> anyhow::Result<GroupShape> {
-    let assigned = consumer.assignment()?.elements_for_topic(topic).len();
-    let partitions = usize::try_from(partition_count(consumer, topic)?)?;
-    let groups = consumer.fetch_group_list(Some(group), Duration::from_secs(2))?;
-    let info = groups
-        .groups()
-        .iter()
-        .find(|g| g.name() == group)
-        .with_context(|| format!("the broker does not describe group {group}"))?;
-    Ok(GroupShape {
-        assigned,
-        partitions,
-        members: info.members().len(),
-        stable: info.state() == "Stable",
-    })
 }
 
 fn offsets(checkpoints: &Checkpoints) -> BTreeMap<i32, i64> {
@@ -809,9 +661,6 @@ impl Worker<'_> {
                         self.commit(store).await?;
                     }
                     Metrics::show(&self.metrics.read_offset, &self.read);
-                    if self.assigned.hold_over(Instant::now()) {
-                        self.rebalance(store).await?;
-                    }
                     if last_lag_check.elapsed() > Duration::from_secs(5) {
                         last_lag_check = Instant::now();
                         self.update_lag();
@@ -855,7 +704,7 @@ impl Worker<'_> {
             self.metrics.forget(&revoked);
             tracing::info!(partitions = ?revoked, "handed partitions over");
         }
-        let claimed = self.assigned.claimable(&self.read, Instant::now());
+        let claimed = self.assigned.claimable(&self.read);
         if claimed.is_empty() {
             return Ok(());
         }
@@ -1014,12 +863,6 @@ pub struct Positioned {
 /// record the checkpoint names. It is another log when the partition ends before that offset
 /// (logs do not shrink) or holds a different record there. When the record is gone (deleted by
 /// retention) while the log goes on past it, the offset is trusted.
-///
-/// The high watermark is not used to judge: some brokers (tansu 0.6) report the start of the
-/// last batch plus one. Nor is the checkpoint's offset fetched directly: such brokers answer a
-/// fetch with the first *batch* starting at or after the offset asked for, which would skip
-/// the rest of a batch the last commit ended inside. The consumer is assigned where the record
-/// before the checkpoint was found instead, and drops what it reads below the checkpoint.
 pub fn position<C: Consumer<X>, X: ConsumerContext>(
     kafka: &KafkaArgs,
     consumer: &C,
@@ -1029,20 +872,24 @@ pub fn position<C: Consumer<X>, X: ConsumerContext>(
 ) -> anyhow::Result<Positioned> {
     let timeout = Duration::from_secs(10);
     let mut start = Checkpoints::new();
-    let mut fetch_from = BTreeMap::new();
     let mut restarted = Vec::new();
     let mut reasons = Vec::new();
     // The partitions whose record before the checkpoint is to be read back: `(partition,
-    // checkpoint, log start)`.
+    // checkpoint)`.
     let mut to_locate = Vec::new();
     for &partition in partitions {
         let Some(checkpoint) = committed.get(&partition).filter(|c| c.next_offset > 0) else {
             start.insert(partition, Checkpoint::start(0));
             continue;
         };
-        let (low, _) = consumer.fetch_watermarks(topic, partition, timeout)?;
+        let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
         let next = checkpoint.next_offset;
-        if next <= low {
+        if next > high {
+            reasons.push(format!(
+                "partition {partition} ends at {high}, before the stored offset {next}"
+            ));
+            restarted.push((partition, low));
+        } else if next <= low {
             if next < low {
                 tracing::error!(
                     topic,
@@ -1054,16 +901,16 @@ pub fn position<C: Consumer<X>, X: ConsumerContext>(
                 );
             }
             start.insert(partition, checkpoint.clone());
-            continue;
+        } else {
+            to_locate.push((partition, checkpoint));
         }
-        to_locate.push((partition, checkpoint, low));
     }
     // Each read-back waits on the broker; a rebalance hands several partitions over at once.
-    let located: Vec<anyhow::Result<Located>> = std::thread::scope(|scope| {
+    let located: Vec<anyhow::Result<Option<String>>> = std::thread::scope(|scope| {
         let readers: Vec<_> = to_locate
             .iter()
-            .map(|&(partition, checkpoint, low)| {
-                scope.spawn(move || locate(kafka, topic, partition, checkpoint.next_offset - 1, low))
+            .map(|&(partition, checkpoint)| {
+                scope.spawn(move || locate(kafka, topic, partition, checkpoint.next_offset - 1))
             })
             .collect();
         readers
@@ -1075,29 +922,26 @@ pub fn position<C: Consumer<X>, X: ConsumerContext>(
             })
             .collect()
     });
-    for ((partition, checkpoint, low), located) in to_locate.into_iter().zip(located) {
-        let next = checkpoint.next_offset;
-        match located? {
-            Located::Found { from, id } => match &checkpoint.last_record {
-                Some(expected) if &id != expected => {
-                    reasons.push(format!(
-                        "partition {partition} holds another record at offset {} ({id}, stored {expected})",
-                        next - 1
-                    ));
-                    restarted.push((partition, low));
-                }
-                _ => {
-                    fetch_from.insert(partition, from);
-                    start.insert(partition, checkpoint.clone());
-                }
-            },
-            Located::Missing => {
-                tracing::debug!(partition, offset = next - 1, "record gone; trusting the stored offset");
+    for ((partition, checkpoint), located) in to_locate.into_iter().zip(located) {
+        match (located?, &checkpoint.last_record) {
+            (Some(id), Some(expected)) if &id != expected => {
+                reasons.push(format!(
+                    "partition {partition} holds another record at offset {} ({id}, stored {expected})",
+                    checkpoint.next_offset - 1
+                ));
+                let (low, _) = consumer.fetch_watermarks(topic, partition, timeout)?;
+                restarted.push((partition, low));
+            }
+            (None, _) => {
+                tracing::debug!(
+                    partition,
+                    offset = checkpoint.next_offset - 1,
+                    "record gone; trusting the stored offset"
+                );
                 start.insert(partition, checkpoint.clone());
             }
-            Located::LogEndsBefore => {
-                reasons.push(format!("partition {partition} ends before the stored offset {next}"));
-                restarted.push((partition, low));
+            _ => {
+                start.insert(partition, checkpoint.clone());
             }
         }
     }
@@ -1114,8 +958,7 @@ pub fn position<C: Consumer<X>, X: ConsumerContext>(
     }
     let mut seek = TopicPartitionList::new();
     for (&partition, checkpoint) in &start {
-        let from = fetch_from.get(&partition).copied().unwrap_or(checkpoint.next_offset);
-        seek.add_partition_offset(topic, partition, Offset::Offset(from))?;
+        seek.add_partition_offset(topic, partition, Offset::Offset(checkpoint.next_offset))?;
     }
     seek_assigned(consumer, seek, timeout)?;
     Ok(Positioned { start, restarted })
@@ -1151,112 +994,37 @@ fn seek_assigned<C: Consumer<X>, X: ConsumerContext>(
     }
 }
 
-/// How long a read-back fetch must bring nothing before the broker counts as silent there (it
-/// answers an empty fetch within 100 ms).
-const SILENCE: Duration = Duration::from_millis(600);
-
-/// What [`locate`] found at an offset.
-#[derive(Debug, PartialEq, Eq)]
-enum Located {
-    /// A fetch from `from` returns the record, whose [`record_id`] is `id`.
-    Found { from: i64, id: String },
-    /// The partition goes on past the offset, but holds no record there (retention).
-    Missing,
-    /// The partition ends before the offset.
-    LogEndsBefore,
-}
-
-/// Finds the record at `offset` of `partition` with a consumer of its own, fetching from
-/// `offset` and then from ever further back (down to the log's start `low`) until a fetch
-/// returns records from at or before it: the only way to reach a record inside a batch on
-/// brokers that serve whole batches only.
-fn locate(kafka: &KafkaArgs, topic: &str, partition: i32, offset: i64, low: i64) -> anyhow::Result<Located> {
+/// The [`record_id`] of the record at `offset` of `partition`, which lies below the log's end;
+/// `None` when the log holds no record there (a gap left by retention or compaction). Reads it
+/// with a consumer of its own: a fetch from inside a batch returns the whole batch, and
+/// librdkafka drops the records before the offset asked for.
+fn locate(kafka: &KafkaArgs, topic: &str, partition: i32, offset: i64) -> anyhow::Result<Option<String>> {
     let reader: BaseConsumer = kafka
         .client_config()
         .set("group.id", "weather-log-identity")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "error")
-        // A fetch with nothing to return answers at once, so that silence is told quickly.
-        .set("fetch.wait.max.ms", "100")
         .create()?;
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    reader.assign(&assignment)?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut back = 0;
-    loop {
-        let from = (offset - back).max(low);
-        let mut assignment = TopicPartitionList::new();
-        assignment.add_partition_offset(topic, partition, Offset::Offset(from))?;
-        reader.assign(&assignment)?;
-        // The first and last offsets this fetch returned, and whether the broker said the log
-        // ends there (or that `from` lies past its end) rather than just falling silent.
-        let (mut first, mut last, mut eof) = (None, None, false);
-        let mut last_heard = Instant::now();
-        while last_heard.elapsed() < SILENCE && Instant::now() < deadline {
-            let Some(polled) = reader.poll(Duration::from_millis(100)) else {
-                continue;
-            };
-            last_heard = Instant::now();
-            let message = match polled {
-                Ok(message) => message,
-                Err(KafkaError::PartitionEOF(_)) => {
-                    eof = true;
-                    break;
-                }
-                Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OffsetOutOfRange) => break,
-                Err(e) => {
-                    tracing::debug!(error = %e, "reading back the checkpoint's record");
-                    continue;
-                }
-            };
-            if message.partition() != partition || message.offset() < from {
+    while Instant::now() < deadline {
+        let message = match reader.poll(Duration::from_millis(100)) {
+            None => continue,
+            Some(Ok(message)) => message,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "reading back the checkpoint's record");
                 continue;
             }
-            let first = *first.get_or_insert(message.offset());
-            last = Some(message.offset());
-            if first > offset {
-                break;
-            }
-            if message.offset() == offset {
-                return Ok(Located::Found {
-                    from,
-                    id: record_id(&message),
-                });
-            }
-            if message.offset() > offset {
-                return Ok(Located::Missing); // A gap in the log where the record was.
-            }
+        };
+        if message.partition() != partition || message.offset() < offset {
+            continue;
         }
-        // The end as the broker reports it: tansu's lies inside its last batch, so having read
-        // a record at or past it means having read that whole batch too.
-        let (_, high) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
-        match (first, last) {
-            (Some(first), Some(last)) if first <= offset => {
-                anyhow::ensure!(
-                    eof || last + 1 >= high,
-                    "could not read partition {partition} of {topic} up to offset {offset}: the broker fell silent at \
-                     offset {last}, before its end {high}"
-                );
-                return Ok(Located::LogEndsBefore);
-            }
-            (Some(_), _) if from == low => return Ok(Located::Missing),
-            (None, _) if from == low => {
-                anyhow::ensure!(
-                    eof || high <= low,
-                    "could not read partition {partition} of {topic} from its start {low}"
-                );
-                return Ok(Located::LogEndsBefore);
-            }
-            // Nothing from `from` on, or only later records: the batch holding the offset, if
-            // any, starts further back.
-            _ => {}
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "could not read partition {partition} of {topic} up to offset {offset} within 30 s"
-        );
-        back = if back == 0 { 64 } else { back * 8 };
+        return Ok((message.offset() == offset).then(|| record_id(&message)));
     }
+    anyhow::bail!("could not read offset {offset} of partition {partition} of {topic} within 30 s")
 }
 
 /// Partition count of `topic`, once the broker answers and the topic exists (the topics in
@@ -1408,56 +1176,31 @@ mod tests {
     }
 
     #[test]
-    fn a_fenced_partition_is_held_back_until_the_group_says_otherwise_or_the_hold_runs_out() {
-        let now = Instant::now();
+    fn a_fenced_partition_is_held_back_until_the_group_revokes_it_or_assigns_it_again() {
         let owned =
             |partitions: &[i32]| -> Checkpoints { partitions.iter().map(|p| (*p, Checkpoint::start(0))).collect() };
         let mut assignment = Assignment::default();
         assignment.assign(&[0, 1, 2]);
-        assert_eq!(assignment.claimable(&owned(&[]), now), [0, 1, 2]);
-        assert_eq!(assignment.claimable(&owned(&[0]), now), [1, 2]);
+        assert_eq!(assignment.claimable(&owned(&[])), [0, 1, 2]);
+        assert_eq!(assignment.claimable(&owned(&[0])), [1, 2]);
 
-        // Fenced on 1 and 2: held back, still assigned.
-        assignment.hold(&[1, 2], now + SESSION_TIMEOUT);
+        // Fenced on 1 and 2: held back, still assigned, for as long as the group says nothing.
+        assignment.hold(&[1, 2]);
         assert!(assignment.contains(1));
-        assert_eq!(assignment.claimable(&owned(&[0]), now), Vec::<i32>::new());
-        assert!(!assignment.hold_over(now + SESSION_TIMEOUT / 2));
-        // The group revokes 1 (a working group does): gone, hold and all.
+        assert_eq!(assignment.claimable(&owned(&[0])), Vec::<i32>::new());
+        // The group revokes 1: gone, hold and all.
         assignment.revoke(&[1]);
         assert!(!assignment.contains(1));
-        // Nothing more said of 2: claimed again once the hold runs out.
-        assert!(assignment.hold_over(now + SESSION_TIMEOUT));
-        assert_eq!(assignment.claimable(&owned(&[0]), now + SESSION_TIMEOUT), [2]);
-        assert!(!assignment.hold_over(now + SESSION_TIMEOUT * 2));
-
-        // Assigned again by the group: claimed at once.
-        assignment.hold(&[2], now + SESSION_TIMEOUT);
+        assert_eq!(assignment.claimable(&owned(&[0])), Vec::<i32>::new());
+        // The group assigns 2 here again: claimed at once.
         assignment.assign(&[2]);
-        assert_eq!(assignment.claimable(&owned(&[0]), now), [2]);
+        assert_eq!(assignment.claimable(&owned(&[0])), [2]);
+        // So is 1, revoked and then assigned again.
+        assignment.assign(&[1]);
+        assert_eq!(assignment.claimable(&owned(&[0])), [1, 2]);
         // A partition not assigned is not held.
-        assignment.hold(&[7], now + SESSION_TIMEOUT);
-        assert!(!assignment.hold_over(now + SESSION_TIMEOUT));
-    }
-
-    #[test]
-    fn an_instance_is_short_only_below_a_balanced_share_of_a_stable_group() {
-        let shape = |assigned, partitions, members, stable| GroupShape {
-            assigned,
-            partitions,
-            members,
-            stable,
-        };
-        // tansu after the leader died: one member, nothing assigned.
-        assert!(shape(0, 3, 1, true).short());
-        // After a follower died: 2 left of 3, each with its old 2 of 6.
-        assert!(shape(2, 6, 2, true).short());
-        assert!(!shape(3, 6, 2, true).short());
-        // 4 members on 6 partitions: 1 is a fair share.
-        assert!(!shape(1, 6, 4, true).short());
-        // More members than partitions: some rightly get none.
-        assert!(!shape(0, 3, 4, true).short());
-        // Rebalancing, or not described.
-        assert!(!shape(0, 3, 1, false).short());
-        assert!(!shape(0, 3, 0, true).short());
+        assignment.hold(&[7]);
+        assignment.assign(&[7]);
+        assert_eq!(assignment.claimable(&owned(&[0])), [1, 2, 7]);
     }
 }

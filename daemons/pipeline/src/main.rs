@@ -192,6 +192,7 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         &state_dir.join("kafka"),
         &notify_dir,
         args.in_memory_broker,
+        args.partitions,
     )
     .await?;
     let brokers = kafka.brokers();
@@ -242,15 +243,6 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         ("KAFKA_BROKERS".to_owned(), brokers.clone()),
         ("KAFKA_TOPIC_PARTITIONS".to_owned(), args.partitions.to_string()),
     ];
-    // Each run's consumers form groups of their own (the stores hold the offsets that count).
-    // In a group shared with the previous run, the members a `kill -9` of the pipeline left
-    // behind would hold every partition until their session expires, and then tansu 0.6 may
-    // settle the group with no partition assigned, which the consumers repair only by joining
-    // again: up to half a minute without reading.
-    let run_id = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let group_env = |daemon: &str| ("KAFKA_GROUP_ID".to_owned(), format!("{daemon}-{run_id}"));
     let spec = |name: &'static str, args: Vec<String>, env: Vec<(String, String)>| -> anyhow::Result<Spec> {
         Ok(Spec::daemon(name, daemon(daemon_of(name))?, args, env))
     };
@@ -286,11 +278,7 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         specs.push(spec(
             name,
             vec!["--listen".into(), admin.clone()],
-            [
-                kafka_env.clone(),
-                vec![database_env.clone(), group_env("window-aggregator")],
-            ]
-            .concat(),
+            [kafka_env.clone(), vec![database_env.clone()]].concat(),
         )?);
     }
     for (name, admin) in &sinks {
@@ -302,7 +290,7 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
                 "--commit-interval".into(),
                 format!("{}ms", args.commit_interval.as_millis()),
             ],
-            [kafka_env.clone(), catalog_env.clone(), vec![group_env("iceberg-sink")]].concat(),
+            [kafka_env.clone(), catalog_env.clone()].concat(),
         )?);
     }
     if trino_launcher.is_none() {
