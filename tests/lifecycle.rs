@@ -8,45 +8,56 @@
 
 use std::{
     collections::HashSet,
-    os::unix::process::CommandExt,
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
 use weather_testkit::{
-    ChildGuard, build_workspace_binaries, connect, descendants, free_port,
-    load::{Key, Load, Tally, per_city},
-    pyiceberg_readings, still_running, workspace_binary,
+    ChildGuard, build_workspace_binaries, descendants,
+    load::{Key, Load},
+    pipeline::{self, Ports, State, owned_partitions},
+    still_running,
 };
 
-struct Ports {
-    logging: u16,
-    dashboard: u16,
-    query: u16,
+/// `pipeline` with its defaults, without the built-in client (the test's load sends readings
+/// it can tell apart), `instances` of each consumer.
+fn start(state: &Path, ports: &Ports, instances: u16) -> ChildGuard {
+    let instances = instances.to_string();
+    pipeline::start(
+        state,
+        ports,
+        &["--no-client", "--commit-interval", "1s", "--instances", &instances],
+    )
 }
 
-/// `pipeline` with its defaults (private PostgreSQL, the durable broker found on PATH), in a
-/// process group of its own as a shell runs a job, without the built-in client: the test's
-/// load sends readings it can tell apart. `instances` of each consumer.
-fn start(state: &Path, ports: &Ports, instances: u16) -> ChildGuard {
-    ChildGuard::spawn_ready(
-        "pipeline",
-        Command::new(workspace_binary("pipeline"))
-            .arg("--state-dir")
-            .arg(state)
-            .args(["--logging-port", &ports.logging.to_string()])
-            .args(["--dashboard-port", &ports.dashboard.to_string()])
-            .args(["--query-port", &ports.query.to_string()])
-            .args(["--no-client", "--commit-interval", "1s"])
-            .args(["--instances", &instances.to_string()])
-            .env_remove("KAFKA_BROKERS")
-            .env_remove("DATABASE_URL")
-            .env("RUST_LOG", "warn")
-            .process_group(0),
-        Duration::from_secs(300),
-    )
-    .expect("pipeline ready")
+/// Waits until the instances of each consumer own the topic's 6 partitions between them: within
+/// the group's session timeout (10 s, which the members a killed run left take to expire) and a
+/// rebalance after the run is ready.
+async fn assigned_promptly(run: &State, scenario: &str) {
+    let ready = Instant::now();
+    for daemon in ["window-aggregator", "iceberg-sink"] {
+        loop {
+            let mut owned = Vec::new();
+            for (name, url) in &run.components {
+                if name.split('@').next() == Some(daemon) {
+                    owned.extend(owned_partitions(url.trim_start_matches("http://"), daemon).await);
+                }
+            }
+            owned.sort_unstable();
+            if owned == (0..6).collect::<Vec<i32>>() {
+                break;
+            }
+            assert!(
+                ready.elapsed() < Duration::from_secs(30),
+                "{scenario}: the instances of {daemon} own {owned:?} 30 s after the run was ready"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        eprintln!(
+            "{scenario}: {daemon} owns every partition {:?} after the run was ready",
+            ready.elapsed()
+        );
+    }
 }
 
 /// What the loads of all runs were told.
@@ -79,12 +90,8 @@ impl Told {
 async fn acknowledged_readings_survive_ctrl_c_kill_9_of_pipeline_and_reruns() {
     build_workspace_binaries();
     let state = tempfile::tempdir().expect("state dir");
-    let ports = Ports {
-        logging: free_port(),
-        dashboard: free_port(),
-        query: free_port(),
-    };
-    let logging = format!("127.0.0.1:{}", ports.logging);
+    let ports = Ports::free();
+    let logging = ports.logging();
     let mut told = Told::default();
 
     // 1. Ctrl-C at the terminal while clients send: one clean drain, exit 0, nothing left.
@@ -111,8 +118,10 @@ async fn acknowledged_readings_survive_ctrl_c_kill_9_of_pipeline_and_reruns() {
     let alive = still_running(&children, Duration::from_secs(60));
     assert!(alive.is_empty(), "kill -9 pipeline: left running {alive:?}");
 
-    // 3. A third run recovers the killed one's state; `kill -INT` of its pid alone.
+    // 3. A third run recovers the killed one's state, in the consumer groups the killed run's
+    //    members are still in until their sessions expire; `kill -INT` of its pid alone.
     let mut pipeline = start(state.path(), &ports, 2);
+    assigned_promptly(&State::read(state.path()), "a run after kill -9").await;
     let load = Load::start_at(&logging, 4, 200_000);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let children = descendants(pipeline.child.id());
@@ -125,48 +134,21 @@ async fn acknowledged_readings_survive_ctrl_c_kill_9_of_pipeline_and_reruns() {
 
     // 4. A fourth run: every acknowledged reading once in Iceberg, the windows agree.
     let mut pipeline = start(state.path(), &ports, 1);
-    let state_json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state.path().join("state.json")).expect("state.json")).expect("json");
-    let database_url = state_json["database_url"].as_str().expect("database_url").to_owned();
-    let catalog_url = database_url.replace("/weather", "/iceberg");
-    let client = connect(&database_url).await.expect("connect");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let (stored, windows) = loop {
-        let stored: Vec<Key> = pyiceberg_readings(&catalog_url, "weather", "", "default.weather")
-            .expect("PyIceberg reads the table")
-            .into_iter()
-            .map(|(city, temperature)| (city, (temperature * 100.0).round() as i64))
-            .collect();
-        let windows: std::collections::BTreeMap<String, i64> = client
-            .query("SELECT city, sum(record_count)::int8 FROM weather GROUP BY city", &[])
-            .await
-            .expect("windows")
-            .iter()
-            .map(|row| (row.get(0), row.get(1)))
-            .collect();
-        let tally = Tally::of(&stored, &told.acknowledged, &told.unacknowledged);
-        if (tally.lost == 0 && windows == per_city(&stored)) || Instant::now() > deadline {
-            break (stored, windows);
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
-    let tally = Tally::of(&stored, &told.acknowledged, &told.unacknowledged);
+    let run = State::read(state.path());
+    assigned_promptly(&run, "a run after kill -INT").await;
+    let (tally, windows, iceberg) =
+        pipeline::settle(&run, &told.acknowledged, &told.unacknowledged, Duration::from_secs(120)).await;
     eprintln!(
         "after three stops: {} acknowledged; table {} rows ({} never acknowledged); {tally:?}",
         told.acknowledged.len(),
-        stored.len(),
+        iceberg.values().sum::<i64>(),
         tally.stored_unacknowledged
     );
     assert_eq!(tally.lost, 0, "acknowledged readings missing from Iceberg");
     assert_eq!(tally.duplicates, 0, "readings twice in Iceberg");
     assert!(tally.unknown.is_empty(), "rows nobody sent: {:?}", tally.unknown);
-    assert_eq!(
-        windows,
-        per_city(&stored),
-        "PostgreSQL windows count what Iceberg holds"
-    );
+    assert_eq!(windows, iceberg, "PostgreSQL windows count what Iceberg holds");
 
-    drop(client);
     pipeline.signal_group(libc::SIGINT);
     let status = pipeline.wait(Duration::from_secs(120)).expect("pipeline exits");
     assert!(status.success(), "clean shutdown: {status:?}");

@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context, bail};
 
 pub mod load;
+pub mod pipeline;
 pub mod stack;
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
@@ -303,31 +304,33 @@ pub fn consume(brokers: &str, topic: &str, count: usize, timeout: Duration) -> a
     Ok(messages)
 }
 
-/// A tansu broker (Kafka protocol, in-memory storage) as a private process.
-pub struct Tansu {
+/// A nisshi broker (Kafka protocol), the one `pipeline` runs, as a private process.
+pub struct Nisshi {
     pub brokers: String,
     child: ChildGuard,
-    _dir: Option<tempfile::TempDir>,
+    _dir: tempfile::TempDir,
 }
 
-impl Tansu {
-    /// Starts tansu from `TANSU_BIN`, `PATH` or `~/.cargo/bin` with its log in memory;
+impl Nisshi {
+    /// Starts nisshi from `NISSHI_BIN`, `PATH` or `~/.cargo/bin` with its log in memory;
     /// `scripts/test` installs it.
     pub fn start() -> anyhow::Result<Self> {
-        Self::start_with("memory://tansu/", None)
+        Self::start_with("memory://nisshi/")
     }
 
-    /// Starts tansu with its log in SQLite in a private directory, as `pipeline` runs it.
+    /// Starts nisshi with its log in SQLite in a private directory, as `pipeline` runs it.
     pub fn start_on_disk() -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("weather-tansu-").tempdir()?;
-        // tansu reads the path relative to its working directory, even one starting with `/`.
-        Self::start_with("sqlite://tansu.db", Some(dir))
+        // Relative to nisshi's working directory, the private one.
+        Self::start_with("sqlite://nisshi.db")
     }
 
-    fn start_with(storage: &str, dir: Option<tempfile::TempDir>) -> anyhow::Result<Self> {
-        let binary = find_tool("TANSU_BIN", "tansu").context(
-            "tansu not found: cargo install tansu@0.6.0 --locked --no-default-features --features dynostore,libsql",
+    fn start_with(storage: &str) -> anyhow::Result<Self> {
+        let binary = find_tool("NISSHI_BIN", "nisshi").context(
+            "nisshi not found: cargo install nisshi@0.8.1 --locked --no-default-features --features dynostore,libsql",
         )?;
+        let dir = tempfile::Builder::new().prefix("weather-nisshi-").tempdir()?;
+        // nisshi loads `.env` from its working directory or the nearest parent with one.
+        std::fs::write(dir.path().join(".env"), "")?;
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let mut command = Command::new(binary);
@@ -335,11 +338,9 @@ impl Tansu {
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", storage])
             .env("RUST_LOG", "warn")
+            .current_dir(dir.path())
             .stdout(Stdio::null());
-        if let Some(dir) = &dir {
-            command.current_dir(dir.path());
-        }
-        let child = ChildGuard::spawn("tansu", &mut command)?;
+        let child = ChildGuard::spawn("nisshi", &mut command)?;
         let brokers = format!("127.0.0.1:{port}");
         wait_for_port(&brokers, Duration::from_secs(30))?;
         Ok(Self {

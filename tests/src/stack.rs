@@ -1,5 +1,5 @@
 //! The daemons of the pipeline as systemd would run them, each a private process, against a
-//! mock Kafka cluster (or tansu), PostgreSQL and an S3 server, with several instances of the
+//! mock Kafka cluster (or nisshi), PostgreSQL and an S3 server, with several instances of the
 //! consumers where asked; and the exactly-once check of everything a [`Load`] was told.
 
 use std::{
@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    ChildGuard, MockKafka, Postgres, S3Server, Tansu, build_workspace_binaries, connect, free_port, http_get,
+    ChildGuard, MockKafka, Nisshi, Postgres, S3Server, build_workspace_binaries, connect, free_port, http_get,
     load::{Key, Load, Tally, per_city},
     metric, pyiceberg_readings, workspace_binary,
 };
@@ -26,7 +26,7 @@ pub type Instance = (&'static str, usize);
 pub struct Stack {
     pub kafka: MockKafka,
     /// The broker the daemons use instead of `kafka`, when set.
-    pub tansu: Option<Tansu>,
+    pub nisshi: Option<Nisshi>,
     pub postgres: Postgres,
     pub s3: S3Server,
     pub database_url: String,
@@ -46,17 +46,17 @@ impl Stack {
         Self::start_on(None, instances, partitions).await
     }
 
-    /// As [`Stack::start_with`], on tansu (the broker `pipeline` runs) instead of librdkafka's
+    /// As [`Stack::start_with`], on nisshi with its log on disk (as `pipeline` runs it) instead of librdkafka's
     /// mock cluster.
-    pub async fn start_on_tansu(instances: usize, partitions: i32) -> Self {
-        let tansu = Tansu::start().expect("tansu");
-        let mut kafka = weather_common::kafka::KafkaArgs::new(tansu.brokers.clone());
+    pub async fn start_on_nisshi(instances: usize, partitions: i32) -> Self {
+        let nisshi = Nisshi::start_on_disk().expect("nisshi");
+        let mut kafka = weather_common::kafka::KafkaArgs::new(nisshi.brokers.clone());
         kafka.topic_partitions = partitions;
         kafka.ensure_topics(&["weather", "weather.dlq"]).await.expect("topics");
-        Self::start_on(Some(tansu), instances, partitions).await
+        Self::start_on(Some(nisshi), instances, partitions).await
     }
 
-    async fn start_on(tansu: Option<Tansu>, instances: usize, partitions: i32) -> Self {
+    async fn start_on(nisshi: Option<Nisshi>, instances: usize, partitions: i32) -> Self {
         build_workspace_binaries();
         let kafka = MockKafka::start_with(&["weather", "weather.dlq"], partitions);
         let postgres = Postgres::start().expect("PostgreSQL");
@@ -73,7 +73,7 @@ impl Stack {
             .collect();
         let mut stack = Self {
             kafka,
-            tansu,
+            nisshi,
             postgres,
             s3,
             database_url,
@@ -90,8 +90,8 @@ impl Stack {
 
     /// The broker the daemons use.
     pub fn brokers(&self) -> String {
-        match &self.tansu {
-            Some(tansu) => tansu.brokers.clone(),
+        match &self.nisshi {
+            Some(nisshi) => nisshi.brokers.clone(),
             None => self.kafka.brokers(),
         }
     }

@@ -24,14 +24,14 @@ use weather_common::{
     reading::DEMO_CITIES,
 };
 use weather_testkit::{
-    ChildGuard, MockKafka, Postgres, S3Server, Tansu, consume, free_port, http_get, metric, produce, produce_readings,
+    ChildGuard, MockKafka, Nisshi, Postgres, S3Server, consume, free_port, http_get, metric, produce, produce_readings,
     produce_with, pyiceberg_check, reading_records,
 };
 
 struct Harness {
     kafka: MockKafka,
     /// Used instead of `kafka` when set.
-    tansu: Option<Tansu>,
+    nisshi: Option<Nisshi>,
     _postgres: Postgres,
     s3: S3Server,
     catalog_url: String,
@@ -47,7 +47,7 @@ impl Harness {
         let s3 = S3Server::start().await.expect("S3 server");
         Self {
             kafka,
-            tansu: None,
+            nisshi: None,
             _postgres: postgres,
             s3,
             catalog_url,
@@ -55,21 +55,22 @@ impl Harness {
         }
     }
 
-    async fn start_with_tansu() -> Self {
-        let tansu = Tansu::start().expect("tansu");
-        KafkaArgs::new(tansu.brokers.clone())
+    /// On nisshi with its log on disk, as `pipeline` runs it.
+    async fn start_with_nisshi() -> Self {
+        let nisshi = Nisshi::start_on_disk().expect("nisshi");
+        KafkaArgs::new(nisshi.brokers.clone())
             .ensure_topics(&["weather", "weather.dlq"])
             .await
             .expect("topics");
         Self {
-            tansu: Some(tansu),
+            nisshi: Some(nisshi),
             ..Self::start().await
         }
     }
 
     fn brokers(&self) -> String {
-        match &self.tansu {
-            Some(tansu) => tansu.brokers.clone(),
+        match &self.nisshi {
+            Some(nisshi) => nisshi.brokers.clone(),
             None => self.kafka.brokers(),
         }
     }
@@ -421,13 +422,13 @@ async fn readings_from_the_future_are_dead_letters() {
     assert!(reason.contains("more than 1m ahead"), "{reason}");
 }
 
-/// Against tansu, with batches of hundreds of records as a producer with `linger.ms` sends
-/// them: tansu serves a fetch from the first batch starting at or after the offset asked for,
-/// and reports the last batch's start plus one as the log end. A sink killed after commits that
-/// end inside batches, and started again, reads nothing twice and skips nothing.
+/// On the broker `pipeline` runs, with batches of hundreds of records as a producer with
+/// `linger.ms` sends them: a sink killed after commits that end inside batches, and started
+/// again, reads nothing twice and skips nothing (the consumer fetches from the checkpoint
+/// itself, inside a batch).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_sink_restarted_inside_batches_on_tansu_reads_nothing_twice_and_skips_nothing() {
-    let harness = Harness::start_with_tansu().await;
+async fn a_sink_restarted_inside_batches_reads_nothing_twice_and_skips_nothing() {
+    let harness = Harness::start_with_nisshi().await;
     let (_, readings) = readings(2_000);
     let (first, second) = readings.split_at(1_500);
     let produce = |readings: &[WeatherReading]| {
@@ -449,7 +450,7 @@ async fn a_sink_restarted_inside_batches_on_tansu_reads_nothing_twice_and_skips_
     produce(second);
     assert_eq!(harness.wait_committed(2_000, Duration::from_secs(60)).await, 2_000);
     assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
-    // Once more from a checkpoint at the end of the log, which tansu reports as lower.
+    // Once more from a checkpoint at the end of the log.
     let mut sink = harness.sink(&["--commit-interval", "200ms"]);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
@@ -461,17 +462,17 @@ async fn a_sink_restarted_inside_batches_on_tansu_reads_nothing_twice_and_skips_
 /// bound on leaving the group, instead of waiting for the broker's answer without end.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_with_the_broker_frozen_commits_and_exits_in_time() {
-    let harness = Harness::start_with_tansu().await;
+    let harness = Harness::start_with_nisshi().await;
     let (_, readings) = readings(500);
     produce_readings(&harness.brokers(), "weather", &readings).expect("produce");
     let mut sink = harness.sink(&["--commit-interval", "1h"]);
     harness.wait_buffered(500).await;
-    let tansu = harness.tansu.as_ref().expect("tansu");
-    tansu.freeze();
+    let nisshi = harness.nisshi.as_ref().expect("nisshi");
+    nisshi.freeze();
     let stopping = Instant::now();
     let status = sink.terminate(Duration::from_secs(60)).expect("exit");
     let took = stopping.elapsed();
-    tansu.thaw();
+    nisshi.thaw();
     assert_eq!(status.code(), Some(0), "a clean exit");
     assert!(took < Duration::from_secs(20), "exited {took:?} after SIGTERM");
     assert_eq!(

@@ -1,4 +1,4 @@
-//! logging-server against a real out-of-process Kafka-protocol broker (tansu).
+//! logging-server against a real out-of-process Kafka-protocol broker (nisshi).
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
@@ -7,7 +7,7 @@ use rdkafka::Message;
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use weather_common::WeatherReading;
-use weather_testkit::{Tansu, consume, http_get};
+use weather_testkit::{Nisshi, consume, http_get};
 
 const READINGS: usize = 10_000;
 
@@ -23,14 +23,14 @@ async fn start_ready(args: Args) -> (String, CancellationToken, JoinHandle<anyho
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    panic!("logging-server never became ready against tansu");
+    panic!("logging-server never became ready against nisshi");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_thousand_readings_produced_and_consumed_back() {
-    let tansu = Tansu::start().expect("tansu");
+    let nisshi = Nisshi::start().expect("nisshi");
     // The broker starts empty: the server must create the topic itself.
-    let (addr, shutdown, server) = start_ready(Args::with_brokers(&tansu.brokers)).await;
+    let (addr, shutdown, server) = start_ready(Args::with_brokers(&nisshi.brokers)).await;
 
     let permits = Arc::new(Semaphore::new(32));
     let requests: Vec<_> = (0..READINGS)
@@ -49,7 +49,7 @@ async fn ten_thousand_readings_produced_and_consumed_back() {
         assert_eq!(response.status, 200, "{}", response.body);
     }
 
-    let brokers = tansu.brokers.clone();
+    let brokers = nisshi.brokers.clone();
     let messages =
         tokio::task::spawn_blocking(move || consume(&brokers, "weather", READINGS, Duration::from_secs(120)))
             .await
@@ -74,8 +74,8 @@ async fn ten_thousand_readings_produced_and_consumed_back() {
 /// acknowledgements come back, so none waits out its produce timeout in the local queue.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_at_the_limit_is_stored_whole() {
-    let tansu = Tansu::start().expect("tansu");
-    let mut args = Args::with_brokers(&tansu.brokers);
+    let nisshi = Nisshi::start().expect("nisshi");
+    let mut args = Args::with_brokers(&nisshi.brokers);
     args.kafka.kafka_options.push(("batch.num.messages".into(), "1".into()));
     let limit = args.max_batch_readings;
     let (addr, shutdown, server) = start_ready(args).await;
@@ -95,7 +95,7 @@ async fn a_batch_at_the_limit_is_stored_whole() {
     eprintln!("{limit} readings in one POST /logs: {:?}", started.elapsed());
     assert_eq!(response.status, 200, "{}", response.body);
     assert_eq!(response.json()["count"], limit);
-    let brokers = tansu.brokers.clone();
+    let brokers = nisshi.brokers.clone();
     let messages = tokio::task::spawn_blocking(move || consume(&brokers, "weather", limit, Duration::from_secs(120)))
         .await
         .expect("join")
