@@ -1,4 +1,4 @@
-//! The four daemons running together against tansu, PostgreSQL and moto: start-up time,
+//! The four daemons running together against nisshi, PostgreSQL and moto: start-up time,
 //! memory at idle and under load, and how long an acknowledged reading takes to show up
 //! downstream. Each acknowledgement says where the reading was stored (Kafka partition and
 //! offset) and its timestamp, so its Iceberg commit and its window can be found exactly.

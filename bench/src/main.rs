@@ -1,5 +1,5 @@
 //! `bench`: throughput, latency, memory and start-up numbers of the daemons against real
-//! components (tansu as the broker, a private PostgreSQL, moto as S3), each daemon alone and
+//! components (nisshi as the broker, a private PostgreSQL, moto as S3), each daemon alone and
 //! then all together end to end. Prints a table and writes bench/RESULTS.md.
 //!
 //! Run: `cargo run --release -p bench` (the daemons must be built: `cargo build --release`).
@@ -31,7 +31,9 @@ use weather_common::{
     WeatherReading,
     kafka::{DEAD_LETTER_TOPIC, KafkaArgs, WEATHER_TOPIC},
 };
-use weather_testkit::{ChildGuard, Postgres, S3Server, Tansu, free_port, http_get, produce_readings, workspace_binary};
+use weather_testkit::{
+    ChildGuard, Nisshi, Postgres, S3Server, free_port, http_get, produce_readings, workspace_binary,
+};
 
 #[derive(clap::Parser)]
 struct Args {
@@ -124,13 +126,13 @@ async fn main() -> anyhow::Result<()> {
     );
     let report = format!(
         "# Benchmark results\n\nMachine: {machine}. Date: {}.\n\nCommand: `cargo build --release --workspace && cargo run --release -p bench -- --readings {} --duration {} --e2e-rate {} --e2e-duration {}`\n\n\
-         HTTP numbers are `GET /log` with broker acknowledgement (`acks=all`, idempotent producer) against a tansu broker \
+         HTTP numbers are `GET /log` with broker acknowledgement (`acks=all`, idempotent producer) against a nisshi broker \
          process on the same machine, first with its log in SQLite on disk as `pipeline` runs it, then in memory; load generator and server share the two cores. Consumer numbers feed a \
-         pre-filled topic on tansu to the daemon binary and time until its commits cover every reading. End-to-end numbers run \
-         the four daemons together against tansu, PostgreSQL and moto with default settings while a load generator sends \
+         pre-filled topic on nisshi (log in SQLite on disk, as `pipeline` runs it) to the daemon binary and time until its commits cover every reading. End-to-end numbers run \
+         the four daemons together against nisshi (log on disk), PostgreSQL and moto with default settings while a load generator sends \
          `GET /log` at a fixed rate; each acknowledgement names its Kafka partition and offset and its timestamp, so its \
          Iceberg commit (the sink's committed offsets) and its window (dashboard API, polled every 50 ms) are found exactly. \
-         Reading the table: one connection waits for each acknowledgement in turn, so its rate is bound by the broker's round trip, which the \"broker alone\" rows measure with the same producer settings and no HTTP (the producer does not linger: a lone reading is sent at once, and readings that arrive while a request is in flight share the next one); the consumers spend most of their wall time waiting for tansu's fetches, so readings per CPU-second is their per-core rate; end-to-end times are dominated by the 5 s window plus 2 s allowed lateness (dashboard) and the 10 s commit interval (Iceberg), both defaults. The soak rows append {} commits of 20 readings, 10 s of event time apart, back to back through the iceberg-sink's table code (directory warehouse, PostgreSQL catalog), with the sink's maintenance every {} commits and a snapshot retention of {} (the commits come about 1,000 times faster than real ones, so this keeps 200 to 250 snapshots, what 40 min of real 10 s commits make); each row is the 1,000 commits before it, and PyIceberg's count is checked against every reading committed.\n\n{table}",
+         Reading the table: one connection waits for each acknowledgement in turn, so its rate is bound by the broker's round trip, which the \"broker alone\" rows measure with the same producer settings and no HTTP (the producer does not linger: a lone reading is sent at once, and readings that arrive while a request is in flight share the next one); the consumers spend most of their wall time waiting for the broker's fetches, so readings per CPU-second is their per-core rate; end-to-end times are dominated by the 5 s window plus 2 s allowed lateness (dashboard) and the 10 s commit interval (Iceberg), both defaults. The soak rows append {} commits of 20 readings, 10 s of event time apart, back to back through the iceberg-sink's table code (directory warehouse, PostgreSQL catalog), with the sink's maintenance every {} commits and a snapshot retention of {} (the commits come about 1,000 times faster than real ones, so this keeps 200 to 250 snapshots, what 40 min of real 10 s commits make); each row is the 1,000 commits before it, and PyIceberg's count is checked against every reading committed.\n\n{table}",
         Utc::now().format("%Y-%m-%d"),
         args.readings,
         humantime::format_duration(args.duration),
@@ -141,7 +143,7 @@ async fn main() -> anyhow::Result<()> {
         humantime::format_duration(args.soak_retention),
     ) + &format!(
         "\nThe SQL rows: a day of {} readings written by the iceberg-sink's table code in 10 commits, each touching all 24 hours, then maintained as the sink does (manifests merged, the 23 closed hours compacted to one file each; the newest hour keeps its 10), in a directory warehouse with a PostgreSQL catalog. Each query runs 5 times through Trino's Python client (DBAPI) against the query-server and 5 times in PyIceberg + PyArrow reading the same table, each loading the table from the catalog every time; the median is shown, and the script checks that both give the same averages and the same rows. Through the Trino protocol rows arrive as JSON and become Python objects in the client, which is most of the range query's time (`count(*)` of the same range shows the server's own planning and scan); PyIceberg hands over an Arrow table, and its `to_pylist()` is shown for rows as Python objects.\n\n\
-         The rows with several instances: for 1, 2 and 4 instances of each consumer, on a topic of 6 partitions in tansu (log in memory), a database and a table of their own, the instances start, the group spreads the partitions over them, then {} readings of 60 cities are produced at once (faster than the consumers read) and timed until the instances together have aggregated them (window-aggregator) or committed them to Iceberg (iceberg-sink, commit interval 2 s, so its times move in steps of up to 2 s). CPU is the instances' together: readings per CPU-second is the per-core rate; the machine's 2 cores are shared by the instances, tansu and the benchmark, so more instances cannot add cores. Then 4 sinks run a minute at 200 readings/s with the default 10 s commit interval, counting how often one sink's commit met another's (a conflict: checked and merged again on the newer snapshot, never a rewrite).\n",
+         The rows with several instances: for 1, 2 and 4 instances of each consumer, on a topic of 6 partitions in nisshi (log on disk), a database and a table of their own, the instances start, the group spreads the partitions over them, then {} readings of 60 cities are produced at once (faster than the consumers read) and timed until the instances together have aggregated them (window-aggregator) or committed them to Iceberg (iceberg-sink, commit interval 2 s, so its times move in steps of up to 2 s). CPU is the instances' together: readings per CPU-second is the per-core rate; the machine's 2 cores are shared by the instances, the broker and the benchmark, so more instances cannot add cores. Then 4 sinks run a minute at 200 readings/s with the default 10 s commit interval, counting how often one sink's commit met another's (a conflict: checked and merged again on the newer snapshot, never a rewrite).\n",
         args.query_rows, args.scale_readings,
     );
     std::fs::write(&args.output, report).with_context(|| format!("writing {}", args.output.display()))?;
@@ -315,15 +317,15 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Res
 
 async fn http_benchmarks(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     // The broker `pipeline` runs by default, then the same broker without a disk under it.
-    for (tansu, broker, with_batches) in [
+    for (nisshi, broker, with_batches) in [
         (
-            Tansu::start_on_disk()?,
-            "tansu, log in SQLite on disk (`pipeline`'s default)",
+            Nisshi::start_on_disk()?,
+            "nisshi, log in SQLite on disk (`pipeline`'s default)",
             true,
         ),
-        (Tansu::start()?, "tansu, log in memory", false),
+        (Nisshi::start()?, "nisshi, log in memory", false),
     ] {
-        http_benchmark(args, &tansu.brokers, broker, with_batches, rows).await?;
+        http_benchmark(args, &nisshi.brokers, broker, with_batches, rows).await?;
     }
     Ok(())
 }
@@ -431,7 +433,7 @@ async fn create_topics(brokers: &str) -> anyhow::Result<()> {
 
 /// The services the daemons stand on, private to one benchmark.
 struct Backbone {
-    kafka: Tansu,
+    kafka: Nisshi,
     postgres: Postgres,
     database_url: String,
     catalog_url: String,
@@ -440,8 +442,9 @@ struct Backbone {
 
 impl Backbone {
     async fn start() -> anyhow::Result<Self> {
-        // tansu rather than librdkafka's mock cluster: the mock keeps only a few MB per partition.
-        let kafka = Tansu::start()?;
+        // nisshi rather than librdkafka's mock cluster (which keeps only a few MB per partition),
+        // with its log on disk as `pipeline` runs it.
+        let kafka = Nisshi::start_on_disk()?;
         create_topics(&kafka.brokers).await?;
         let postgres = Postgres::start()?;
         Ok(Self {

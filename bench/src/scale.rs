@@ -1,5 +1,5 @@
 //! Several instances of each consumer: 1, 2 and 4 instances of the window-aggregator and of the
-//! iceberg-sink on tansu, each count on a topic, a database and a table of its own. Once the
+//! iceberg-sink on nisshi, each count on a topic, a database and a table of its own. Once the
 //! group has spread the topic's 6 partitions over the instances, `--scale-readings` readings
 //! (60 cities, so every partition holds some) are produced at once (about 1M/s, faster than
 //! any consumer here reads) and timed until the instances together have taken every one; CPU
