@@ -4,10 +4,7 @@
 //! and not the broker's own log may print an ERROR or WARN line meanwhile, and the readings
 //! must flow the whole way: a quiet terminal because nothing happens does not count.
 
-use std::{
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use weather_testkit::{
     ChildGuard, build_workspace_binaries,
