@@ -136,20 +136,14 @@ async fn acknowledged_readings_survive_ctrl_c_kill_9_of_pipeline_and_reruns() {
     let mut pipeline = start(state.path(), &ports, 1);
     let run = State::read(state.path());
     assigned_promptly(&run, "a run after kill -INT").await;
-    let (tally, windows, iceberg) =
-        pipeline::settle(&run, &told.acknowledged, &told.unacknowledged, Duration::from_secs(120)).await;
+    let settled = pipeline::settle(&run, &told.acknowledged, &told.unacknowledged, Duration::from_secs(120)).await;
     eprintln!(
-        "after three stops: {} acknowledged; table {} rows ({} never acknowledged); {tally:?}",
+        "after three stops: {} acknowledged; table {} rows ({} never acknowledged); {:?}",
         told.acknowledged.len(),
-        iceberg.values().sum::<i64>(),
-        tally.stored_unacknowledged
+        settled.rows(),
+        settled.tally.stored_unacknowledged,
+        settled.tally
     );
-    assert_eq!(tally.lost, 0, "acknowledged readings missing from Iceberg");
-    assert_eq!(tally.duplicates, 0, "readings twice in Iceberg");
-    assert!(tally.unknown.is_empty(), "rows nobody sent: {:?}", tally.unknown);
-    assert_eq!(windows, iceberg, "PostgreSQL windows count what Iceberg holds");
-
-    pipeline.signal_group(libc::SIGINT);
-    let status = pipeline.wait(Duration::from_secs(120)).expect("pipeline exits");
-    assert!(status.success(), "clean shutdown: {status:?}");
+    settled.assert_exact();
+    pipeline::ctrl_c(&mut pipeline);
 }

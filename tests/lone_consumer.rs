@@ -69,7 +69,7 @@ async fn a_lone_consumer_killed_under_load_reads_again_and_nothing_is_lost_or_do
         ledger.unexpected
     );
     assert!(!ledger.acknowledged.is_empty(), "the load got answers");
-    let (tally, windows, iceberg) = pipeline::settle(
+    let settled = pipeline::settle(
         &run,
         &ledger.acknowledged,
         &ledger.unacknowledged,
@@ -77,18 +77,13 @@ async fn a_lone_consumer_killed_under_load_reads_again_and_nothing_is_lost_or_do
     )
     .await;
     eprintln!(
-        "{} acknowledged; table {} rows; {tally:?}",
+        "{} acknowledged; table {} rows; {:?}",
         ledger.acknowledged.len(),
-        iceberg.values().sum::<i64>()
+        settled.rows(),
+        settled.tally
     );
-    assert_eq!(tally.lost, 0, "acknowledged readings missing from Iceberg");
-    assert_eq!(tally.duplicates, 0, "readings twice in Iceberg");
-    assert!(tally.unknown.is_empty(), "rows nobody sent: {:?}", tally.unknown);
-    assert_eq!(windows, iceberg, "PostgreSQL windows count what Iceberg holds");
-
-    pipeline.signal_group(libc::SIGINT);
-    let status = pipeline.wait(Duration::from_secs(120)).expect("pipeline exits");
-    assert!(status.success(), "clean shutdown: {status:?}");
+    settled.assert_exact();
+    pipeline::ctrl_c(&mut pipeline);
 }
 
 /// The sum of a consumer's read offsets over its partitions (0 when it does not answer).

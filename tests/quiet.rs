@@ -122,9 +122,7 @@ async fn ten_minutes_at_the_plans_rate_print_no_error_and_no_warning() {
         "the windows count {windowed} of about {expected} readings"
     );
 
-    pipeline.signal_group(libc::SIGINT);
-    let status = pipeline.wait(Duration::from_secs(120)).expect("pipeline exits");
-    assert!(status.success(), "clean shutdown: {status:?}");
+    pipeline::ctrl_c(&mut pipeline);
 }
 
 fn file_len(path: &std::path::Path) -> u64 {

@@ -131,15 +131,50 @@ pub fn daemon_pid(pipeline: &ChildGuard, daemon: &str) -> Option<u32> {
     })
 }
 
+/// What a run stored, against what its loads were told.
+pub struct Settled {
+    pub tally: Tally,
+    /// Readings per city in the PostgreSQL windows.
+    pub windows: BTreeMap<String, i64>,
+    /// Readings per city in Iceberg.
+    pub iceberg: BTreeMap<String, i64>,
+}
+
+impl Settled {
+    /// Every acknowledged reading once in Iceberg, nothing nobody sent, and the windows count
+    /// what Iceberg holds.
+    pub fn assert_exact(&self) {
+        let tally = &self.tally;
+        assert_eq!(tally.lost, 0, "acknowledged readings missing from Iceberg");
+        assert_eq!(tally.duplicates, 0, "readings twice in Iceberg");
+        assert!(tally.unknown.is_empty(), "rows nobody sent: {:?}", tally.unknown);
+        assert_eq!(
+            self.windows, self.iceberg,
+            "PostgreSQL windows count what Iceberg holds"
+        );
+    }
+
+    /// Rows in Iceberg.
+    pub fn rows(&self) -> i64 {
+        self.iceberg.values().sum()
+    }
+}
+
+/// Ctrl-C at the terminal (SIGINT to `pipeline`'s process group): it must exit cleanly.
+pub fn ctrl_c(pipeline: &mut ChildGuard) {
+    pipeline.signal_group(libc::SIGINT);
+    let status = pipeline.wait(Duration::from_secs(120)).expect("pipeline exits");
+    assert!(status.success(), "clean shutdown: {status:?}");
+}
+
 /// Waits up to `timeout` for Iceberg (read by PyIceberg) to hold every acknowledged reading and
-/// the PostgreSQL windows to count what Iceberg holds; returns what it saw last, with the
-/// windows and Iceberg's count per city.
+/// the PostgreSQL windows to count what Iceberg holds; returns what it saw last.
 pub async fn settle(
     state: &State,
     acknowledged: &HashSet<Key>,
     unacknowledged: &HashSet<Key>,
     timeout: Duration,
-) -> (Tally, BTreeMap<String, i64>, BTreeMap<String, i64>) {
+) -> Settled {
     let client = connect(&state.database_url).await.expect("connect");
     let deadline = Instant::now() + timeout;
     loop {
@@ -158,7 +193,11 @@ pub async fn settle(
         let tally = Tally::of(&stored, acknowledged, unacknowledged);
         let iceberg = per_city(&stored);
         if (tally.lost == 0 && windows == iceberg) || Instant::now() > deadline {
-            return (tally, windows, iceberg);
+            return Settled {
+                tally,
+                windows,
+                iceberg,
+            };
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
