@@ -15,7 +15,8 @@ use std::{
 use weather_testkit::{
     ChildGuard, build_workspace_binaries, descendants,
     load::{Key, Load},
-    pipeline::{self, Ports, State, owned_partitions},
+    owned_partitions,
+    pipeline::{self, Ports, State},
     still_running,
 };
 
@@ -40,7 +41,7 @@ async fn assigned_promptly(run: &State, scenario: &str) {
             let mut owned = Vec::new();
             for (name, url) in &run.components {
                 if name.split('@').next() == Some(daemon) {
-                    owned.extend(owned_partitions(url.trim_start_matches("http://"), daemon).await);
+                    owned.extend(owned_partitions(url.trim_start_matches("http://")).await);
                 }
             }
             owned.sort_unstable();

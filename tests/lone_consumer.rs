@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use weather_testkit::{
     build_workspace_binaries,
     load::Load,
-    pipeline::{self, Ports, State, daemon_pid, owned_partitions},
+    owned_partitions,
+    pipeline::{self, Ports, State, daemon_pid},
 };
 
 /// The topic's partitions under `pipeline`'s defaults.
@@ -43,7 +44,7 @@ async fn a_lone_consumer_killed_under_load_reads_again_and_nothing_is_lost_or_do
         // Started again, every partition its own, and reading past where the dead one was.
         loop {
             let restarted = daemon_pid(&pipeline, daemon).is_some_and(|pid| pid != old);
-            let owned = owned_partitions(&admin, daemon).await.len();
+            let owned = owned_partitions(&admin).await.len();
             let now = read_offsets(&admin, daemon).await;
             if restarted && owned == PARTITIONS && now > before {
                 eprintln!(

@@ -11,7 +11,7 @@ use std::{
 };
 
 use crate::{
-    ChildGuard, connect, descendants, free_port, http_get,
+    ChildGuard, connect, descendants, free_port,
     load::{Key, Tally, per_city},
     pyiceberg_readings, workspace_binary,
 };
@@ -102,21 +102,6 @@ impl State {
             .map(|(_, url)| url.trim_start_matches("http://").to_owned())
             .unwrap_or_else(|| panic!("no component {name} in state.json"))
     }
-}
-
-/// The partitions a consumer's admin address says it owns (none when it does not answer).
-pub async fn owned_partitions(admin: &str, daemon: &str) -> Vec<i32> {
-    let Ok(response) = http_get(admin, "/metrics").await else {
-        return Vec::new();
-    };
-    let prefix = format!("{}_partition_owned{{partition=\"", daemon.replace('-', "_"));
-    response
-        .body
-        .lines()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .filter(|rest| rest.ends_with(" 1"))
-        .filter_map(|rest| rest.split('"').next()?.parse().ok())
-        .collect()
 }
 
 /// The pid of the process below `pipeline` that runs the binary `daemon`.

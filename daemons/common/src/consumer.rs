@@ -875,7 +875,7 @@ pub fn position<C: Consumer<X>, X: ConsumerContext>(
     let mut restarted = Vec::new();
     let mut reasons = Vec::new();
     // The partitions whose record before the checkpoint is to be read back: `(partition,
-    // checkpoint)`.
+    // checkpoint, log start)`.
     let mut to_locate = Vec::new();
     for &partition in partitions {
         let Some(checkpoint) = committed.get(&partition).filter(|c| c.next_offset > 0) else {
@@ -902,14 +902,14 @@ pub fn position<C: Consumer<X>, X: ConsumerContext>(
             }
             start.insert(partition, checkpoint.clone());
         } else {
-            to_locate.push((partition, checkpoint));
+            to_locate.push((partition, checkpoint, low));
         }
     }
     // Each read-back waits on the broker; a rebalance hands several partitions over at once.
     let located: Vec<anyhow::Result<Option<String>>> = std::thread::scope(|scope| {
         let readers: Vec<_> = to_locate
             .iter()
-            .map(|&(partition, checkpoint)| {
+            .map(|&(partition, checkpoint, _)| {
                 scope.spawn(move || locate(kafka, topic, partition, checkpoint.next_offset - 1))
             })
             .collect();
@@ -922,14 +922,13 @@ pub fn position<C: Consumer<X>, X: ConsumerContext>(
             })
             .collect()
     });
-    for ((partition, checkpoint), located) in to_locate.into_iter().zip(located) {
+    for ((partition, checkpoint, low), located) in to_locate.into_iter().zip(located) {
         match (located?, &checkpoint.last_record) {
             (Some(id), Some(expected)) if &id != expected => {
                 reasons.push(format!(
                     "partition {partition} holds another record at offset {} ({id}, stored {expected})",
                     checkpoint.next_offset - 1
                 ));
-                let (low, _) = consumer.fetch_watermarks(topic, partition, timeout)?;
                 restarted.push((partition, low));
             }
             (None, _) => {
