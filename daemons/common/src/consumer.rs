@@ -34,6 +34,7 @@ use rdkafka::{
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer},
     error::RDKafkaErrorCode,
     message::BorrowedMessage,
+    statistics::Statistics,
     types::RDKafkaRespErr,
 };
 use tokio_util::sync::CancellationToken;
@@ -316,6 +317,9 @@ pub struct GroupContext {
     topic: String,
     events: std::sync::Mutex<Vec<Rebalanced>>,
     notify: tokio::sync::Notify,
+    /// Each partition's high watermark as the last fetch response reported it (librdkafka's
+    /// statistics), for the lag metric: measured without asking the broker anything.
+    high_watermarks: std::sync::Mutex<BTreeMap<i32, i64>>,
 }
 
 impl GroupContext {
@@ -332,6 +336,10 @@ impl GroupContext {
             .map(|mut e| std::mem::take(&mut *e))
             .unwrap_or_default()
     }
+
+    fn high_watermark(&self, partition: i32) -> Option<i64> {
+        self.high_watermarks.lock().ok()?.get(&partition).copied()
+    }
 }
 
 impl ClientContext for GroupContext {
@@ -346,6 +354,22 @@ impl ClientContext for GroupContext {
             Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
             Notice | Info => tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}"),
             Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        }
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        if let Ok(mut known) = self.high_watermarks.lock() {
+            // -1: no fetch response for the partition yet; partition -1 is librdkafka's own.
+            known.extend(
+                topic
+                    .partitions
+                    .iter()
+                    .filter(|(partition, p)| **partition >= 0 && p.hi_offset >= 0)
+                    .map(|(partition, p)| (*partition, p.hi_offset)),
+            );
         }
     }
 }
@@ -537,6 +561,10 @@ async fn consume<S: Store>(
 /// killed instance's readings waiting that long).
 const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often the lag metric is brought up to date, and librdkafka reports the high watermarks it
+/// is computed from.
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The partitions the group assigned to this instance, kept across recoveries, less those held
 /// back after another instance took them over.
 #[derive(Debug, Default)]
@@ -661,7 +689,7 @@ impl Worker<'_> {
                         self.commit(store).await?;
                     }
                     Metrics::show(&self.metrics.read_offset, &self.read);
-                    if last_lag_check.elapsed() > Duration::from_secs(5) {
+                    if last_lag_check.elapsed() > LAG_INTERVAL {
                         last_lag_check = Instant::now();
                         self.update_lag();
                     }
@@ -799,26 +827,21 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// Lag (high watermark − next offset) per owned partition, measured off the consume path.
+    /// Lag (high watermark − next offset) per owned partition. The high watermark is the one the
+    /// last fetch response carried: asking the broker instead (ListOffsets) adds requests that
+    /// queue behind a burst of produce requests on a broker that serializes them (nisshi on
+    /// SQLite), and time out there.
     fn update_lag(&self) {
-        let positions: Vec<(i32, i64)> = self.read.iter().map(|(p, c)| (*p, c.next_offset)).collect();
-        let (consumer, topic, lag, owned) = (
-            self.consumer.clone(),
-            self.config.topic.clone(),
-            self.metrics.lag.clone(),
-            self.metrics.owned.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            for (partition, next_offset) in positions {
-                let label = PartitionLabel { partition };
-                if let Ok((_, high)) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(1))
-                    // Handed over meanwhile: its series is gone and stays gone.
-                    && owned.get(&label).is_some()
-                {
-                    lag.get_or_create(&label).set((high - next_offset).max(0));
-                }
+        let context = self.consumer.context();
+        for (partition, read) in &self.read {
+            if let Some(high) = context.high_watermark(*partition) {
+                let label = PartitionLabel { partition: *partition };
+                self.metrics
+                    .lag
+                    .get_or_create(&label)
+                    .set((high - read.next_offset).max(0));
             }
-        });
+        }
     }
 }
 
@@ -1097,11 +1120,13 @@ impl KafkaArgs {
             topic: topic.to_owned(),
             events: std::sync::Mutex::default(),
             notify: tokio::sync::Notify::new(),
+            high_watermarks: std::sync::Mutex::default(),
         };
         let consumer = self
             .client_config_with(&[
                 ("session.timeout.ms", &SESSION_TIMEOUT.as_millis().to_string()),
                 ("heartbeat.interval.ms", "1000"),
+                ("statistics.interval.ms", &LAG_INTERVAL.as_millis().to_string()),
             ])
             .set("group.id", group_id)
             .set("enable.auto.commit", "false")
