@@ -10,6 +10,7 @@ use weather_testkit::{
     ChildGuard, build_workspace_binaries,
     pipeline::{self, Ports, State},
     pyiceberg_readings,
+    terminal::Terminal,
 };
 
 /// How long the run is watched; `WEATHER_QUIET_SECS` shortens it while working on the test.
@@ -21,77 +22,24 @@ fn watched() -> Duration {
     Duration::from_secs(secs)
 }
 
-/// The lines of `log` that a level of ERROR or WARN leads (`tracing`'s format: a timestamp,
-/// then the level), colour codes taken out.
-fn loud_lines(log: &str) -> Vec<String> {
-    log.lines()
-        .map(strip_colours)
-        .filter(|line| {
-            line.split_whitespace()
-                .take(3)
-                .any(|word| word == "ERROR" || word == "WARN")
-        })
-        .collect()
-}
-
-fn strip_colours(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // ESC [ ... m
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-#[test]
-fn loud_lines_are_told_by_their_level() {
-    let log = "2026-12-02T17:00:00.000000Z  INFO pipeline: ready\n\
-               2026-12-02T17:00:01.000000Z  WARN librdkafka: REQTMOUT\n\
-               \u{1b}[2m2026-12-02T17:00:02Z\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m nisshi_broker: boom\n\
-               2026-12-02T17:00:03.000000Z  INFO dashboard: a city called WARN\n";
-    let loud = loud_lines(log);
-    assert_eq!(loud.len(), 2, "{loud:?}");
-    assert!(loud[1].contains("ERROR nisshi_broker"), "{loud:?}");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_minutes_at_the_plans_rate_print_no_error_and_no_warning() {
     build_workspace_binaries();
     let state = tempfile::tempdir().expect("state dir");
-    let terminal = state.path().join("terminal.log");
     let ports = Ports::free();
-    let output = std::fs::File::create(&terminal).expect("terminal log");
     let mut command = pipeline::command(state.path(), &ports, &[]);
-    command
-        .env_remove("RUST_LOG")
-        .stdout(output.try_clone().expect("log"))
-        .stderr(output);
+    let mut terminal = Terminal::capture(state.path(), &mut command);
     let mut pipeline =
         ChildGuard::spawn_ready("pipeline", &mut command, Duration::from_secs(300)).expect("pipeline ready");
     let run = State::read(state.path());
-    let broker_log = state.path().join("kafka/nisshi.log");
-    let (terminal_at, broker_at) = (file_len(&terminal), file_len(&broker_log));
+    terminal.mark();
 
     let watched = watched();
     let started = Instant::now();
     tokio::time::sleep(watched).await;
     let took = started.elapsed();
 
-    let terminal_text = read_from(&terminal, terminal_at);
-    let broker_text = read_from(&broker_log, broker_at);
-    let loud: Vec<String> = loud_lines(&terminal_text)
-        .into_iter()
-        .chain(loud_lines(&broker_text).into_iter().map(|l| format!("nisshi.log: {l}")))
-        .collect();
+    let loud = terminal.loud_lines();
     assert!(
         loud.is_empty(),
         "{} ERROR or WARN lines in {took:?} after `pipeline` was running:\n{}",
@@ -123,14 +71,4 @@ async fn ten_minutes_at_the_plans_rate_print_no_error_and_no_warning() {
     );
 
     pipeline::ctrl_c(&mut pipeline);
-}
-
-fn file_len(path: &std::path::Path) -> u64 {
-    std::fs::metadata(path).map_or(0, |m| m.len())
-}
-
-/// What was written to `path` after its first `from` bytes.
-fn read_from(path: &std::path::Path, from: u64) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default()).into_owned()
 }

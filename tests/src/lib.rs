@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 pub mod load;
 pub mod pipeline;
 pub mod stack;
+pub mod terminal;
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
