@@ -86,12 +86,6 @@ async fn a_million_readings_in_bulk_are_answered_promptly_and_stored_exactly_onc
         assert!(lags.iter().all(|l| l.ends_with(" 0")), "{daemon}: {lags:?}");
     }
 
-    let loud = terminal.loud_lines();
-    assert!(
-        loud.is_empty(),
-        "{} ERROR or WARN lines during the burst:\n{}",
-        loud.len(),
-        loud.join("\n")
-    );
+    terminal.assert_quiet("during the burst");
     pipeline::ctrl_c(&mut pipeline);
 }

@@ -36,8 +36,20 @@ impl Terminal {
         self.from = (file_len(&self.terminal), file_len(&self.broker_log));
     }
 
+    /// Fails, listing them, if any ERROR or WARN line came since [`Terminal::mark`]; `during`
+    /// says when.
+    pub fn assert_quiet(&self, during: &str) {
+        let loud = self.loud_lines();
+        assert!(
+            loud.is_empty(),
+            "{} ERROR or WARN lines {during}:\n{}",
+            loud.len(),
+            loud.join("\n")
+        );
+    }
+
     /// The ERROR and WARN lines since [`Terminal::mark`], the broker's marked as its own.
-    pub fn loud_lines(&self) -> Vec<String> {
+    fn loud_lines(&self) -> Vec<String> {
         loud_lines(&read_from(&self.terminal, self.from.0))
             .into_iter()
             .chain(
