@@ -107,10 +107,15 @@ impl CatalogRow {
     }
 
     /// Points the table at `new` if it still points at `old`; false when another commit came
-    /// first.
+    /// first. The statement is `iceberg-catalog-sql` 0.10.1's own commit (`update_table`),
+    /// which cannot be called with a `TableCommit` built here; the JDBC catalog's layout, which
+    /// Trino and PyIceberg share, keeps tables and views in one table told apart by
+    /// `iceberg_type` (NULL in catalogs made before views). It can go once iceberg-rust commits
+    /// a manifest rewrite itself.
     async fn swap(&self, table: &Table, old: &str, new: &str) -> anyhow::Result<bool> {
         let mut sql = "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
-                       WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? AND metadata_location = ?"
+                       WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? \
+                       AND (iceberg_type = 'TABLE' OR iceberg_type IS NULL) AND metadata_location = ?"
             .to_owned();
         if self.numbered {
             for n in 1..=6 {
@@ -441,7 +446,12 @@ async fn list_rewrite(
         )?
         .build()?
         .metadata;
-    let location = MetadataLocation::from_str(old_location)?.with_new_metadata(&next);
+    // A file of its own (the next version, a new uuid), as the catalog's commit names it: the
+    // compare-and-set below is on this name, and the metadata file it replaces stays as it was
+    // for whoever loaded it.
+    let location = MetadataLocation::from_str(old_location)?
+        .with_next_version()
+        .with_new_metadata(&next);
     let new_location = location.to_string();
     written.push(new_location.clone());
     next.write_to(file_io, &location).await?;
