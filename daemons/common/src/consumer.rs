@@ -149,6 +149,14 @@ pub struct Fenced {
     pub partitions: Vec<i32>,
 }
 
+/// The store cannot say where its partitions stand, and any guess would lose or double
+/// records: [`run`] stops with this error instead of resuming, for an operator to decide.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Unresumable {
+    pub reason: String,
+}
+
 /// How [`run`] consumes.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -530,6 +538,10 @@ async fn consume<S: Store>(
             Err(e) if shutdown.is_cancelled() => {
                 return Err(e.context("the last commit failed; what it held is read again on the next start"));
             }
+            Err(e) if e.chain().any(|c| c.is::<Unresumable>()) => {
+                tracing::error!(error = %format!("{e:#}"), "stopping: resuming would lose or double records");
+                return Err(e);
+            }
             Err(e) => {
                 store.release(&owned);
                 metrics.forget(&owned);
@@ -590,6 +602,31 @@ impl Assignment {
 
     fn contains(&self, partition: i32) -> bool {
         self.assigned.contains(&partition)
+    }
+
+    /// Applies the group's `events`, in order, and returns the partitions of `owned` to hand
+    /// over: each one revoked, also when a later event assigned it again (the revocation took
+    /// its fetch position; assigned again, it is claimed and positioned anew).
+    fn apply(&mut self, events: Vec<Rebalanced>, owned: &Checkpoints) -> Vec<i32> {
+        let mut revoked = BTreeSet::new();
+        for event in events {
+            match event {
+                Rebalanced::Assigned(partitions) => {
+                    tracing::info!(?partitions, "the group assigned partitions");
+                    self.assign(&partitions);
+                }
+                Rebalanced::Revoked(partitions) => {
+                    tracing::info!(?partitions, "the group revoked partitions");
+                    self.revoke(&partitions);
+                    revoked.extend(partitions);
+                }
+            }
+        }
+        owned
+            .keys()
+            .filter(|p| revoked.contains(p) || !self.contains(**p))
+            .copied()
+            .collect()
     }
 
     /// Leaves `partitions`, whose commit was fenced, to the instance that claimed them. That
@@ -701,25 +738,9 @@ impl Worker<'_> {
     /// Brings what this instance owns in line with what the group assigned: commits and gives
     /// up the partitions revoked, then claims, positions and resumes the ones assigned.
     async fn rebalance<S: Store>(&mut self, store: &mut S) -> anyhow::Result<()> {
-        for event in self.consumer.context().take() {
-            self.metrics.rebalances.inc();
-            match event {
-                Rebalanced::Assigned(partitions) => {
-                    tracing::info!(?partitions, "the group assigned partitions");
-                    self.assigned.assign(&partitions);
-                }
-                Rebalanced::Revoked(partitions) => {
-                    tracing::info!(?partitions, "the group revoked partitions");
-                    self.assigned.revoke(&partitions);
-                }
-            }
-        }
-        let revoked: Vec<i32> = self
-            .read
-            .keys()
-            .filter(|p| !self.assigned.contains(**p))
-            .copied()
-            .collect();
+        let events = self.consumer.context().take();
+        self.metrics.rebalances.inc_by(events.len() as u64);
+        let revoked = self.assigned.apply(events, &self.read);
         if !revoked.is_empty() {
             // What was read of them is stored before their next owner loads it.
             self.commit(store).await?;
@@ -1226,5 +1247,24 @@ mod tests {
         assignment.hold(&[7]);
         assignment.assign(&[7]);
         assert_eq!(assignment.claimable(&owned(&[0])), [1, 2, 7]);
+    }
+
+    /// A revocation and a new assignment of the same partition, queued before the worker looks:
+    /// the partition is handed over (its fetch position went with the revocation) and then
+    /// claimed again, not left owned and never read.
+    #[test]
+    fn a_partition_revoked_and_assigned_again_between_two_looks_is_handed_over_and_claimed_again() {
+        let owned: Checkpoints = [0, 1].into_iter().map(|p| (p, Checkpoint::start(0))).collect();
+        let mut assignment = Assignment::default();
+        assignment.assign(&[0, 1]);
+        let events = vec![Rebalanced::Revoked(vec![1]), Rebalanced::Assigned(vec![1, 2])];
+        assert_eq!(assignment.apply(events, &owned), [1]);
+        let kept: Checkpoints = owned.into_iter().filter(|(p, _)| *p == 0).collect();
+        assert_eq!(assignment.claimable(&kept), [1, 2]);
+
+        // Assigned, then revoked: handed over, not claimed.
+        let events = vec![Rebalanced::Assigned(vec![3]), Rebalanced::Revoked(vec![3, 0])];
+        assert_eq!(assignment.apply(events, &kept), [0]);
+        assert_eq!(assignment.claimable(&Checkpoints::new()), [1, 2]);
     }
 }

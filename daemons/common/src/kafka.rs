@@ -1,6 +1,6 @@
 //! Kafka settings shared by every daemon that talks to the broker.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use rdkafka::{
     ClientConfig,
@@ -123,6 +123,40 @@ impl KafkaArgs {
         }
         Ok(())
     }
+}
+
+/// The offsets consumer group `group_id` committed for every partition of `topic`: the next
+/// offset to read of each. Fails when a partition has none. Blocks for at most about 20 s.
+pub fn group_offsets(kafka: &KafkaArgs, group_id: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+    use rdkafka::{
+        Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer},
+    };
+    let timeout = Duration::from_secs(10);
+    // Not subscribed: it only asks the group coordinator, and does not join the group.
+    let consumer: BaseConsumer = kafka.client_config().set("group.id", group_id).create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>())
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("topic {topic} does not exist"))?;
+    let mut list = TopicPartitionList::new();
+    for &partition in &partitions {
+        list.add_partition(topic, partition);
+    }
+    let committed = consumer.committed_offsets(list, timeout)?;
+    partitions
+        .into_iter()
+        .map(
+            |partition| match committed.find_partition(topic, partition).map(|e| e.offset()) {
+                Some(Offset::Offset(offset)) => Ok((partition, offset)),
+                _ => anyhow::bail!("consumer group {group_id} has no committed offset for {topic}/{partition}"),
+            },
+        )
+        .collect()
 }
 
 /// Whether the broker answers and knows `topic`. Blocks for at most `timeout`.
