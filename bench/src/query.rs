@@ -68,13 +68,14 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
     let policy = Policy {
         snapshot_retention: Duration::from_secs(3600),
         min_snapshots: 10,
+        max_snapshots: 500,
         max_unmerged_manifests: 0,
         max_files_per_partition: 4,
         target_file_size: 128 << 20,
         orphan_age: Duration::from_secs(86_400),
     };
-    table.maintain(&policy).await?;
-    table.maintain(&policy).await?;
+    table.maintain("weather", &policy).await?;
+    table.maintain("weather", &policy).await?;
     let files: usize = table.data_files_per_partition().await?.values().sum();
 
     let addr = format!("127.0.0.1:{}", free_port());

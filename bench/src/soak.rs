@@ -44,6 +44,7 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
     let policy = Policy {
         snapshot_retention: args.soak_retention,
         min_snapshots: 10,
+        max_snapshots: 500,
         max_unmerged_manifests: 20,
         max_files_per_partition: 4,
         target_file_size: 128 << 20,
@@ -81,7 +82,7 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
         window.push(timed.elapsed());
         committed = next;
         if commit % args.soak_maintenance_every == 0 {
-            table.maintain(&policy).await?;
+            table.maintain("weather", &policy).await?;
         }
         if commit % 1_000 == 0 || commit == 100 {
             let shape = table.shape().await?;

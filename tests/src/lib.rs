@@ -939,12 +939,32 @@ pub fn pyiceberg_readings(
 
 /// [`pyiceberg_check`] with the script's arguments as they are, options included.
 pub fn pyiceberg_check_with(args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("pyiceberg_check.py");
+    python_json("pyiceberg_check.py", args)
+}
+
+/// Another engine writing to the table: PyIceberg runs `operations` on it in order (see
+/// `pyiceberg_writer.py`: `append:N:CITY`, `expire-all`).
+pub fn pyiceberg_write(
+    catalog_url: &str,
+    catalog_name: &str,
+    s3_endpoint: &str,
+    table: &str,
+    operations: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let mut args = vec![catalog_url, catalog_name, s3_endpoint, table];
+    args.extend(operations);
+    python_json("pyiceberg_writer.py", &args)
+}
+
+/// Runs one of this crate's Python scripts and parses what it prints as JSON.
+fn python_json(script: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
     let python = find_tool("PYTHON", "python3").context("python3 not found")?;
-    let output = Command::new(python).arg(script).args(args).output()?;
+    let output = Command::new(python).arg(&script).args(args).output()?;
     anyhow::ensure!(
         output.status.success(),
-        "pyiceberg_check failed: {}\n{}",
+        "{} failed: {}\n{}",
+        script.display(),
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );

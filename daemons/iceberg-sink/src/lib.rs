@@ -13,13 +13,18 @@
 //! the ones it last saw; one that moved was taken over by another instance, and the commit is
 //! dropped (fenced). Table maintenance runs in the instance that owns partition 0.
 
+pub mod maintainer;
 pub mod maintenance;
 pub mod orphans;
+pub mod resume;
 pub mod table;
 
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -35,13 +40,16 @@ use prometheus_client::{
 use tokio_util::sync::CancellationToken;
 use weather_common::{
     WeatherReading,
-    consumer::{self, Checkpoints, Claim, Epochs},
+    consumer::{self, Checkpoints, Claim, Epochs, Unresumable},
     http,
-    kafka::{DEAD_LETTER_TOPIC, KafkaArgs, WEATHER_TOPIC},
+    kafka::{self, DEAD_LETTER_TOPIC, KafkaArgs, WEATHER_TOPIC},
     lakehouse::{CatalogArgs, CatalogConfig},
 };
 
-use crate::{maintenance::Policy, table::WeatherTable};
+use crate::{
+    resume::ResumeFrom,
+    table::{BrokenLineage, Recorded, WeatherTable},
+};
 
 #[derive(clap::Parser, Debug, Clone)]
 #[command(version, about)]
@@ -81,9 +89,9 @@ pub struct Args {
     #[arg(long, env = "TARGET_FILE_SIZE", default_value_t = 128 << 20)]
     pub target_file_size: usize,
 
-    /// How often table maintenance runs (merging manifests, expiring snapshots, deleting the
-    /// files no one needs any more), after a commit, in the instance that owns partition 0;
-    /// 0 turns it off.
+    /// How often table maintenance runs (merging manifests, compacting closed hours, expiring
+    /// snapshots, deleting the files no one needs any more), in a task beside the commits, in
+    /// the instance that owns partition 0; 0 turns it off.
     #[arg(long, env = "MAINTENANCE_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub maintenance_interval: Duration,
 
@@ -94,6 +102,19 @@ pub struct Args {
     /// ...but the newest this many are always kept.
     #[arg(long, env = "MIN_SNAPSHOTS", default_value_t = 10)]
     pub min_snapshots: usize,
+
+    /// Beyond this many snapshots the oldest are expired whatever their age, so that the
+    /// metadata does not grow with the commit rate (an hour of 200 ms commits is 18,000).
+    #[arg(long, env = "MAX_SNAPSHOTS", default_value_t = 500)]
+    pub max_snapshots: usize,
+
+    /// Where to resume when the table's line of snapshots is broken (another engine expired the
+    /// snapshots between the current one and the newest that records the Kafka checkpoints):
+    /// `group` (the consumer group's committed offsets, at most one commit behind the table), a
+    /// snapshot id that records them, or `start` (every partition from its beginning, for a
+    /// table the sink never wrote to). Unset, the sink refuses to start and says so.
+    #[arg(long, env = "RESUME_FROM")]
+    pub resume_from: Option<ResumeFrom>,
 
     /// Manifests written by appends (one each) are merged into one per hour partition once
     /// more than this many wait.
@@ -141,6 +162,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(%listen, topic = %args.topic, warehouse = %args.catalog.warehouse, "iceberg-sink starting");
+    let maintainer = Arc::new(AtomicBool::new(false));
+    let catalog_for_upkeep = catalog.clone();
     let mut sink = Sink {
         args: &args,
         catalog,
@@ -148,12 +171,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         committed: Checkpoints::new(),
         epochs: Epochs::new(),
         buffer: Vec::new(),
-        metrics,
-        last_maintenance: None,
+        metrics: metrics.clone(),
+        maintainer: maintainer.clone(),
     };
+    let upkeep = maintainer::spawn(&args, catalog_for_upkeep, metrics, maintainer, shutdown.clone());
     let consumed = consumer::run(&args.consumer_config(), &mut sink, &consumed, &shutdown).await;
     shutdown.cancel();
     admin.await?;
+    upkeep.await?;
     consumed?;
     tracing::info!("iceberg-sink stopped");
     Ok(())
@@ -171,95 +196,57 @@ struct Sink<'a> {
     epochs: Epochs,
     buffer: Vec<WeatherReading>,
     metrics: Metrics,
-    last_maintenance: Option<Instant>,
+    /// Set while this instance owns [`MAINTAINER_PARTITION`]: the maintainer task's cue.
+    maintainer: Arc<AtomicBool>,
 }
 
-impl Sink<'_> {
-    fn policy(&self) -> Policy {
-        Policy {
-            snapshot_retention: self.args.snapshot_retention,
-            min_snapshots: self.args.min_snapshots,
-            max_unmerged_manifests: self.args.max_unmerged_manifests,
-            max_files_per_partition: self.args.max_files_per_partition,
-            target_file_size: self.args.target_file_size,
-            orphan_age: self.args.orphan_age,
+/// Where the table is taken to stand when its line of snapshots is broken (`broken`): what
+/// `--resume-from` names, or [`Unresumable`] without it.
+async fn resume_point(args: &Args, table: &WeatherTable, broken: anyhow::Error) -> anyhow::Result<Recorded> {
+    let resume = match args.resume_from {
+        None => return Err(unresumable(broken)),
+        Some(ResumeFrom::Snapshot(id)) => table.recorded_at(&args.topic, id)?,
+        Some(ResumeFrom::Start) => table.resumed_at(Checkpoints::new()),
+        Some(ResumeFrom::Group) => {
+            let (kafka, group, topic) = (args.kafka.clone(), args.group_id.clone(), args.topic.clone());
+            let offsets = tokio::task::spawn_blocking(move || kafka::group_offsets(&kafka, &group, &topic))
+                .await?
+                .context("reading the consumer group's committed offsets")?;
+            let checkpoints = offsets
+                .into_iter()
+                .map(|(p, next_offset)| {
+                    let checkpoint = consumer::Checkpoint {
+                        next_offset,
+                        last_record: None,
+                    };
+                    (p, checkpoint)
+                })
+                .collect();
+            table.resumed_at(checkpoints)
         }
-    }
+    };
+    tracing::warn!(
+        error = %broken,
+        resume_from = ?args.resume_from,
+        offsets = ?resume.checkpoints.iter().map(|(p, c)| (*p, c.next_offset)).collect::<Vec<_>>(),
+        "the table's line of snapshots is broken; resuming where --resume-from says"
+    );
+    Ok(resume)
+}
 
-    /// Maintenance when it is due. A failure is logged and retried next time: the appends do
-    /// not depend on it.
-    async fn maintain_if_due(&mut self) {
-        let interval = self.args.maintenance_interval;
-        // One maintainer among the instances: maintenance commits only when no append came
-        // in between, but two maintainers would mostly undo each other's work.
-        if !self.epochs.contains_key(&MAINTAINER_PARTITION) {
-            self.metrics.maintainer.set(0);
-            return;
-        }
-        self.metrics.maintainer.set(1);
-        if interval.is_zero() || self.last_maintenance.is_some_and(|t| t.elapsed() < interval) {
-            return;
-        }
-        self.last_maintenance = Some(Instant::now());
-        let policy = self.policy();
-        let Some(table) = self.table.as_mut() else {
-            return;
-        };
-        let started = Instant::now();
-        match table.maintain(&policy).await {
-            Ok(report) => {
-                self.metrics.maintenance_runs.inc();
-                self.metrics.expired_snapshots.inc_by(report.expired_snapshots as u64);
-                self.metrics.deleted_files.inc_by(report.deleted_files as u64);
-                self.metrics.orphans_deleted.inc_by(report.orphans_deleted as u64);
-                if report.merged.is_some() {
-                    self.metrics.manifest_merges.inc();
-                }
-                self.metrics
-                    .compacted_partitions
-                    .inc_by(report.compacted_partitions as u64);
-                self.metrics.maintenance_rebases.inc_by(report.rebases as u64);
-                tracing::info!(
-                    merged = ?report.merged,
-                    expired_snapshots = report.expired_snapshots,
-                    compacted_partitions = report.compacted_partitions,
-                    deleted_files = report.deleted_files,
-                    orphans_deleted = report.orphans_deleted,
-                    rebases = report.rebases,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "table maintenance"
-                );
-            }
-            Err(e) => {
-                self.metrics.maintenance_failures.inc();
-                tracing::warn!(error = %format!("{e:#}"), "table maintenance failed; retried next time");
-            }
-        }
-    }
-
-    async fn show_shape(&self) {
-        let Some(table) = self.table.as_ref() else {
-            return;
-        };
-        match table.shape().await {
-            Ok(shape) => {
-                self.metrics.snapshots.set(shape.snapshots as i64);
-                self.metrics.manifests.set(shape.manifests as i64);
-                self.metrics.metadata_bytes.set(shape.metadata_bytes as i64);
-            }
-            Err(e) => tracing::debug!(error = %e, "could not measure the table's metadata"),
-        }
-    }
+fn unresumable(e: anyhow::Error) -> anyhow::Error {
+    Unresumable { reason: e.to_string() }.into()
 }
 
 /// The owner of this partition maintains the table.
-const MAINTAINER_PARTITION: i32 = 0;
+pub(crate) const MAINTAINER_PARTITION: i32 = 0;
 
 impl consumer::Store for Sink<'_> {
     async fn open(&mut self, _shutdown: &CancellationToken) -> anyhow::Result<bool> {
         self.buffer.clear();
         self.committed.clear();
         self.epochs.clear();
+        self.maintainer.store(false, Ordering::Relaxed);
         self.table = None;
         let table = WeatherTable::open(
             &self.catalog,
@@ -273,13 +260,20 @@ impl consumer::Store for Sink<'_> {
     }
 
     async fn claim(&mut self, partitions: &[i32]) -> anyhow::Result<Claim> {
+        let topic = &self.args.topic;
         let table = self.table.as_mut().context("table not open")?;
-        let claim = table
-            .claim(&self.args.topic, partitions)
-            .await
-            .context("claiming partitions")?;
+        let claim = match table.claim(topic, partitions, None).await {
+            Err(e) if e.is::<BrokenLineage>() => {
+                let resume = resume_point(self.args, table, e).await?;
+                table.claim(topic, partitions, Some(&resume)).await
+            }
+            claim => claim,
+        }
+        .context("claiming partitions")?;
         self.epochs.extend(claim.epochs.clone());
         self.committed.extend(claim.checkpoints.clone());
+        self.maintainer
+            .store(self.epochs.contains_key(&MAINTAINER_PARTITION), Ordering::Relaxed);
         Ok(claim)
     }
 
@@ -288,6 +282,8 @@ impl consumer::Store for Sink<'_> {
             self.committed.remove(partition);
             self.epochs.remove(partition);
         }
+        self.maintainer
+            .store(self.epochs.contains_key(&MAINTAINER_PARTITION), Ordering::Relaxed);
     }
 
     fn restart_partition(&mut self, _partition: i32, _start: i64) {
@@ -300,19 +296,31 @@ impl consumer::Store for Sink<'_> {
     }
 
     /// Writes the buffer as Parquet and commits it with the checkpoints it reaches.
+    /// Records read past dead letters alone move the checkpoints too: committed in a snapshot
+    /// without files, so that they are not read (and dead-lettered) again.
     async fn commit(&mut self, checkpoints: &Checkpoints) -> anyhow::Result<bool> {
-        if self.buffer.is_empty() {
+        let moved = checkpoints.iter().any(|(p, c)| self.committed.get(p) != Some(c));
+        if self.buffer.is_empty() && !moved {
             return Ok(false);
         }
         let table = self.table.as_mut().context("table not open")?;
         let started = Instant::now();
-        let files = table.write(&self.buffer).await.context("writing Parquet")?;
+        let files = if self.buffer.is_empty() {
+            Vec::new()
+        } else {
+            table.write(&self.buffer).await.context("writing Parquet")?
+        };
         let file_count = files.len();
         let bytes: u64 = files.iter().map(|f| f.file_size_in_bytes()).sum();
-        let conflicts = table
+        let conflicts = match table
             .commit(&self.args.topic, files, &self.committed, checkpoints, &self.epochs)
             .await
-            .context("committing the snapshot")?;
+        {
+            // Left to the next start, which claims with --resume-from or refuses.
+            Err(e) if e.is::<BrokenLineage>() => Err(unresumable(e)),
+            committed => committed,
+        }
+        .context("committing the snapshot")?;
         self.metrics.commit_conflicts.inc_by(conflicts as u64);
         self.metrics.records_written.inc_by(self.buffer.len() as u64);
         self.metrics.bytes_written.inc_by(bytes);
@@ -335,13 +343,12 @@ impl consumer::Store for Sink<'_> {
         }
         self.committed.extend(checkpoints.iter().map(|(p, c)| (*p, c.clone())));
         self.buffer.clear();
-        self.maintain_if_due().await;
-        self.show_shape().await;
         Ok(true)
     }
 }
 
-struct Metrics {
+#[derive(Clone)]
+pub(crate) struct Metrics {
     records: Counter,
     commit_conflicts: Counter,
     maintainer: Gauge,
@@ -351,6 +358,7 @@ struct Metrics {
     files_per_commit: Histogram,
     bytes_per_file: Histogram,
     commit_duration: Histogram,
+    maintenance_duration: Histogram,
     snapshots: Gauge,
     manifests: Gauge,
     metadata_bytes: Gauge,
@@ -376,6 +384,7 @@ impl Metrics {
             files_per_commit: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 64.0]),
             bytes_per_file: Histogram::new(exponential_buckets(1024.0, 4.0, 10)),
             commit_duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            maintenance_duration: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             snapshots: Gauge::default(),
             manifests: Gauge::default(),
             metadata_bytes: Gauge::default(),
@@ -468,6 +477,11 @@ impl Metrics {
                 "table_commit_duration_seconds",
                 "Writing and committing one snapshot",
                 &metrics.commit_duration,
+            ),
+            (
+                "maintenance_duration_seconds",
+                "One table maintenance run, beside the commits",
+                &metrics.maintenance_duration,
             ),
         ] {
             registry.register(name, help, metric.clone());

@@ -44,6 +44,9 @@ pub struct Policy {
     pub snapshot_retention: Duration,
     /// ...except the newest this many.
     pub min_snapshots: usize,
+    /// Beyond this many, the oldest are expired whatever their age, so that the metadata's size
+    /// does not grow with the commit rate.
+    pub max_snapshots: usize,
     /// Manifests written by appends are merged once more than this many wait.
     pub max_unmerged_manifests: usize,
     /// A closed `hour(ts)` partition (older than the newest) with more data files than this
@@ -160,6 +163,7 @@ impl Maintenance {
         row: &CatalogRow,
         mut table: Table,
         policy: &Policy,
+        lineage: usize,
         storage: &HashMap<String, String>,
     ) -> anyhow::Result<(Table, Report)> {
         let mut report = Report::default();
@@ -170,7 +174,7 @@ impl Maintenance {
             table = rewrite.table;
             self.observe(&table);
         }
-        let (expired, table) = expire_snapshots(catalog, table, policy).await?;
+        let (expired, table) = expire_snapshots(catalog, table, &Keep::of(policy, lineage)).await?;
         self.observe(&table);
         report.expired_snapshots = expired.len();
         report.deleted_files += delete_unreferenced(&table, &expired).await?;
@@ -226,11 +230,18 @@ pub async fn rewrite_manifests(
     // late one still lands there as a file of its own, compacted again later.
     let newest = manifests.iter().filter_map(newest_hour).max();
     let closed = |key: &[u8]| hour_of(key).zip(newest).is_some_and(|(hour, newest)| hour < newest);
+    // Another engine's row-level deletes (Trino's and Spark's merge-on-read) apply to data files
+    // of lower sequence numbers: a compacted file would get a higher one and bring the deleted
+    // rows back. Hours with deletes are not compacted (merging keeps sequence numbers).
+    let deleted = deleted_partitions(&manifests, table.file_io()).await?;
+    let compactable = |key: &[u8]| closed(key) && !deleted.contains(&None) && !deleted.contains(&Some(key.to_vec()));
     let settled = |m: &ManifestFile| {
         m.content == ManifestContentType::Data && single_partition(m).is_some_and(|k| per_partition[&k] == 1)
     };
     let crowded = |m: &ManifestFile| {
-        settled(m) && single_partition(m).is_some_and(|k| closed(&k)) && file_count(m) > policy.max_files_per_partition
+        settled(m)
+            && single_partition(m).is_some_and(|k| compactable(&k))
+            && file_count(m) > policy.max_files_per_partition
     };
     let unsettled: Vec<&ManifestFile> = manifests
         .iter()
@@ -264,7 +275,7 @@ pub async fn rewrite_manifests(
     let mut plan = Vec::new();
     let mut compacted_files = Vec::new();
     for (key, entries) in by_partition {
-        let hour = key.as_deref().filter(|k| closed(k)).and_then(hour_of);
+        let hour = key.as_deref().filter(|k| compactable(k)).and_then(hour_of);
         match hour.filter(|_| entries.len() > policy.max_files_per_partition) {
             Some(hour) => {
                 let paths: Vec<String> = entries.iter().map(|e| e.file_path().to_owned()).collect();
@@ -297,6 +308,17 @@ pub async fn rewrite_manifests(
         file_io.delete(&path).await?;
     }
     Ok(None)
+}
+
+/// The partitions the live delete files of `manifests` apply to (`None`: a delete file whose
+/// partition is not an hour, which may apply anywhere).
+async fn deleted_partitions(manifests: &[ManifestFile], file_io: &FileIO) -> anyhow::Result<BTreeSet<Option<Vec<u8>>>> {
+    let mut partitions = BTreeSet::new();
+    for manifest in manifests.iter().filter(|m| m.content == ManifestContentType::Deletes) {
+        let (entries, _) = manifest.load_manifest(file_io).await?.into_parts();
+        partitions.extend(entries.iter().filter(|e| e.is_alive()).map(partition_key));
+    }
+    Ok(partitions)
 }
 
 /// Live manifest entries by `hour(ts)` partition key.
@@ -530,31 +552,71 @@ fn new_snapshot_id(metadata: &TableMetadata) -> i64 {
     }
 }
 
-/// Expires snapshots older than the retention, keeping at least the newest `min_snapshots`.
-/// Returns the snapshots expired (as they were) and the table afterwards.
+/// Which snapshots an expiry keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Keep {
+    /// Younger than this: kept, up to `most`.
+    retention: Duration,
+    /// The newest this many ancestors of the current snapshot, whatever their age and `most`.
+    newest: usize,
+    /// Kept at most, as long as `newest` allows.
+    most: usize,
+}
+
+impl Keep {
+    /// `policy`'s limits, with the newest `lineage` snapshots kept: the line back to the
+    /// snapshot that records the Kafka checkpoints, which the next commit walks.
+    fn of(policy: &Policy, lineage: usize) -> Self {
+        Self {
+            retention: policy.snapshot_retention,
+            newest: policy.min_snapshots.max(lineage).max(1),
+            most: policy.max_snapshots,
+        }
+    }
+
+    /// What to give iceberg's expiry for a table of `snapshots`: the cutoff age and how many of
+    /// the current snapshot's ancestors to keep regardless. `None`: nothing to expire.
+    fn plan(&self, snapshots: usize, expirable_by_age: usize) -> Option<(Option<Duration>, usize)> {
+        if snapshots <= self.newest {
+            return None;
+        }
+        if snapshots > self.most.max(self.newest) {
+            // Over the count: everything but the newest `most` (or `newest`, if more) goes.
+            return Some((None, self.most.max(self.newest)));
+        }
+        (expirable_by_age > 0).then_some((Some(self.retention), self.newest))
+    }
+}
+
+/// Expires snapshots as `keep` says. Returns the snapshots expired (as they were) and the table
+/// afterwards.
 async fn expire_snapshots(
     catalog: &dyn iceberg::Catalog,
     table: Table,
-    policy: &Policy,
+    keep: &Keep,
 ) -> anyhow::Result<(Vec<Arc<Snapshot>>, Table)> {
-    let retention = chrono::Duration::from_std(policy.snapshot_retention).unwrap_or(chrono::Duration::MAX);
-    let cutoff = chrono::Utc::now()
-        .checked_sub_signed(retention)
-        .map_or(0, |t| t.timestamp_millis());
+    let now = chrono::Utc::now();
+    let cutoff = |age: Duration| {
+        let age = chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
+        now.checked_sub_signed(age).map_or(0, |t| t.timestamp_millis())
+    };
+    let by_age = cutoff(keep.retention);
+    let snapshots = table.metadata().snapshots().len();
     let expirable = table
         .metadata()
         .snapshots()
-        .filter(|s| s.timestamp_ms() < cutoff)
+        .filter(|s| s.timestamp_ms() < by_age)
         .count();
-    if expirable == 0 || table.metadata().snapshots().len() <= policy.min_snapshots {
+    let Some((age, newest)) = keep.plan(snapshots, expirable) else {
         return Ok((Vec::new(), table));
-    }
+    };
     let before: Vec<Arc<Snapshot>> = table.metadata().snapshots().cloned().collect();
     let transaction = Transaction::new(&table);
     let action = transaction
         .expire_snapshots()
-        .expire_older_than_ms(cutoff)
-        .retain_last(policy.min_snapshots.max(1));
+        // Over the count: every snapshot older than now, beyond the newest kept.
+        .expire_older_than_ms(age.map_or(now.timestamp_millis() + 1, cutoff))
+        .retain_last(newest);
     let table = action.apply(transaction)?.commit(catalog).await?;
     let expired = before
         .into_iter()
@@ -607,4 +669,48 @@ async fn delete_unreferenced(table: &Table, expired: &[Arc<Snapshot>]) -> anyhow
         table.file_io().delete(path).await?;
     }
     Ok(paths.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keep(newest: usize, most: usize) -> Keep {
+        Keep {
+            retention: Duration::from_secs(3600),
+            newest,
+            most,
+        }
+    }
+
+    #[test]
+    fn expiry_by_age_keeps_the_newest() {
+        assert_eq!(keep(10, 500).plan(100, 30), Some((Some(Duration::from_secs(3600)), 10)));
+        assert_eq!(keep(10, 500).plan(100, 0), None, "nothing old enough");
+        assert_eq!(keep(10, 500).plan(10, 10), None, "no more than the newest kept");
+    }
+
+    #[test]
+    fn too_many_snapshots_are_expired_whatever_their_age() {
+        assert_eq!(keep(10, 500).plan(501, 0), Some((None, 500)));
+        assert_eq!(keep(10, 500).plan(500, 0), None);
+    }
+
+    #[test]
+    fn the_line_to_the_recorded_checkpoints_is_kept_beyond_every_limit() {
+        let policy = Policy {
+            snapshot_retention: Duration::from_secs(3600),
+            min_snapshots: 10,
+            max_snapshots: 500,
+            max_unmerged_manifests: 20,
+            max_files_per_partition: 4,
+            target_file_size: 1 << 20,
+            orphan_age: Duration::from_secs(86400),
+        };
+        let deep = Keep::of(&policy, 700);
+        assert_eq!(deep.newest, 700);
+        assert_eq!(deep.plan(800, 800), Some((None, 700)));
+        assert_eq!(deep.plan(700, 700), None);
+        assert_eq!(Keep::of(&policy, 2).newest, 10);
+    }
 }

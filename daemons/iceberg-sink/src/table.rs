@@ -6,12 +6,13 @@ use std::{
     sync::Arc,
 };
 
+use anyhow::Context;
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use iceberg::{
     Catalog, ErrorKind, Namespace, NamespaceIdent, TableCommit, TableCreation, TableIdent,
     spec::{
-        DataFile, DataFileFormat, Literal, NestedField, PartitionKey, PrimitiveType, Schema, Struct, Transform, Type,
-        UnboundPartitionSpec,
+        DataFile, DataFileFormat, Literal, NestedField, PartitionKey, PrimitiveType, Schema, Snapshot, Struct,
+        Transform, Type, UnboundPartitionSpec,
     },
     table::Table,
     transaction::{ApplyTransactionAction, Transaction},
@@ -128,6 +129,72 @@ pub struct Shape {
 /// Next offset to read per Kafka partition.
 pub type Offsets = BTreeMap<i32, i64>;
 
+/// What the table records of a topic's partitions (see [`WeatherTable::recorded`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// The snapshot that records them; none when nothing was ever recorded, or when they are
+    /// where an operator resumes from.
+    pub snapshot: Option<i64>,
+    pub checkpoints: Checkpoints,
+    pub epochs: Epochs,
+    /// Snapshots from the current one back to that one, both included: what expiry must keep
+    /// for the next walk to find it.
+    pub depth: usize,
+}
+
+/// The walk back from the current snapshot met a parent that is no longer in the metadata
+/// (expired, by this sink or another engine) before any snapshot that records Kafka
+/// checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the table's line of snapshots is broken: the parent of snapshot {snapshot} was expired before any snapshot \
+     on the way recorded where the Kafka partitions stand, so reading on could write again what the topic still \
+     holds. Start the sink once with --resume-from group (the consumer group's committed offsets, which follow \
+     each commit to the table: at most the last commit's readings are written twice), --resume-from <snapshot \
+     id> (a snapshot still in the table that records kafka.offsets.<topic>), or --resume-from start (every \
+     partition from its beginning: for a table this sink never wrote to); keep other engines' expiry from \
+     removing the sink's newest snapshot (see README, \"Sharing the table\")"
+)]
+pub struct BrokenLineage {
+    /// The oldest snapshot the walk reached.
+    pub snapshot: i64,
+}
+
+/// The checkpoints and owner epochs `snapshot`'s summary records of `topic`, if any.
+fn recorded_in(snapshot: &Snapshot, topic: &str) -> anyhow::Result<Option<(Checkpoints, Epochs)>> {
+    let summary = &snapshot.summary().additional_properties;
+    let Some(json) = summary.get(&offsets_key(topic)) else {
+        return Ok(None);
+    };
+    let offsets: BTreeMap<String, i64> = serde_json::from_str(json)?;
+    let mut records: BTreeMap<String, String> = match summary.get(&records_key(topic)) {
+        Some(json) => serde_json::from_str(json)?,
+        None => BTreeMap::new(),
+    };
+    let epochs: BTreeMap<String, i64> = match summary.get(&epochs_key(topic)) {
+        Some(json) => serde_json::from_str(json)?,
+        None => BTreeMap::new(),
+    };
+    let checkpoints = offsets
+        .into_iter()
+        .map(|(p, next_offset)| {
+            let last_record = records.remove(&p);
+            Ok((
+                p.parse()?,
+                Checkpoint {
+                    next_offset,
+                    last_record,
+                },
+            ))
+        })
+        .collect::<anyhow::Result<Checkpoints>>()?;
+    let epochs = epochs
+        .into_iter()
+        .map(|(p, epoch)| Ok((p.parse()?, epoch)))
+        .collect::<anyhow::Result<Epochs>>()?;
+    Ok(Some((checkpoints, epochs)))
+}
+
 /// The table schema: the same one Trino's init SQL and PyIceberg see.
 pub fn schema() -> iceberg::Result<Schema> {
     Schema::builder()
@@ -221,66 +288,85 @@ impl WeatherTable {
         Ok(())
     }
 
-    /// The checkpoints of the newest snapshot (walking back through parents) that recorded
-    /// any: its offsets, with the identity of the record before each where it has them.
-    pub fn committed_checkpoints(&self, topic: &str) -> anyhow::Result<Checkpoints> {
-        Ok(self.committed_state(topic)?.0)
-    }
-
-    /// [`Self::committed_checkpoints`] and the owner epochs recorded beside them.
-    fn committed_state(&self, topic: &str) -> anyhow::Result<(Checkpoints, Epochs)> {
+    /// What the table records of `topic`'s partitions: the checkpoints and owner epochs of the
+    /// newest snapshot on the current snapshot's line of parents that records any.
+    ///
+    /// Fails with [`BrokenLineage`] when a parent on that line is no longer in the metadata
+    /// before such a snapshot is found: where the partitions stand is then unknown, and "none
+    /// recorded" would read every partition from its start again.
+    pub fn recorded(&self, topic: &str) -> anyhow::Result<Recorded> {
         let metadata = self.table.metadata();
         let mut snapshot = metadata.current_snapshot().cloned();
+        let mut depth = 0;
         while let Some(current) = snapshot {
-            let summary = &current.summary().additional_properties;
-            if let Some(json) = summary.get(&offsets_key(topic)) {
-                let offsets: BTreeMap<String, i64> = serde_json::from_str(json)?;
-                let mut records: BTreeMap<String, String> = match summary.get(&records_key(topic)) {
-                    Some(json) => serde_json::from_str(json)?,
-                    None => BTreeMap::new(),
-                };
-                let epochs: BTreeMap<String, i64> = match summary.get(&epochs_key(topic)) {
-                    Some(json) => serde_json::from_str(json)?,
-                    None => BTreeMap::new(),
-                };
-                let checkpoints = offsets
-                    .into_iter()
-                    .map(|(p, next_offset)| {
-                        let last_record = records.remove(&p);
-                        Ok((
-                            p.parse()?,
-                            Checkpoint {
-                                next_offset,
-                                last_record,
-                            },
-                        ))
-                    })
-                    .collect::<anyhow::Result<Checkpoints>>()?;
-                let epochs = epochs
-                    .into_iter()
-                    .map(|(p, epoch)| Ok((p.parse()?, epoch)))
-                    .collect::<anyhow::Result<Epochs>>()?;
-                return Ok((checkpoints, epochs));
+            depth += 1;
+            if let Some((checkpoints, epochs)) = recorded_in(&current, topic)? {
+                return Ok(Recorded {
+                    snapshot: Some(current.snapshot_id()),
+                    checkpoints,
+                    epochs,
+                    depth,
+                });
             }
-            snapshot = current
-                .parent_snapshot_id()
-                .and_then(|id| metadata.snapshot_by_id(id).cloned());
+            let parent = current.parent_snapshot_id().and_then(|id| metadata.snapshot_by_id(id));
+            // No parent: the table's first snapshot (sequence number 1 in format v2, 0 in v1), or
+            // the oldest one left by an expiry that dropped the parent's id with the parent
+            // (PyIceberg does).
+            let first = current.parent_snapshot_id().is_none() && current.sequence_number() <= 1;
+            if parent.is_none() && !first {
+                return Err(BrokenLineage {
+                    snapshot: current.snapshot_id(),
+                }
+                .into());
+            }
+            snapshot = parent.cloned();
         }
-        Ok((Checkpoints::new(), Epochs::new()))
+        Ok(Recorded::default())
     }
 
-    /// The next offset per partition of [`Self::committed_checkpoints`].
+    /// What snapshot `id` records of `topic`'s partitions, with every owner epoch raised past
+    /// any the table can have given out since (each claim is a commit, so no epoch exceeds the
+    /// table's last sequence number): where an operator resumes from when the line of parents
+    /// is broken.
+    pub fn recorded_at(&self, topic: &str, id: i64) -> anyhow::Result<Recorded> {
+        let snapshot = self
+            .table
+            .metadata()
+            .snapshot_by_id(id)
+            .with_context(|| format!("snapshot {id} is not in the table's metadata"))?;
+        let (checkpoints, _) = recorded_in(snapshot, topic)?
+            .with_context(|| format!("snapshot {id} records no checkpoints of topic {topic}"))?;
+        Ok(self.resumed_at(checkpoints))
+    }
+
+    /// `checkpoints` as the table's new record, with owner epochs past any given out before
+    /// (see [`Self::recorded_at`]).
+    pub fn resumed_at(&self, checkpoints: Checkpoints) -> Recorded {
+        let past_any = self.table.metadata().last_sequence_number();
+        Recorded {
+            snapshot: None,
+            epochs: checkpoints.keys().map(|p| (*p, past_any)).collect(),
+            checkpoints,
+            depth: 0,
+        }
+    }
+
+    /// The next offset per partition of [`Self::recorded`].
     pub fn committed_offsets(&self, topic: &str) -> anyhow::Result<Offsets> {
         Ok(self
-            .committed_checkpoints(topic)?
+            .recorded(topic)?
+            .checkpoints
             .into_iter()
             .map(|(p, c)| (p, c.next_offset))
             .collect())
     }
 
-    /// One maintenance run (see [`crate::maintenance`]).
-    pub async fn maintain(&mut self, policy: &Policy) -> anyhow::Result<Report> {
+    /// One maintenance run (see [`crate::maintenance`]). Expiry keeps the snapshots from the
+    /// current one back to the one that records `topic`'s checkpoints.
+    pub async fn maintain(&mut self, topic: &str, policy: &Policy) -> anyhow::Result<Report> {
         self.reload().await?;
+        // A manifest rewrite may add one snapshot on top before the expiry.
+        let lineage = self.recorded(topic)?.depth + 1;
         let (table, report) = self
             .maintenance
             .run(
@@ -288,6 +374,7 @@ impl WeatherTable {
                 &self.row,
                 self.table.clone(),
                 policy,
+                lineage,
                 &self.storage,
             )
             .await?;
@@ -365,15 +452,22 @@ impl WeatherTable {
     /// Takes `partitions` over for a writer: raises their owner epochs in a snapshot of their
     /// own (no files), so that a commit of their previous owner, which checks its epochs, can
     /// no longer land. Returns the partitions' checkpoints and their new epochs.
-    pub async fn claim(&mut self, topic: &str, partitions: &[i32]) -> anyhow::Result<Claim> {
+    ///
+    /// `resume` is what the table is taken to record when its line of snapshots is broken
+    /// ([`BrokenLineage`], which is the error without it): the snapshot records it for every
+    /// partition, and the line is whole again.
+    pub async fn claim(&mut self, topic: &str, partitions: &[i32], resume: Option<&Recorded>) -> anyhow::Result<Claim> {
         let none = (Checkpoints::new(), Epochs::new());
         let change = Change {
             expected: &none.0,
             checkpoints: &none.0,
             epochs: &none.1,
             claim: partitions,
+            resume,
         };
-        let (checkpoints, epochs) = self.append(topic, Vec::new(), &change).await?.1;
+        let Recorded {
+            checkpoints, epochs, ..
+        } = self.append(topic, Vec::new(), &change).await?.1;
         let mine = |p: &i32| partitions.contains(p);
         Ok(Claim {
             checkpoints: checkpoints.into_iter().filter(|(p, _)| mine(p)).collect(),
@@ -401,6 +495,7 @@ impl WeatherTable {
             checkpoints,
             epochs,
             claim: &[],
+            resume: None,
         };
         Ok(self.append(topic, files, &change).await?.0)
     }
@@ -413,11 +508,26 @@ impl WeatherTable {
         topic: &str,
         files: Vec<DataFile>,
         change: &Change<'_>,
-    ) -> anyhow::Result<(usize, (Checkpoints, Epochs))> {
+    ) -> anyhow::Result<(usize, Recorded)> {
         let mut conflicts = 0;
         loop {
             self.reload().await?;
-            let (mut checkpoints, mut epochs) = self.committed_state(topic)?;
+            let recorded = match (self.recorded(topic), change.resume) {
+                (Err(e), Some(resume)) if e.is::<BrokenLineage>() => {
+                    let mut resume = resume.clone();
+                    let past_any = self.table.metadata().last_sequence_number();
+                    for &partition in change.claim {
+                        resume.epochs.entry(partition).or_insert(past_any);
+                    }
+                    resume
+                }
+                (recorded, _) => recorded?,
+            };
+            let Recorded {
+                mut checkpoints,
+                mut epochs,
+                ..
+            } = recorded;
             let fenced: Vec<i32> = change
                 .checkpoints
                 .keys()
@@ -476,7 +586,13 @@ impl WeatherTable {
                 Ok(table) => {
                     self.table = table;
                     self.maintenance.observe(&self.table);
-                    return Ok((conflicts, (checkpoints, epochs)));
+                    let recorded = Recorded {
+                        snapshot: self.current_snapshot_id(),
+                        checkpoints,
+                        epochs,
+                        depth: 1,
+                    };
+                    return Ok((conflicts, recorded));
                 }
                 Err(e) if e.kind() == ErrorKind::CatalogCommitConflicts && conflicts < MAX_COMMIT_CONFLICTS => {
                     conflicts += 1;
@@ -507,6 +623,8 @@ struct Change<'a> {
     epochs: &'a Epochs,
     /// Partitions whose owner epoch is raised.
     claim: &'a [i32],
+    /// What the table is taken to record if its line of snapshots is broken.
+    resume: Option<&'a Recorded>,
 }
 
 /// Commits in a row the same writers keep winning, before a commit gives up (and its consumer
