@@ -66,13 +66,8 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
     // As the sink keeps a day-old table: the appends' manifests merged per hour (at once here,
     // not after 20), then the closed hours compacted.
     let policy = Policy {
-        snapshot_retention: Duration::from_secs(3600),
-        min_snapshots: 10,
-        max_snapshots: 500,
         max_unmerged_manifests: 0,
-        max_files_per_partition: 4,
-        target_file_size: 128 << 20,
-        orphan_age: Duration::from_secs(86_400),
+        ..iceberg_sink::maintainer::default_policy()?
     };
     table.maintain("weather", &policy).await?;
     table.maintain("weather", &policy).await?;

@@ -5,11 +5,7 @@
 //! commit time, the metadata's size, the table's files, and how long PyIceberg takes to read
 //! the whole table (a fresh Python process each time, about 1 s of it start-up).
 
-use std::{
-    collections::HashMap,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, path::Path, time::Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use iceberg_sink::{maintenance::Policy, table::WeatherTable};
@@ -43,12 +39,7 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
     // scaled the same way (1 h of 10 s commits is 360 snapshots).
     let policy = Policy {
         snapshot_retention: args.soak_retention,
-        min_snapshots: 10,
-        max_snapshots: 500,
-        max_unmerged_manifests: 20,
-        max_files_per_partition: 4,
-        target_file_size: 128 << 20,
-        orphan_age: Duration::from_secs(86_400),
+        ..iceberg_sink::maintainer::default_policy()?
     };
     // 2027-01-15 08:00 UTC, the start of an hour.
     let start: DateTime<Utc> = DateTime::from_timestamp(1_800_000_000, 0).expect("ts");

@@ -41,6 +41,13 @@ pub fn policy(args: &Args) -> Policy {
     }
 }
 
+/// The policy of a sink started without flags (its environment's settings apply): for tests and
+/// benchmarks that change a few of them.
+pub fn default_policy() -> anyhow::Result<Policy> {
+    use clap::Parser;
+    Ok(policy(&Args::try_parse_from(["iceberg-sink"])?))
+}
+
 /// Starts the task. It maintains every `--maintenance-interval` while `maintainer` is set, and
 /// stops at `shutdown`, dropping a run in progress: what that run wrote and did not commit is
 /// left to the orphan sweep.

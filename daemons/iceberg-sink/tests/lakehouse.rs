@@ -617,13 +617,8 @@ async fn maintenance_lands_on_top_of_concurrent_appends() {
         append(&mut writer, &mut committed, &batch(k)).await;
     }
     let policy = Policy {
-        snapshot_retention: Duration::from_secs(3600),
-        min_snapshots: 10,
-        max_snapshots: 500,
         max_unmerged_manifests: 4,
-        max_files_per_partition: 4,
-        target_file_size: 128 << 20,
-        orphan_age: Duration::from_secs(86_400),
+        ..iceberg_sink::maintainer::default_policy().expect("the sink's defaults")
     };
     let mut maintainer = harness.table().await;
     let appends = async {
@@ -864,13 +859,8 @@ async fn maintenance_commits_on_the_tables_catalog_row_as_the_catalog_does() {
     let mut table = harness.table().await;
     let mut committed = Checkpoints::new();
     let policy = Policy {
-        snapshot_retention: Duration::from_secs(3600),
-        min_snapshots: 10,
-        max_snapshots: 500,
         max_unmerged_manifests: 0,
-        max_files_per_partition: 4,
-        target_file_size: 128 << 20,
-        orphan_age: Duration::from_secs(86_400),
+        ..iceberg_sink::maintainer::default_policy().expect("the sink's defaults")
     };
     let db = weather_testkit::connect(&harness.catalog_url)
         .await
