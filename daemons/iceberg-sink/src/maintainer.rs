@@ -6,6 +6,8 @@
 //! no lock; this task has a catalog connection and a table of its own.
 //!
 //! One instance maintains: the owner of [`crate::MAINTAINER_PARTITION`], which the sink flags.
+//! Two maintainers would be safe (each commit is a compare-and-set) but would mostly undo each
+//! other's rewrites.
 
 use std::{
     sync::{
