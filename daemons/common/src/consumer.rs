@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     WeatherReading,
     http::PartitionLabel,
-    kafka::{DeadLetters, KafkaArgs},
+    kafka::{DeadLetters, KafkaArgs, partition_count},
     runtime::{self, Backoff},
 };
 
@@ -1100,16 +1100,6 @@ where
             return None;
         }
     }
-}
-
-/// Partitions of `topic` (0 when it does not exist). Blocks for up to 5 s.
-pub fn partition_count<C: Consumer<X>, X: ConsumerContext>(consumer: &C, topic: &str) -> anyhow::Result<i32> {
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-    Ok(metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map_or(0, |t| t.partitions().len() as i32))
 }
 
 /// Commits `checkpoints` to the consumer group, for lag monitoring only: the store holds the

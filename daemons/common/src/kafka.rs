@@ -6,6 +6,7 @@ use rdkafka::{
     ClientConfig,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     client::{Client, ClientContext, DefaultClientContext},
+    consumer::{Consumer, ConsumerContext},
     error::RDKafkaErrorCode,
 };
 
@@ -126,30 +127,19 @@ impl KafkaArgs {
 }
 
 /// The offsets consumer group `group_id` committed for every partition of `topic`: the next
-/// offset to read of each. Fails when a partition has none. Blocks for at most about 20 s.
+/// offset to read of each. Fails when a partition has none. Blocks for at most about 15 s.
 pub fn group_offsets(kafka: &KafkaArgs, group_id: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
-    use rdkafka::{
-        Offset, TopicPartitionList,
-        consumer::{BaseConsumer, Consumer},
-    };
-    let timeout = Duration::from_secs(10);
+    use rdkafka::{Offset, TopicPartitionList, consumer::BaseConsumer};
     // Not subscribed: it only asks the group coordinator, and does not join the group.
     let consumer: BaseConsumer = kafka.client_config().set("group.id", group_id).create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-    let partitions = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>())
-        .filter(|p| !p.is_empty())
-        .ok_or_else(|| anyhow::anyhow!("topic {topic} does not exist"))?;
+    let partitions = partition_count(&consumer, topic)?;
+    anyhow::ensure!(partitions > 0, "topic {topic} does not exist");
     let mut list = TopicPartitionList::new();
-    for &partition in &partitions {
+    for partition in 0..partitions {
         list.add_partition(topic, partition);
     }
-    let committed = consumer.committed_offsets(list, timeout)?;
-    partitions
-        .into_iter()
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10))?;
+    (0..partitions)
         .map(
             |partition| match committed.find_partition(topic, partition).map(|e| e.offset()) {
                 Some(Offset::Offset(offset)) => Ok((partition, offset)),
@@ -157,6 +147,16 @@ pub fn group_offsets(kafka: &KafkaArgs, group_id: &str, topic: &str) -> anyhow::
             },
         )
         .collect()
+}
+
+/// Partitions of `topic` (0 when it does not exist). Blocks for up to 5 s.
+pub fn partition_count<C: Consumer<X>, X: ConsumerContext>(consumer: &C, topic: &str) -> anyhow::Result<i32> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map_or(0, |t| t.partitions().len() as i32))
 }
 
 /// Whether the broker answers and knows `topic`. Blocks for at most `timeout`.

@@ -481,7 +481,7 @@ async fn log_ends(brokers: &str) -> anyhow::Result<Vec<(i32, i64)>> {
             .set("group.id", "pipeline-drain")
             .create()?;
         let topic = weather_common::kafka::WEATHER_TOPIC;
-        let partitions = weather_common::consumer::partition_count(&consumer, topic)?;
+        let partitions = weather_common::kafka::partition_count(&consumer, topic)?;
         (0..partitions)
             .map(|p| Ok((p, consumer.fetch_watermarks(topic, p, Duration::from_secs(5))?.1)))
             .collect()
