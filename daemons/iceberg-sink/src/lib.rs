@@ -48,7 +48,7 @@ use weather_common::{
 
 use crate::{
     resume::ResumeFrom,
-    table::{BrokenLineage, Recorded, WeatherTable},
+    table::{BrokenLineage, WeatherTable},
 };
 
 #[derive(clap::Parser, Debug, Clone)]
@@ -200,19 +200,19 @@ struct Sink<'a> {
     maintainer: Arc<AtomicBool>,
 }
 
-/// Where the table is taken to stand when its line of snapshots is broken (`broken`): what
-/// `--resume-from` names, or [`Unresumable`] without it.
-async fn resume_point(args: &Args, table: &WeatherTable, broken: anyhow::Error) -> anyhow::Result<Recorded> {
+/// Where the partitions are taken to stand when the table's line of snapshots is broken
+/// (`broken`): what `--resume-from` names, or [`Unresumable`] without it.
+async fn resume_point(args: &Args, table: &WeatherTable, broken: anyhow::Error) -> anyhow::Result<Checkpoints> {
     let resume = match args.resume_from {
         None => return Err(unresumable(broken)),
-        Some(ResumeFrom::Snapshot(id)) => table.recorded_at(&args.topic, id)?,
-        Some(ResumeFrom::Start) => table.resumed_at(Checkpoints::new()),
+        Some(ResumeFrom::Snapshot(id)) => table.checkpoints_at(&args.topic, id)?,
+        Some(ResumeFrom::Start) => Checkpoints::new(),
         Some(ResumeFrom::Group) => {
             let (kafka, group, topic) = (args.kafka.clone(), args.group_id.clone(), args.topic.clone());
             let offsets = tokio::task::spawn_blocking(move || kafka::group_offsets(&kafka, &group, &topic))
                 .await?
                 .context("reading the consumer group's committed offsets")?;
-            let checkpoints = offsets
+            offsets
                 .into_iter()
                 .map(|(p, next_offset)| {
                     let checkpoint = consumer::Checkpoint {
@@ -221,14 +221,13 @@ async fn resume_point(args: &Args, table: &WeatherTable, broken: anyhow::Error) 
                     };
                     (p, checkpoint)
                 })
-                .collect();
-            table.resumed_at(checkpoints)
+                .collect()
         }
     };
     tracing::warn!(
         error = %broken,
         resume_from = ?args.resume_from,
-        offsets = ?resume.checkpoints.iter().map(|(p, c)| (*p, c.next_offset)).collect::<Vec<_>>(),
+        offsets = ?resume.iter().map(|(p, c)| (*p, c.next_offset)).collect::<Vec<_>>(),
         "the table's line of snapshots is broken; resuming where --resume-from says"
     );
     Ok(resume)
@@ -236,6 +235,14 @@ async fn resume_point(args: &Args, table: &WeatherTable, broken: anyhow::Error) 
 
 fn unresumable(e: anyhow::Error) -> anyhow::Error {
     Unresumable { reason: e.to_string() }.into()
+}
+
+impl Sink<'_> {
+    /// Tells the maintainer task whether this instance owns [`MAINTAINER_PARTITION`].
+    fn flag_maintainer(&self) {
+        self.maintainer
+            .store(self.epochs.contains_key(&MAINTAINER_PARTITION), Ordering::Relaxed);
+    }
 }
 
 /// The owner of this partition maintains the table.
@@ -246,7 +253,7 @@ impl consumer::Store for Sink<'_> {
         self.buffer.clear();
         self.committed.clear();
         self.epochs.clear();
-        self.maintainer.store(false, Ordering::Relaxed);
+        self.flag_maintainer();
         self.table = None;
         let table = WeatherTable::open(
             &self.catalog,
@@ -272,8 +279,7 @@ impl consumer::Store for Sink<'_> {
         .context("claiming partitions")?;
         self.epochs.extend(claim.epochs.clone());
         self.committed.extend(claim.checkpoints.clone());
-        self.maintainer
-            .store(self.epochs.contains_key(&MAINTAINER_PARTITION), Ordering::Relaxed);
+        self.flag_maintainer();
         Ok(claim)
     }
 
@@ -282,8 +288,7 @@ impl consumer::Store for Sink<'_> {
             self.committed.remove(partition);
             self.epochs.remove(partition);
         }
-        self.maintainer
-            .store(self.epochs.contains_key(&MAINTAINER_PARTITION), Ordering::Relaxed);
+        self.flag_maintainer();
     }
 
     fn restart_partition(&mut self, _partition: i32, _start: i64) {

@@ -61,11 +61,7 @@ pub(crate) fn spawn(
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
     let task = Task {
-        topic: args.topic.clone(),
-        namespace: args.catalog.namespace.clone(),
-        table_name: args.catalog.table.clone(),
-        target_file_size: args.target_file_size,
-        interval: args.maintenance_interval,
+        args: args.clone(),
         policy: policy(args),
         catalog,
         metrics,
@@ -80,11 +76,7 @@ pub(crate) fn spawn(
 }
 
 struct Task {
-    topic: String,
-    namespace: String,
-    table_name: String,
-    target_file_size: usize,
-    interval: Duration,
+    args: Args,
     policy: Policy,
     catalog: CatalogConfig,
     metrics: Metrics,
@@ -93,18 +85,19 @@ struct Task {
 
 impl Task {
     async fn run(self) {
-        let pause = if self.interval.is_zero() {
+        let (args, interval) = (&self.args, self.args.maintenance_interval);
+        let pause = if interval.is_zero() {
             SHAPE_INTERVAL
         } else {
-            self.interval.clamp(MIN_PAUSE, SHAPE_INTERVAL)
+            interval.clamp(MIN_PAUSE, SHAPE_INTERVAL)
         };
         let mut table = None;
         let mut last_run: Option<Instant> = None;
         loop {
             tokio::time::sleep(pause).await;
             if table.is_none() {
-                match WeatherTable::open(&self.catalog, &self.namespace, &self.table_name, self.target_file_size).await
-                {
+                let (namespace, name) = (&args.catalog.namespace, &args.catalog.table);
+                match WeatherTable::open(&self.catalog, namespace, name, args.target_file_size).await {
                     Ok(opened) => table = Some(opened),
                     Err(e) => {
                         tracing::debug!(error = %format!("{e:#}"), "maintenance: the table is not reachable yet");
@@ -115,7 +108,7 @@ impl Task {
             let Some(table) = table.as_mut() else { continue };
             let maintainer = self.maintainer.load(Ordering::Relaxed);
             self.metrics.maintainer.set(i64::from(maintainer));
-            let due = maintainer && !self.interval.is_zero() && last_run.is_none_or(|t| t.elapsed() >= self.interval);
+            let due = maintainer && !interval.is_zero() && last_run.is_none_or(|t| t.elapsed() >= interval);
             if due {
                 last_run = Some(Instant::now());
                 self.maintain(table).await;
@@ -130,7 +123,7 @@ impl Task {
     /// One run; a failure is logged and retried next time: the appends do not depend on it.
     async fn maintain(&self, table: &mut WeatherTable) {
         let started = Instant::now();
-        match table.maintain(&self.topic, &self.policy).await {
+        match table.maintain(&self.args.topic, &self.policy).await {
             Ok(report) => {
                 let metrics = &self.metrics;
                 metrics.maintenance_runs.inc();

@@ -132,9 +132,6 @@ pub type Offsets = BTreeMap<i32, i64>;
 /// What the table records of a topic's partitions (see [`WeatherTable::recorded`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recorded {
-    /// The snapshot that records them; none when nothing was ever recorded, or when they are
-    /// where an operator resumes from.
-    pub snapshot: Option<i64>,
     pub checkpoints: Checkpoints,
     pub epochs: Epochs,
     /// Snapshots from the current one back to that one, both included: what expiry must keep
@@ -302,7 +299,6 @@ impl WeatherTable {
             depth += 1;
             if let Some((checkpoints, epochs)) = recorded_in(&current, topic)? {
                 return Ok(Recorded {
-                    snapshot: Some(current.snapshot_id()),
                     checkpoints,
                     epochs,
                     depth,
@@ -324,11 +320,9 @@ impl WeatherTable {
         Ok(Recorded::default())
     }
 
-    /// What snapshot `id` records of `topic`'s partitions, with every owner epoch raised past
-    /// any the table can have given out since (each claim is a commit, so no epoch exceeds the
-    /// table's last sequence number): where an operator resumes from when the line of parents
-    /// is broken.
-    pub fn recorded_at(&self, topic: &str, id: i64) -> anyhow::Result<Recorded> {
+    /// The checkpoints snapshot `id` records of `topic`'s partitions: where an operator may
+    /// resume from when the line of snapshots is broken.
+    pub fn checkpoints_at(&self, topic: &str, id: i64) -> anyhow::Result<Checkpoints> {
         let snapshot = self
             .table
             .metadata()
@@ -336,19 +330,7 @@ impl WeatherTable {
             .with_context(|| format!("snapshot {id} is not in the table's metadata"))?;
         let (checkpoints, _) = recorded_in(snapshot, topic)?
             .with_context(|| format!("snapshot {id} records no checkpoints of topic {topic}"))?;
-        Ok(self.resumed_at(checkpoints))
-    }
-
-    /// `checkpoints` as the table's new record, with owner epochs past any given out before
-    /// (see [`Self::recorded_at`]).
-    pub fn resumed_at(&self, checkpoints: Checkpoints) -> Recorded {
-        let past_any = self.table.metadata().last_sequence_number();
-        Recorded {
-            snapshot: None,
-            epochs: checkpoints.keys().map(|p| (*p, past_any)).collect(),
-            checkpoints,
-            depth: 0,
-        }
+        Ok(checkpoints)
     }
 
     /// The next offset per partition of [`Self::recorded`].
@@ -453,10 +435,15 @@ impl WeatherTable {
     /// own (no files), so that a commit of their previous owner, which checks its epochs, can
     /// no longer land. Returns the partitions' checkpoints and their new epochs.
     ///
-    /// `resume` is what the table is taken to record when its line of snapshots is broken
-    /// ([`BrokenLineage`], which is the error without it): the snapshot records it for every
-    /// partition, and the line is whole again.
-    pub async fn claim(&mut self, topic: &str, partitions: &[i32], resume: Option<&Recorded>) -> anyhow::Result<Claim> {
+    /// `resume` is where the partitions are taken to stand when the table's line of snapshots is
+    /// broken ([`BrokenLineage`], which is the error without it): the snapshot records it, and
+    /// the line is whole again.
+    pub async fn claim(
+        &mut self,
+        topic: &str,
+        partitions: &[i32],
+        resume: Option<&Checkpoints>,
+    ) -> anyhow::Result<Claim> {
         let none = (Checkpoints::new(), Epochs::new());
         let change = Change {
             expected: &none.0,
@@ -465,9 +452,7 @@ impl WeatherTable {
             claim: partitions,
             resume,
         };
-        let Recorded {
-            checkpoints, epochs, ..
-        } = self.append(topic, Vec::new(), &change).await?.1;
+        let (checkpoints, epochs) = self.append(topic, Vec::new(), &change).await?.1;
         let mine = |p: &i32| partitions.contains(p);
         Ok(Claim {
             checkpoints: checkpoints.into_iter().filter(|(p, _)| mine(p)).collect(),
@@ -508,26 +493,24 @@ impl WeatherTable {
         topic: &str,
         files: Vec<DataFile>,
         change: &Change<'_>,
-    ) -> anyhow::Result<(usize, Recorded)> {
+    ) -> anyhow::Result<(usize, (Checkpoints, Epochs))> {
         let mut conflicts = 0;
         loop {
             self.reload().await?;
-            let recorded = match (self.recorded(topic), change.resume) {
+            let (mut checkpoints, mut epochs) = match (self.recorded(topic), change.resume) {
                 (Err(e), Some(resume)) if e.is::<BrokenLineage>() => {
-                    let mut resume = resume.clone();
+                    // The epochs given out are lost with the line: they start again above any the
+                    // table can have given out (each claim is a commit, so none exceeds the last
+                    // sequence number), so that no earlier owner's commit can land.
                     let past_any = self.table.metadata().last_sequence_number();
-                    for &partition in change.claim {
-                        resume.epochs.entry(partition).or_insert(past_any);
-                    }
-                    resume
+                    let epochs = resume.keys().chain(change.claim).map(|p| (*p, past_any)).collect();
+                    (resume.clone(), epochs)
                 }
-                (recorded, _) => recorded?,
+                (recorded, _) => {
+                    let recorded = recorded?;
+                    (recorded.checkpoints, recorded.epochs)
+                }
             };
-            let Recorded {
-                mut checkpoints,
-                mut epochs,
-                ..
-            } = recorded;
             let fenced: Vec<i32> = change
                 .checkpoints
                 .keys()
@@ -586,13 +569,7 @@ impl WeatherTable {
                 Ok(table) => {
                     self.table = table;
                     self.maintenance.observe(&self.table);
-                    let recorded = Recorded {
-                        snapshot: self.current_snapshot_id(),
-                        checkpoints,
-                        epochs,
-                        depth: 1,
-                    };
-                    return Ok((conflicts, recorded));
+                    return Ok((conflicts, (checkpoints, epochs)));
                 }
                 Err(e) if e.kind() == ErrorKind::CatalogCommitConflicts && conflicts < MAX_COMMIT_CONFLICTS => {
                     conflicts += 1;
@@ -623,8 +600,8 @@ struct Change<'a> {
     epochs: &'a Epochs,
     /// Partitions whose owner epoch is raised.
     claim: &'a [i32],
-    /// What the table is taken to record if its line of snapshots is broken.
-    resume: Option<&'a Recorded>,
+    /// Where the partitions are taken to stand if the table's line of snapshots is broken.
+    resume: Option<&'a Checkpoints>,
 }
 
 /// Commits in a row the same writers keep winning, before a commit gives up (and its consumer
