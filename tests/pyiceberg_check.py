@@ -17,17 +17,14 @@ import pyarrow.parquet as pq
 from pyiceberg.catalog.sql import SqlCatalog
 
 
-def main() -> None:
-    url, name, endpoint, table_name = sys.argv[1:5]
-    options = sys.argv[5:]
-    with_readings = "--readings" in options
-    keys = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
-    if "--credentials" in options:
-        with open(options[options.index("--credentials") + 1]) as f:
-            keys.update(line.strip().split("=", 1) for line in f if "=" in line)
+MOTO_KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+
+
+def open_catalog(url: str, name: str, endpoint: str, keys: dict = MOTO_KEYS) -> SqlCatalog:
+    """The sink's SQL catalog, with S3 at `endpoint` (none: a directory warehouse)."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg2://" + url[len("postgresql://"):]
-    catalog = SqlCatalog(
+    return SqlCatalog(
         name,
         uri=url,
         **{} if not endpoint else {
@@ -37,7 +34,17 @@ def main() -> None:
             "s3.region": "us-east-1",
         },
     )
-    table = catalog.load_table(table_name)
+
+
+def main() -> None:
+    url, name, endpoint, table_name = sys.argv[1:5]
+    options = sys.argv[5:]
+    with_readings = "--readings" in options
+    keys = dict(MOTO_KEYS)
+    if "--credentials" in options:
+        with open(options[options.index("--credentials") + 1]) as f:
+            keys.update(line.strip().split("=", 1) for line in f if "=" in line)
+    table = open_catalog(url, name, endpoint, keys).load_table(table_name)
     data = table.scan().to_arrow()
     files = table.inspect.files().to_pylist()
     compressions = set()

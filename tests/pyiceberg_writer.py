@@ -18,23 +18,12 @@ import sys
 from datetime import datetime, timezone
 
 import pyarrow as pa
-from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg_check import open_catalog
 
 
 def main() -> None:
     url, name, endpoint, table_name = sys.argv[1:5]
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg2://" + url[len("postgresql://"):]
-    catalog = SqlCatalog(
-        name,
-        uri=url,
-        **{
-            "s3.endpoint": endpoint,
-            "s3.access-key-id": "test",
-            "s3.secret-access-key": "test",
-            "s3.region": "us-east-1",
-        },
-    )
+    catalog = open_catalog(url, name, endpoint)
     table = catalog.load_table(table_name)
     for operation in sys.argv[5:]:
         kind, *rest = operation.split(":")
