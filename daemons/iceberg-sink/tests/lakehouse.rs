@@ -94,20 +94,23 @@ impl Harness {
         }
     }
 
+    /// The sink on this harness's broker, catalog and warehouse, with `extra` flags.
+    fn sink_command(&self, extra: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_iceberg-sink"));
+        command
+            .args(["--kafka-brokers", &self.brokers(), "--catalog-url", &self.catalog_url])
+            .args(["--s3-endpoint", &self.s3.endpoint, "--warehouse", &self.warehouse])
+            .args(["--listen", &self.admin])
+            .args(extra)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("RUST_LOG", "warn");
+        command
+    }
+
     fn sink(&self, extra: &[&str]) -> ChildGuard {
-        ChildGuard::spawn_ready(
-            "iceberg-sink",
-            Command::new(env!("CARGO_BIN_EXE_iceberg-sink"))
-                .args(["--kafka-brokers", &self.brokers(), "--catalog-url", &self.catalog_url])
-                .args(["--s3-endpoint", &self.s3.endpoint, "--warehouse", &self.warehouse])
-                .args(["--listen", &self.admin])
-                .args(extra)
-                .env("AWS_ACCESS_KEY_ID", "test")
-                .env("AWS_SECRET_ACCESS_KEY", "test")
-                .env("RUST_LOG", "warn"),
-            Duration::from_secs(60),
-        )
-        .expect("READY=1")
+        ChildGuard::spawn_ready("iceberg-sink", &mut self.sink_command(extra), Duration::from_secs(60))
+            .expect("READY=1")
     }
 
     async fn table(&self) -> WeatherTable {
@@ -155,16 +158,20 @@ impl Harness {
 
     /// Waits until the sink holds `count` readings (its commit interval kept long).
     async fn wait_buffered(&self, count: u64) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let buffered = |metrics: &str| metric(metrics, "iceberg_sink_records_consumed_total") == Some(count as f64);
+        self.wait_metrics(Duration::from_secs(60), &format!("buffered {count} readings"), buffered)
+            .await;
+    }
+
+    /// Polls the sink's /metrics until `done` holds, for at most `timeout`; returns them then.
+    async fn wait_metrics(&self, timeout: Duration, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
         loop {
             let metrics = http_get(&self.admin, "/metrics").await.expect("metrics").body;
-            if metric(&metrics, "iceberg_sink_records_consumed_total") == Some(count as f64) {
-                return;
+            if done(&metrics) {
+                return metrics;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the sink never buffered {count} readings:\n{metrics}"
-            );
+            assert!(Instant::now() < deadline, "the sink never {what}:\n{metrics}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -541,15 +548,11 @@ async fn maintenance_keeps_every_reading_exactly_once_and_the_metadata_small() {
         // Maintenance runs beside the commits: two more runs, so that one started after the last.
         let runs = |metrics: &str| metric(metrics, "iceberg_sink_maintenance_runs_total").unwrap_or(0.0);
         let before = runs(&http_get(&harness.admin, "/metrics").await.expect("metrics").body);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let metrics = loop {
-            let metrics = http_get(&harness.admin, "/metrics").await.expect("metrics").body;
-            if runs(&metrics) >= before + 2.0 {
-                break metrics;
-            }
-            assert!(Instant::now() < deadline, "maintenance stopped running:\n{metrics}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let metrics = harness
+            .wait_metrics(Duration::from_secs(30), "ran maintenance twice more", |m| {
+                runs(m) >= before + 2.0
+            })
+            .await;
         let value = |name: &str| metric(&metrics, name).unwrap_or(-1.0);
         eprintln!(
             "merges {}, compactions {}, expired {}, deleted {}, snapshots {}, manifests {}, metadata {} bytes",
@@ -722,19 +725,8 @@ async fn the_orphan_sweep_deletes_only_unreferenced_files() {
 /// fails): its exit status and what it wrote to stderr.
 fn sink_to_exit(harness: &Harness, extra: &[&str], timeout: Duration) -> (std::process::ExitStatus, String) {
     use std::io::Read;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_iceberg-sink"))
-        .args([
-            "--kafka-brokers",
-            &harness.brokers(),
-            "--catalog-url",
-            &harness.catalog_url,
-        ])
-        .args(["--s3-endpoint", &harness.s3.endpoint, "--warehouse", &harness.warehouse])
-        .args(["--listen", &harness.admin])
-        .args(extra)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("RUST_LOG", "warn")
+    let mut child = harness
+        .sink_command(extra)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("iceberg-sink");
@@ -825,23 +817,16 @@ async fn dead_letters_alone_move_the_checkpoint_and_are_sent_once() {
     sink.kill9();
     let mut sink = harness.sink(&args);
     // Positioned at the checkpoint, or past the bad records after reading them again.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let metrics = http_get(&harness.admin, "/metrics").await.expect("metrics").body;
-        let read: f64 = metrics
+    let read = |metrics: &str| -> f64 {
+        metrics
             .lines()
             .filter(|l| l.starts_with("iceberg_sink_read_offset{"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        if read == 505.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the restarted sink never got to 505:\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            .sum()
+    };
+    harness
+        .wait_metrics(Duration::from_secs(30), "got to 505", |m| read(m) == 505.0)
+        .await;
     assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
     let dead = consume(&harness.brokers(), "weather.dlq", 5, Duration::from_secs(10)).expect("dlq");
     assert_eq!(dead.len(), 5, "each bad record dead-lettered once");
