@@ -50,13 +50,7 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
             })
             .collect();
         written += count;
-        let next = Checkpoints::from([(
-            0,
-            Checkpoint {
-                next_offset: written as i64,
-                last_record: None,
-            },
-        )]);
+        let next = Checkpoints::from([(0, Checkpoint::start(written as i64))]);
         let files = table.write(&readings).await?;
         table
             .commit("weather", files, &committed, &next, &Default::default())

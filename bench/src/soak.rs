@@ -58,13 +58,7 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
             })
             .collect();
         offset += READINGS_PER_COMMIT as i64;
-        let next = Checkpoints::from([(
-            0,
-            Checkpoint {
-                next_offset: offset,
-                last_record: None,
-            },
-        )]);
+        let next = Checkpoints::from([(0, Checkpoint::start(offset))]);
         let timed = Instant::now();
         let files = table.write(&readings).await?;
         table

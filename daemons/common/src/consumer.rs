@@ -41,8 +41,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     WeatherReading,
+    dead_letters::DeadLetters,
     http::PartitionLabel,
-    kafka::{DeadLetters, KafkaArgs, partition_count},
+    kafka::{KafkaArgs, partition_count},
     runtime::{self, Backoff},
 };
 
@@ -54,6 +55,9 @@ pub struct Checkpoint {
     /// [`record_id`] of the record at `next_offset - 1`: which log the offset belongs to.
     /// `None` before any record was read, and in state written by older versions.
     pub last_record: Option<String>,
+    /// Offset of the dead-letter topic from which the letters of records at or past
+    /// `next_offset` can be (see [`crate::dead_letters`]); `None` when unknown.
+    pub dead_letters_from: Option<i64>,
 }
 
 impl Checkpoint {
@@ -62,6 +66,7 @@ impl Checkpoint {
         Self {
             next_offset: offset,
             last_record: None,
+            dead_letters_from: None,
         }
     }
 }
@@ -490,7 +495,6 @@ async fn consume<S: Store>(
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let dead_letters = DeadLetters::new(&config.kafka, &config.dead_letter_topic, config.name)?;
     let topics = [config.topic.as_str(), config.dead_letter_topic.as_str()];
     if wait_for_partitions(&config.kafka, consumer, &config.topic, &topics, shutdown)
         .await
@@ -498,6 +502,13 @@ async fn consume<S: Store>(
     {
         return Ok(());
     }
+    let dead_letters = Arc::new(
+        tokio::task::spawn_blocking({
+            let (kafka, topic, name) = (config.kafka.clone(), config.dead_letter_topic.clone(), config.name);
+            move || DeadLetters::new(&kafka, &topic, name)
+        })
+        .await??,
+    );
     consumer.subscribe(&[config.topic.as_str()])?;
     let mut assigned = Assignment::default();
     let mut ready = false;
@@ -527,6 +538,7 @@ async fn consume<S: Store>(
             assigned: &mut assigned,
             read: Checkpoints::new(),
             last_read: BTreeMap::new(),
+            dead_lettered: BTreeMap::new(),
             committed: Checkpoints::new(),
             uncommitted: 0,
             first_uncommitted: None,
@@ -672,7 +684,7 @@ fn pause<C: Consumer<X>, X: ConsumerContext>(consumer: &C, topic: &str, partitio
 struct Worker<'a> {
     config: &'a Config,
     consumer: &'a Arc<GroupConsumer>,
-    dead_letters: &'a DeadLetters,
+    dead_letters: &'a Arc<DeadLetters>,
     metrics: &'a Metrics,
     /// What the group assigned to this instance; the worker claims each of them and gives up
     /// the partitions it owns that are no longer in it.
@@ -684,6 +696,9 @@ struct Worker<'a> {
     /// `(offset, hash)` of the last record read per partition since the last commit: formatted
     /// into `read` only when committing, to keep the per-record path free of allocations.
     last_read: BTreeMap<i32, (i64, u64)>,
+    /// Offsets past each partition's checkpoint whose dead letter was sent before the last
+    /// crash or handover (see [`DeadLetters::sent_since`]): not sent again.
+    dead_lettered: BTreeMap<i32, BTreeSet<i64>>,
     /// What the store holds.
     committed: Checkpoints,
     uncommitted: usize,
@@ -749,6 +764,7 @@ impl Worker<'_> {
                 self.read.remove(partition);
                 self.committed.remove(partition);
                 self.last_read.remove(partition);
+                self.dead_lettered.remove(partition);
             }
             self.metrics.forget(&revoked);
             tracing::info!(partitions = ?revoked, "handed partitions over");
@@ -767,11 +783,12 @@ impl Worker<'_> {
             self.config.kafka.clone(),
             claimed.clone(),
         );
-        let positioned = tokio::task::spawn_blocking({
+        let mut positioned = tokio::task::spawn_blocking({
             let committed = committed.clone();
             move || position(&kafka, consumer.as_ref(), &topic, &partitions, &committed)
         })
         .await??;
+        self.recall_dead_letters(&mut positioned).await?;
         for &(partition, offset) in &positioned.restarted {
             store.restart_partition(partition, offset);
             self.metrics.new_logs.inc();
@@ -808,10 +825,21 @@ impl Worker<'_> {
         match reading_of(message, self.config.max_clock_skew) {
             Ok(reading) => store.apply(partition, offset, reading),
             Err(reason) => {
-                // Acknowledged by the broker before the offset past it can be committed.
-                self.dead_letters.send(message, &reason).await?;
-                self.metrics.dead_letters.inc();
-                tracing::warn!(partition, offset, error = %reason, "record sent to the dead-letter topic");
+                if self
+                    .dead_lettered
+                    .get_mut(&partition)
+                    .is_some_and(|sent| sent.remove(&offset))
+                {
+                    tracing::info!(partition, offset, error = %reason, "record already in the dead-letter topic");
+                } else {
+                    // Acknowledged by the broker before the offset past it can be committed.
+                    let letters_from = self.dead_letters.send(message, &reason).await?;
+                    if let Some(checkpoint) = self.read.get_mut(&partition) {
+                        checkpoint.dead_letters_from = Some(letters_from);
+                    }
+                    self.metrics.dead_letters.inc();
+                    tracing::warn!(partition, offset, error = %reason, "record sent to the dead-letter topic");
+                }
             }
         }
         if let Some(checkpoint) = self.read.get_mut(&partition) {
@@ -845,6 +873,38 @@ impl Worker<'_> {
         Metrics::show(&self.metrics.committed_offset, &self.committed);
         Metrics::show(&self.metrics.read_offset, &self.read);
         commit_for_monitoring(self.consumer.as_ref(), &self.config.topic, &self.committed);
+        Ok(())
+    }
+
+    /// Learns which records past each newly positioned checkpoint already have their dead
+    /// letter (sent before a crash or a handover), and marks the checkpoints with where this
+    /// instance's letters will go. Partitions read from a new log's beginning keep none: the
+    /// letters found belong to the old log.
+    async fn recall_dead_letters(&mut self, positioned: &mut Positioned) -> anyhow::Result<()> {
+        let restarted: BTreeSet<i32> = positioned.restarted.iter().map(|(p, _)| *p).collect();
+        let wanted: Vec<(i32, i64, Option<i64>)> = positioned
+            .start
+            .iter()
+            .map(|(p, c)| (*p, c.next_offset, c.dead_letters_from))
+            .collect();
+        let (dead_letters, topic) = (self.dead_letters.clone(), self.config.topic.clone());
+        let found = tokio::task::spawn_blocking(move || {
+            wanted
+                .into_iter()
+                .map(|(partition, next, from)| Ok((partition, dead_letters.sent_since(&topic, partition, next, from)?)))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .await?
+        .context("reading back the dead letters sent since the last commit")?;
+        for (partition, sent) in found {
+            if let Some(checkpoint) = positioned.start.get_mut(&partition) {
+                checkpoint.dead_letters_from = Some(sent.end);
+            }
+            if !sent.offsets.is_empty() && !restarted.contains(&partition) {
+                tracing::info!(partition, offsets = ?sent.offsets, "these records were dead-lettered before; not again");
+                self.dead_lettered.insert(partition, sent.offsets);
+            }
+        }
         Ok(())
     }
 
@@ -923,7 +983,8 @@ pub fn position<C: Consumer<X>, X: ConsumerContext>(
     let mut to_locate = Vec::new();
     for &partition in partitions {
         let Some(checkpoint) = committed.get(&partition).filter(|c| c.next_offset > 0) else {
-            start.insert(partition, Checkpoint::start(0));
+            let from_start = committed.get(&partition).cloned();
+            start.insert(partition, from_start.unwrap_or_else(|| Checkpoint::start(0)));
             continue;
         };
         let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;

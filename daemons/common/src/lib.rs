@@ -4,6 +4,8 @@
 
 #[cfg(feature = "kafka")]
 pub mod consumer;
+#[cfg(feature = "kafka")]
+pub mod dead_letters;
 pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;

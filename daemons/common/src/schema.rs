@@ -16,6 +16,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "005_partition_owners",
         include_str!("../../../sql/005_partition_owners.sql"),
     ),
+    (
+        "006_dead_letter_marks",
+        include_str!("../../../sql/006_dead_letter_marks.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the migration lock, so concurrent daemons migrate one at a time.

@@ -214,13 +214,7 @@ async fn resume_point(args: &Args, table: &WeatherTable, broken: anyhow::Error) 
                 .context("reading the consumer group's committed offsets")?;
             offsets
                 .into_iter()
-                .map(|(p, next_offset)| {
-                    let checkpoint = consumer::Checkpoint {
-                        next_offset,
-                        last_record: None,
-                    };
-                    (p, checkpoint)
-                })
+                .map(|(p, next_offset)| (p, consumer::Checkpoint::start(next_offset)))
                 .collect()
         }
     };

@@ -51,6 +51,13 @@ pub fn records_key(topic: &str) -> String {
     format!("kafka.records.{topic}")
 }
 
+/// Where each partition's dead-letter mark is kept: snapshot summary key
+/// `kafka.dead-letters-from.<topic>`, a JSON object of partition →
+/// [`weather_common::consumer::Checkpoint::dead_letters_from`].
+pub fn dead_letters_key(topic: &str) -> String {
+    format!("kafka.dead-letters-from.{topic}")
+}
+
 /// Where partition ownership is kept: snapshot summary key `kafka.epochs.<topic>`, a JSON object
 /// of partition → owner epoch, raised by each sink instance that takes the partition over.
 pub fn epochs_key(topic: &str) -> String {
@@ -168,6 +175,10 @@ fn recorded_in(snapshot: &Snapshot, topic: &str) -> anyhow::Result<Option<(Check
         Some(json) => serde_json::from_str(json)?,
         None => BTreeMap::new(),
     };
+    let mut dead_letters: BTreeMap<String, i64> = match summary.get(&dead_letters_key(topic)) {
+        Some(json) => serde_json::from_str(json)?,
+        None => BTreeMap::new(),
+    };
     let epochs: BTreeMap<String, i64> = match summary.get(&epochs_key(topic)) {
         Some(json) => serde_json::from_str(json)?,
         None => BTreeMap::new(),
@@ -176,11 +187,13 @@ fn recorded_in(snapshot: &Snapshot, topic: &str) -> anyhow::Result<Option<(Check
         .into_iter()
         .map(|(p, next_offset)| {
             let last_record = records.remove(&p);
+            let dead_letters_from = dead_letters.remove(&p);
             Ok((
                 p.parse()?,
                 Checkpoint {
                     next_offset,
                     last_record,
+                    dead_letters_from,
                 },
             ))
         })
@@ -545,10 +558,15 @@ impl WeatherTable {
                 .iter()
                 .filter_map(|(p, c)| Some((p.to_string(), c.last_record.as_deref()?)))
                 .collect();
+            let dead_letters: BTreeMap<String, i64> = checkpoints
+                .iter()
+                .filter_map(|(p, c)| Some((p.to_string(), c.dead_letters_from?)))
+                .collect();
             let owners: BTreeMap<String, i64> = epochs.iter().map(|(p, e)| (p.to_string(), *e)).collect();
             let summary = HashMap::from([
                 (offsets_key(topic), serde_json::to_string(&offsets)?),
                 (records_key(topic), serde_json::to_string(&records)?),
+                (dead_letters_key(topic), serde_json::to_string(&dead_letters)?),
                 (epochs_key(topic), serde_json::to_string(&owners)?),
             ]);
             let transaction = Transaction::new(&self.table);

@@ -833,6 +833,57 @@ async fn dead_letters_alone_move_the_checkpoint_and_are_sent_once() {
     assert_eq!(harness.rows().await, expected_rows(&readings));
 }
 
+/// A crash after a dead letter was acknowledged and before the checkpoint past it was committed
+/// reads the record again: it is not dead-lettered again, across two such crashes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_sent_before_a_crash_is_not_sent_again() {
+    let harness = Harness::start().await;
+    let bad = |from: usize, to: usize| -> Vec<(Vec<u8>, Vec<u8>)> {
+        (from..to)
+            .map(|i| (format!("bad-{i}").into_bytes(), b"not json".to_vec()))
+            .collect()
+    };
+    // Never commits by itself: every kill lands between the letters and their checkpoint.
+    let idle = ["--commit-interval", "1h"];
+    let mut sink = harness.sink(&idle);
+    produce(&harness.brokers(), "weather", &bad(0, 3)).expect("produce");
+    assert_eq!(
+        consume(&harness.brokers(), "weather.dlq", 3, Duration::from_secs(30))
+            .expect("dlq")
+            .len(),
+        3
+    );
+    sink.kill9();
+    let mut sink = harness.sink(&idle);
+    harness
+        .wait_metrics(Duration::from_secs(30), "owns a partition", |m| {
+            m.lines().any(|l| l.starts_with("iceberg_sink_partition_owned{"))
+        })
+        .await;
+    produce(&harness.brokers(), "weather", &bad(3, 5)).expect("produce");
+    let dead = consume(&harness.brokers(), "weather.dlq", 5, Duration::from_secs(30)).expect("dlq");
+    assert_eq!(
+        dead.len(),
+        5,
+        "the first three were not sent again after the first crash"
+    );
+    sink.kill9();
+    let (_, readings) = readings(20);
+    produce_readings(&harness.brokers(), "weather", &readings).expect("produce");
+    let mut sink = harness.sink(&["--commit-interval", "200ms"]);
+    assert_eq!(harness.wait_committed(25, Duration::from_secs(60)).await, 25);
+    assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
+    let dead = consume(&harness.brokers(), "weather.dlq", 5, Duration::from_secs(10)).expect("dlq");
+    let mut keys: Vec<_> = dead.iter().filter_map(|m| m.key()).map(<[u8]>::to_vec).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        bad(0, 5).into_iter().map(|(k, _)| k).collect::<Vec<_>>(),
+        "each once"
+    );
+    assert_eq!(harness.rows().await, expected_rows(&readings));
+}
+
 /// Maintenance commits with the catalog's own compare-and-set: on the table's row of
 /// `iceberg_tables`, told apart from a view's by `iceberg_type`, NULL in catalogs made before
 /// Iceberg had views. Its commit and the catalog's own commits follow each other either way.

@@ -80,13 +80,7 @@ impl Harness {
             })
             .collect();
         self.offset += count as i64;
-        let next = Checkpoints::from([(
-            0,
-            Checkpoint {
-                next_offset: self.offset,
-                last_record: None,
-            },
-        )]);
+        let next = Checkpoints::from([(0, Checkpoint::start(self.offset))]);
         let files = self.table.write(&readings).await.expect("write");
         self.table
             .commit("weather", files, &self.committed, &next, &Default::default())

@@ -71,7 +71,7 @@ impl Store {
             .query(
                 "UPDATE aggregator_offsets SET owner_epoch = owner_epoch + 1
                  WHERE topic = $1 AND partition = ANY($2)
-                 RETURNING partition, owner_epoch, next_offset, last_record, max_event_time",
+                 RETURNING partition, owner_epoch, next_offset, last_record, max_event_time, dead_letters_from",
                 &[&self.topic, &partitions],
             )
             .await?
@@ -83,6 +83,7 @@ impl Store {
                 Checkpoint {
                     next_offset: row.get(2),
                     last_record: row.get(3),
+                    dead_letters_from: row.get(5),
                 },
             );
             claimed.state.insert(partition, PartitionState::new(row.get(4)));
@@ -126,15 +127,17 @@ impl Store {
             let offsets: Vec<i64> = positions.iter().map(|p| p.checkpoint.next_offset).collect();
             let records: Vec<Option<&str>> = positions.iter().map(|p| p.checkpoint.last_record.as_deref()).collect();
             let max_ts: Vec<Option<DateTime<Utc>>> = positions.iter().map(|p| p.max_event_time).collect();
+            let dead_letters: Vec<Option<i64>> = positions.iter().map(|p| p.checkpoint.dead_letters_from).collect();
             let stored: BTreeSet<i32> = tx
                 .query(
                     "UPDATE aggregator_offsets AS o SET
-                         next_offset = u.next_offset, last_record = u.last_record, max_event_time = u.max_ts
-                     FROM UNNEST($2::int4[], $3::int8[], $4::int8[], $5::text[], $6::timestamptz[])
-                         AS u(partition, epoch, next_offset, last_record, max_ts)
+                         next_offset = u.next_offset, last_record = u.last_record, max_event_time = u.max_ts,
+                         dead_letters_from = u.dead_letters_from
+                     FROM UNNEST($2::int4[], $3::int8[], $4::int8[], $5::text[], $6::timestamptz[], $7::int8[])
+                         AS u(partition, epoch, next_offset, last_record, max_ts, dead_letters_from)
                      WHERE o.topic = $1 AND o.partition = u.partition AND o.owner_epoch = u.epoch
                      RETURNING o.partition",
-                    &[&self.topic, &ids, &epochs, &offsets, &records, &max_ts],
+                    &[&self.topic, &ids, &epochs, &offsets, &records, &max_ts, &dead_letters],
                 )
                 .await?
                 .iter()
