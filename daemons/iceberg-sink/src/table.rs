@@ -114,12 +114,40 @@ pub async fn rewrite_partition(
         let bytes = table.file_io().new_input(path)?.read().await?;
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
         for batch in reader {
-            // The file's own schema, with the table's field ids on it.
-            let batch = RecordBatch::try_new(arrow_schema.clone(), batch?.columns().to_vec())?;
+            let batch = conform(&batch?, &arrow_schema).with_context(|| format!("compacting {path}"))?;
             writer.write(key.clone(), batch).await?;
         }
     }
     Ok(writer.close().await?)
+}
+
+/// `batch`, read from a data file that this sink or another engine wrote, in the table's
+/// `schema`: each column found by its Iceberg field id (by name in files without ids), then cast
+/// where the writer chose another Arrow type for the same Iceberg type (PyIceberg writes
+/// `timestamptz` as `Timestamp(µs, "UTC")`, this sink as `Timestamp(µs, "+00:00")`).
+fn conform(batch: &RecordBatch, schema: &arrow_schema::SchemaRef) -> anyhow::Result<RecordBatch> {
+    const FIELD_ID: &str = "PARQUET:field_id";
+    let source = batch.schema();
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| {
+            let id = field.metadata().get(FIELD_ID);
+            let found = source
+                .fields()
+                .iter()
+                .position(|f| id.is_some() && f.metadata().get(FIELD_ID) == id)
+                .or_else(|| source.index_of(field.name()).ok())
+                .with_context(|| format!("the file has no column {}", field.name()))?;
+            let column = batch.column(found);
+            Ok(if column.data_type() == field.data_type() {
+                column.clone()
+            } else {
+                arrow_cast::cast(column, field.data_type())?
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
 /// Size of the table's metadata.
@@ -714,5 +742,54 @@ impl Catalog for Pinned {
             .update_table(commit)
             .await
             .map_err(|e| iceberg::Error::new(e.kind(), e.message().to_owned()).with_retryable(false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use arrow_schema::{DataType, Field, Schema as ArrowSchema, TimeUnit};
+
+    use super::*;
+
+    fn field(name: &str, id: &str, data_type: DataType) -> Field {
+        Field::new(name, data_type, false).with_metadata(HashMap::from([("PARQUET:field_id".into(), id.into())]))
+    }
+
+    /// Another engine's file: the columns in another order, one renamed since (found by its
+    /// id), `ts` in PyIceberg's Arrow type.
+    #[test]
+    fn another_engines_file_is_read_in_the_tables_schema() {
+        let table = Arc::new(iceberg::arrow::schema_to_arrow_schema(&schema().expect("schema")).expect("arrow schema"));
+        let utc = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+        let theirs = Arc::new(ArrowSchema::new(vec![
+            field("ts", "3", utc.clone()),
+            field("town", "1", DataType::Utf8),
+            field("temperature", "2", DataType::Float64),
+        ]));
+        let batch = RecordBatch::try_new(
+            theirs,
+            vec![
+                Arc::new(TimestampMicrosecondArray::from(vec![7]).with_timezone("UTC")) as ArrayRef,
+                Arc::new(StringArray::from(vec!["Oslo"])),
+                Arc::new(Float64Array::from(vec![1.5])),
+            ],
+        )
+        .expect("batch");
+        let ours = conform(&batch, &table).expect("conform");
+        assert_eq!(ours.schema(), table);
+        let city = ours.column(0).as_any().downcast_ref::<StringArray>().expect("city");
+        assert_eq!(city.value(0), "Oslo");
+        let ts = ours.column(2).as_any().downcast_ref::<TimestampMicrosecondArray>().expect("ts");
+        assert_eq!(ts.value(0), 7);
+
+        let without_ts = RecordBatch::try_new(
+            Arc::new(ArrowSchema::new(vec![field("city", "1", DataType::Utf8)])),
+            vec![Arc::new(StringArray::from(vec!["Oslo"])) as ArrayRef],
+        )
+        .expect("batch");
+        let error = conform(&without_ts, &table).expect_err("a column is missing");
+        assert!(error.to_string().contains("no column temperature"), "{error}");
     }
 }
