@@ -310,6 +310,27 @@ pub async fn rewrite_manifests(
     Ok(None)
 }
 
+/// The `kafka.*` summary properties of the newest snapshot back from `metadata`'s current one
+/// that records Kafka checkpoints: what a maintenance snapshot carries, so that it records them
+/// too. Copied from the current snapshot alone, they would be lost when the current one is
+/// another engine's commit, and an expiry of everything older by that engine would then cut
+/// the sink off from its checkpoints. Empty when the line of snapshots ends or breaks first.
+fn checkpoints_of(metadata: &TableMetadata) -> HashMap<String, String> {
+    let mut snapshot = metadata.current_snapshot();
+    while let Some(current) = snapshot {
+        let summary = &current.summary().additional_properties;
+        if summary.keys().any(|k| k.starts_with("kafka.offsets.")) {
+            return summary
+                .iter()
+                .filter(|(k, _)| k.starts_with("kafka."))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+        }
+        snapshot = current.parent_snapshot_id().and_then(|id| metadata.snapshot_by_id(id));
+    }
+    HashMap::new()
+}
+
 /// The partitions the live delete files of `manifests` apply to (`None`: a delete file whose
 /// partition is not an hour, which may apply anywhere).
 async fn deleted_partitions(manifests: &[ManifestFile], file_io: &FileIO) -> anyhow::Result<BTreeSet<Option<Vec<u8>>>> {
@@ -368,7 +389,7 @@ enum Listed {
 /// Writes the rewrite's manifests, manifest list and metadata on the current snapshot of
 /// `base` and swaps the table to them. The manifests the plan read (`consumed`) are replaced;
 /// every other manifest of `base`, among them those appended since the plan was made, stays as
-/// it is. The snapshot carries `base`'s Kafka checkpoints: the newest.
+/// it is. The snapshot carries `base`'s Kafka checkpoints, the newest (see [`checkpoints_of`]).
 async fn list_rewrite(
     row: &CatalogRow,
     base: &Table,
@@ -446,8 +467,10 @@ async fn list_rewrite(
     list.close().await?;
 
     // The same rows as before; the Kafka checkpoints travel with the table's state.
-    let mut properties: HashMap<String, String> = current.summary().additional_properties.clone();
-    properties.retain(|k, _| k.starts_with("kafka.") || k == "total-records");
+    let mut properties = checkpoints_of(metadata);
+    if let Some(total) = current.summary().additional_properties.get("total-records") {
+        properties.insert("total-records".into(), total.clone());
+    }
     let snapshot = Snapshot::builder()
         .with_snapshot_id(snapshot_id)
         .with_parent_snapshot_id(Some(current.snapshot_id()))
