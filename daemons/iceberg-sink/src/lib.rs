@@ -91,7 +91,8 @@ pub struct Args {
 
     /// How often table maintenance runs (merging manifests, compacting closed hours, expiring
     /// snapshots, deleting the files no one needs any more), in a task beside the commits, in
-    /// the instance that owns partition 0; 0 turns it off.
+    /// the instance that owns partition 0; sooner (checked every 10 s) once there are more than
+    /// --max-snapshots snapshots or --max-unmerged-manifests new manifests; 0 turns it off.
     #[arg(long, env = "MAINTENANCE_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub maintenance_interval: Duration,
 
@@ -104,8 +105,9 @@ pub struct Args {
     pub min_snapshots: usize,
 
     /// Beyond this many snapshots the oldest are expired whatever their age, so that the
-    /// metadata does not grow with the commit rate (an hour of 200 ms commits is 18,000).
-    #[arg(long, env = "MAX_SNAPSHOTS", default_value_t = 500)]
+    /// metadata does not grow with the commit rate (an hour of 200 ms commits is 18,000): time
+    /// travel reaches back this many commits at most (33 min of the default 10 s commits).
+    #[arg(long, env = "MAX_SNAPSHOTS", default_value_t = 200)]
     pub max_snapshots: usize,
 
     /// Where to resume when the table's line of snapshots is broken (another engine expired the

@@ -21,7 +21,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use weather_common::lakehouse::CatalogConfig;
 
-use crate::{Args, Metrics, maintenance::Policy, table::WeatherTable};
+use crate::{
+    Args, Metrics,
+    maintenance::Policy,
+    table::{Shape, WeatherTable},
+};
 
 /// How often the table's shape (snapshots, manifests, metadata size) is brought up to date in
 /// the metrics, on every instance.
@@ -75,6 +79,13 @@ pub(crate) fn spawn(
     })
 }
 
+/// Whether the table grew past the policy's limits since the last run (`manifests_after_run`
+/// manifests then): maintenance is due before its interval is up when commits come fast, or
+/// the snapshots and manifests they add would grow with the commit rate between two runs.
+fn over_limits(shape: &Shape, policy: &Policy, manifests_after_run: usize) -> bool {
+    shape.snapshots > policy.max_snapshots || shape.manifests > manifests_after_run + policy.max_unmerged_manifests
+}
+
 struct Task {
     args: Args,
     policy: Policy,
@@ -93,6 +104,9 @@ impl Task {
         };
         let mut table = None;
         let mut last_run: Option<Instant> = None;
+        let mut shape: Option<Shape> = None;
+        // Manifests after the last run: appends add one each.
+        let mut manifests_after_run = 0;
         loop {
             tokio::time::sleep(pause).await;
             if table.is_none() {
@@ -108,7 +122,8 @@ impl Task {
             let Some(table) = table.as_mut() else { continue };
             let maintainer = self.maintainer.load(Ordering::Relaxed);
             self.metrics.maintainer.set(i64::from(maintainer));
-            let due = maintainer && !interval.is_zero() && last_run.is_none_or(|t| t.elapsed() >= interval);
+            let over = shape.is_some_and(|s| over_limits(&s, &self.policy, manifests_after_run));
+            let due = maintainer && !interval.is_zero() && (over || last_run.is_none_or(|t| t.elapsed() >= interval));
             if due {
                 last_run = Some(Instant::now());
                 self.maintain(table).await;
@@ -116,7 +131,10 @@ impl Task {
                 tracing::debug!(error = %format!("{e:#}"), "maintenance: could not load the table");
                 continue;
             }
-            self.show_shape(table).await;
+            shape = self.show_shape(table).await;
+            if due {
+                manifests_after_run = shape.map_or(0, |s| s.manifests);
+            }
         }
     }
 
@@ -154,14 +172,37 @@ impl Task {
         }
     }
 
-    async fn show_shape(&self, table: &WeatherTable) {
+    async fn show_shape(&self, table: &WeatherTable) -> Option<Shape> {
         match table.shape().await {
             Ok(shape) => {
                 self.metrics.snapshots.set(shape.snapshots as i64);
                 self.metrics.manifests.set(shape.manifests as i64);
                 self.metrics.metadata_bytes.set(shape.metadata_bytes as i64);
+                Some(shape)
             }
-            Err(e) => tracing::debug!(error = %e, "could not measure the table's metadata"),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not measure the table's metadata");
+                None
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_commits_make_maintenance_due_before_its_interval() {
+        let policy = default_policy().expect("defaults");
+        let shape = |snapshots, manifests| Shape {
+            snapshots,
+            manifests,
+            metadata_bytes: 0,
+        };
+        let (max, unmerged) = (policy.max_snapshots, policy.max_unmerged_manifests);
+        assert!(!over_limits(&shape(max, 30 + unmerged), &policy, 30));
+        assert!(over_limits(&shape(max + 1, 30), &policy, 30));
+        assert!(over_limits(&shape(10, 31 + unmerged), &policy, 30));
     }
 }
