@@ -2,9 +2,11 @@
 catalog tables Trino's JDBC catalog uses) and prints what it finds as JSON.
 
 usage: pyiceberg_check.py CATALOG_URL CATALOG_NAME S3_ENDPOINT NAMESPACE.TABLE [--readings]
-                          [--credentials FILE]
+                          [--credentials FILE] [--duckdb]
 
 With --readings the output also lists every row as [city, temperature], for exactly-once checks.
+With --duckdb, DuckDB's iceberg_scan reads the same metadata file as a third reader (directory
+warehouses only) and its counts are under "duckdb".
 S3 keys come from FILE (AWS_ACCESS_KEY_ID=... and AWS_SECRET_ACCESS_KEY=... lines, the
 iceberg-sink's credentials file) or are moto's "test".
 """
@@ -34,6 +36,26 @@ def open_catalog(url: str, name: str, endpoint: str, keys: dict = MOTO_KEYS) -> 
             "s3.region": "us-east-1",
         },
     )
+
+
+def duckdb_counts(metadata_location: str) -> dict:
+    """Rows, distinct timestamps and rows per city as DuckDB's Iceberg extension reads them, from
+    the extensions the duckdb-ext-* wheels ship (nothing is downloaded)."""
+    import os
+
+    import duckdb
+    import duckdb_ext
+
+    config = {
+        "extension_directory": os.path.join(list(duckdb_ext.__path__)[0], "extensions"),
+        "autoinstall_known_extensions": False,
+    }
+    con = duckdb.connect(config=config)
+    con.execute("LOAD iceberg")
+    scan = "iceberg_scan(?)"
+    rows, distinct_ts = con.execute(f"SELECT count(*), count(DISTINCT ts) FROM {scan}", [metadata_location]).fetchone()
+    per_city = dict(con.execute(f"SELECT city, count(*) FROM {scan} GROUP BY city", [metadata_location]).fetchall())
+    return {"rows": rows, "distinct_ts": distinct_ts, "per_city": per_city}
 
 
 def main() -> None:
@@ -69,6 +91,8 @@ def main() -> None:
         "files": len(files),
         "snapshot_summary": dict(snapshot.summary.additional_properties) if snapshot else {},
     }
+    if "--duckdb" in options:
+        found["duckdb"] = duckdb_counts(table.metadata_location)
     if with_readings:
         found["readings"] = [list(r) for r in zip(data["city"].to_pylist(), data["temperature"].to_pylist())]
     print(json.dumps(found))

@@ -134,6 +134,11 @@ pub struct Args {
     #[arg(long, env = "ORPHAN_AGE", default_value = "1d", value_parser = humantime::parse_duration)]
     pub orphan_age: Duration,
 
+    /// For tests: each maintenance run waits this long after planning a rewrite, before it
+    /// writes and commits it, as a run on a large table takes that long.
+    #[arg(long, hide = true, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub maintenance_delay: Duration,
+
     /// A reading whose `ts` lies further ahead of its Kafka record's timestamp is a dead letter.
     #[arg(long, env = "MAX_CLOCK_SKEW", default_value = "1m", value_parser = humantime::parse_duration)]
     pub max_clock_skew: Duration,

@@ -44,6 +44,7 @@ pub fn policy(args: &Args) -> Policy {
         max_files_per_partition: args.max_files_per_partition,
         target_file_size: args.target_file_size,
         orphan_age: args.orphan_age,
+        delay: args.maintenance_delay,
     }
 }
 

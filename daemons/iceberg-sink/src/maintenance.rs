@@ -56,6 +56,9 @@ pub struct Policy {
     pub target_file_size: usize,
     /// Unreferenced files older than this are orphans, deleted by the sweep.
     pub orphan_age: Duration,
+    /// A rewrite waits this long after its plan, before it writes and commits: zero but in
+    /// tests of a slow maintenance (`--maintenance-delay`).
+    pub delay: Duration,
 }
 
 /// How often the orphan sweep runs after the first (which is at the first maintenance run).
@@ -287,6 +290,7 @@ pub async fn rewrite_manifests(
         }
     }
     let compacted_partitions = plan.iter().filter(|l| matches!(l, Listing::Compacted(_))).count();
+    tokio::time::sleep(policy.delay).await;
     let mut base = table.clone();
     for rebases in 0..MAX_REBASES {
         match list_rewrite(row, &base, &plan, &consumed).await? {
@@ -729,6 +733,7 @@ mod tests {
             max_files_per_partition: 4,
             target_file_size: 1 << 20,
             orphan_age: Duration::from_secs(86400),
+            delay: Duration::ZERO,
         };
         let deep = Keep::of(&policy, 700);
         assert_eq!(deep.newest, 700);

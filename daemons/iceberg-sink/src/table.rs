@@ -781,7 +781,11 @@ mod tests {
         assert_eq!(ours.schema(), table);
         let city = ours.column(0).as_any().downcast_ref::<StringArray>().expect("city");
         assert_eq!(city.value(0), "Oslo");
-        let ts = ours.column(2).as_any().downcast_ref::<TimestampMicrosecondArray>().expect("ts");
+        let ts = ours
+            .column(2)
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .expect("ts");
         assert_eq!(ts.value(0), 7);
 
         let without_ts = RecordBatch::try_new(

@@ -795,6 +795,198 @@ async fn a_broken_line_of_snapshots_stops_the_sink_until_an_operator_says_where_
     assert_eq!(rows, expected_rows(&readings), "no loss, no duplicate");
 }
 
+/// Another engine works on the table while the sink writes under load and maintains it as often
+/// as it can: it appends, overwrites its own rows, deletes the sink's rows of one city by a
+/// filter, and expires every older snapshot; then the sink is killed with -9 and restarted.
+/// Every reading is in the table once but those the other engine deleted, which stay deleted
+/// through the compactions after; the other engine's rows are as it left them; and PyIceberg,
+/// DuckDB and the query-server count the same rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_engines_appends_overwrites_deletes_and_expiry_beside_the_sink_stay_as_it_left_them() {
+    let harness = Harness::start_with_warehouse_dir().await;
+    let (_, readings) = readings(30_000);
+    let args = [
+        "--commit-interval",
+        "100ms",
+        "--max-records",
+        "300",
+        "--maintenance-interval",
+        "1ms",
+        "--max-unmerged-manifests",
+        "4",
+        "--snapshot-retention",
+        "1s",
+        "--min-snapshots",
+        "3",
+    ];
+    // What the other engine deletes: one city's readings before the 24,000th, all committed by
+    // then; the third hour goes on receiving files afterwards, so it is compacted after the delete.
+    let (city, cut) = (DEMO_CITIES[3], 24_000);
+    let before = readings[cut].ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, false);
+    produce_readings(&harness.brokers(), "weather", &readings[..cut]).expect("produce");
+    let mut sink = harness.sink(&args);
+    assert_eq!(
+        harness.wait_committed(cut as i64, Duration::from_secs(120)).await,
+        cut as i64
+    );
+
+    // The other engine's commits and the sink's race each other: the load goes on meanwhile.
+    let load = |slices: Vec<WeatherReading>| {
+        let brokers = harness.brokers();
+        tokio::task::spawn_blocking(move || {
+            for slice in slices.chunks(250) {
+                produce_readings(&brokers, "weather", slice).expect("produce");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let other_engine = |operations: &[&str]| {
+        let other = weather_testkit::pyiceberg_write(
+            &harness.catalog_url,
+            "weather",
+            &harness.s3.endpoint,
+            "default.weather",
+            operations,
+        )
+        .expect("PyIceberg");
+        eprintln!("the other engine: {other}");
+    };
+    let loading = load(readings[cut..28_000].to_vec());
+    let delete = format!("delete:city = '{city}' AND ts < '{before}'");
+    other_engine(&["append:40:Elsewhere", "overwrite:Elsewhere:20:Overwritten", &delete]);
+    loading.await.expect("load");
+    // A sink commit above the other engine's: its expiry of everything older keeps the sink's
+    // checkpoints (an expiry with nothing of the sink's above stops the sink: see
+    // a_broken_line_of_snapshots_stops_the_sink_until_an_operator_says_where_to_resume).
+    produce_readings(&harness.brokers(), "weather", &readings[28_000..29_000]).expect("produce");
+    assert_eq!(harness.wait_committed(29_000, Duration::from_secs(60)).await, 29_000);
+    let loading = load(readings[29_000..].to_vec());
+    other_engine(&["expire-all"]);
+    loading.await.expect("load");
+    assert_eq!(harness.wait_committed(30_000, Duration::from_secs(120)).await, 30_000);
+    sink.kill9();
+
+    let mut sink = harness.sink(&args);
+    let runs = |metrics: &str| metric(metrics, "iceberg_sink_maintenance_runs_total").unwrap_or(0.0);
+    let metrics = harness
+        .wait_metrics(Duration::from_secs(60), "ran maintenance twice", |m| runs(m) >= 2.0)
+        .await;
+    assert_eq!(
+        metric(&metrics, "iceberg_sink_maintenance_failures_total"),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert_eq!(harness.wait_committed(30_000, Duration::from_secs(10)).await, 30_000);
+    assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
+
+    let files = harness.table().await.data_files_per_partition().await.expect("files");
+    let closed: Vec<usize> = files.values().take(3).copied().collect();
+    assert!(
+        closed.iter().all(|&n| n <= 4),
+        "the closed hours were compacted: {files:?}"
+    );
+    let kept: Vec<WeatherReading> = readings
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| !(r.city == city && *i < cut))
+        .map(|(_, r)| r.clone())
+        .collect();
+    let mut rows = harness.rows().await;
+    let theirs: Vec<_> = rows
+        .extract_if(.., |(_, c, _)| !DEMO_CITIES.contains(&c.as_str()))
+        .collect();
+    assert_eq!(theirs.len(), 20, "{theirs:?}");
+    assert!(theirs.iter().all(|(_, c, _)| c == "Overwritten"), "{theirs:?}");
+    assert_eq!(
+        rows,
+        expected_rows(&kept),
+        "no loss, no duplicate, the deleted rows stay deleted"
+    );
+
+    let total = kept.len() + 20;
+    let found = weather_testkit::pyiceberg_check_with(&[
+        &harness.catalog_url,
+        "weather",
+        &harness.s3.endpoint,
+        "default.weather",
+        "--duckdb",
+    ])
+    .expect("pyiceberg");
+    assert_eq!(found["rows"], total, "PyIceberg");
+    assert_eq!(found["duckdb"]["rows"], total, "DuckDB");
+    assert_eq!(
+        found["duckdb"]["per_city"], found["per_city"],
+        "DuckDB and PyIceberg per city"
+    );
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _server = ChildGuard::spawn_ready(
+        "query-server",
+        Command::new(weather_testkit::workspace_binary("query-server"))
+            .args(["--listen", &addr, "--warehouse", &harness.warehouse])
+            .env("CATALOG_URL", &harness.catalog_url),
+        Duration::from_secs(60),
+    )
+    .expect("query-server");
+    let answer = weather_testkit::trino_statement(&addr, "SELECT count(*) FROM iceberg.default.weather")
+        .await
+        .expect("count");
+    assert_eq!(
+        weather_testkit::trino_rows(&answer),
+        [serde_json::json!([total])],
+        "the query-server"
+    );
+}
+
+/// Maintenance as slow as on a large table (held 12 s before each commit, longer than the
+/// group's poll limit of 8 s) runs beside the commits: they go on at their interval meanwhile,
+/// the group does not evict the sink, and the rewrite lands on the appends made meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_maintenance_neither_holds_commits_back_nor_costs_the_group_membership() {
+    let harness = Harness::start().await;
+    let (_, readings) = readings(2_000);
+    let args = [
+        "--commit-interval",
+        "200ms",
+        "--maintenance-interval",
+        "1ms",
+        "--max-unmerged-manifests",
+        "2",
+        "--maintenance-delay",
+        "12s",
+        "--kafka-option",
+        "session.timeout.ms=6000",
+        "--kafka-option",
+        "max.poll.interval.ms=8000",
+    ];
+    let mut sink = harness.sink(&args);
+    let mut sent = 0;
+    for (i, slice) in readings.chunks(100).enumerate() {
+        produce_readings(&harness.brokers(), "weather", slice).expect("produce");
+        sent += slice.len() as i64;
+        // The first waits for the group to assign the partitions.
+        let timeout = Duration::from_secs(if i == 0 { 30 } else { 3 });
+        let committed = harness.wait_committed(sent, timeout).await;
+        assert_eq!(
+            committed, sent,
+            "a commit within 3 s of the readings, maintenance running"
+        );
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let metrics = http_get(&harness.admin, "/metrics").await.expect("metrics").body;
+    let value = |name: &str| metric(&metrics, name).unwrap_or(-1.0);
+    assert!(value("iceberg_sink_maintenance_runs_total") >= 1.0, "{metrics}");
+    assert!(value("iceberg_sink_maintenance_rebases_total") >= 1.0, "{metrics}");
+    assert_eq!(value("iceberg_sink_maintenance_failures_total"), 0.0, "{metrics}");
+    assert_eq!(
+        value("iceberg_sink_rebalances_total"),
+        1.0,
+        "assigned once, never evicted: {metrics}"
+    );
+    assert_eq!(value("iceberg_sink_fenced_partitions_total"), 0.0, "{metrics}");
+    assert_eq!(sink.terminate(Duration::from_secs(30)).expect("exit").code(), Some(0));
+    assert_eq!(harness.rows().await, expected_rows(&readings));
+}
+
 /// Records that are not readings move the table's checkpoint although they add no row: after a
 /// kill -9 and a restart they are neither read nor dead-lettered again.
 #[tokio::test(flavor = "multi_thread")]
