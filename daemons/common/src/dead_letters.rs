@@ -5,7 +5,7 @@
 //! reads the record again after the restart; without more, it would be dead-lettered twice.
 //! So each partition's dead letters go to one dead-letter partition (`partition % n`), every
 //! commit stores with each checkpoint the dead-letter offset from which this partition's later
-//! letters can be ([`Checkpoint::dead_letters_from`]), and a claim reads that short tail back
+//! letters can be ([`Checkpoint::dead_letters_from`](crate::consumer::Checkpoint::dead_letters_from)), and a claim reads that short tail back
 //! ([`DeadLetters::sent_since`]) to learn which records past the checkpoint already have
 //! their letter.
 

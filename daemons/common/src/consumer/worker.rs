@@ -1,0 +1,274 @@
+//! The worker: reads the partitions this instance owns, hands them to the store, commits.
+
+use anyhow::Context as _;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use rdkafka::{Message, consumer::Consumer, message::BorrowedMessage};
+use tokio_util::sync::CancellationToken;
+
+use crate::{dead_letters::DeadLetters, http::PartitionLabel};
+
+use super::assignment::Assignment;
+use super::config::Config;
+use super::group::{GroupConsumer, LAG_INTERVAL, commit_for_monitoring, partition_list};
+use super::metrics::Metrics;
+use super::position::{Positioned, position};
+use super::record::{format_record_id, reading_of, record_hash};
+use super::store::{Checkpoints, Claim, Store, offsets};
+
+pub(super) struct Worker<'a> {
+    pub(super) config: &'a Config,
+    pub(super) consumer: &'a Arc<GroupConsumer>,
+    pub(super) dead_letters: &'a Arc<DeadLetters>,
+    pub(super) metrics: &'a Metrics,
+    /// What the group assigned to this instance; the worker claims each of them and gives up
+    /// the partitions it owns that are no longer in it.
+    pub(super) assigned: &'a mut Assignment,
+    /// Position after what was read (applied to the store or dead-lettered) in each partition
+    /// this instance owns; the identities of the last records are in `last_read` until the
+    /// next commit.
+    pub(super) read: Checkpoints,
+    /// `(offset, hash)` of the last record read per partition since the last commit: formatted
+    /// into `read` only when committing, to keep the per-record path free of allocations.
+    pub(super) last_read: BTreeMap<i32, (i64, u64)>,
+    /// Offsets past each partition's checkpoint whose dead letter was sent before the last
+    /// crash or handover (see [`DeadLetters::sent_since`]): not sent again.
+    pub(super) dead_lettered: BTreeMap<i32, BTreeSet<i64>>,
+    /// What the store holds.
+    pub(super) committed: Checkpoints,
+    pub(super) uncommitted: usize,
+    pub(super) first_uncommitted: Option<Instant>,
+}
+
+impl Worker<'_> {
+    pub(super) async fn consume<S: Store>(
+        &mut self,
+        store: &mut S,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(self.config.commit_interval.min(Duration::from_millis(250)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_lag_check = Instant::now();
+        self.rebalance(store).await?;
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    self.commit(store).await?;
+                    tracing::info!(committed = ?offsets(&self.committed), "committed what was read");
+                    return Ok(());
+                }
+                () = self.consumer.context().notify.notified() => self.rebalance(store).await?,
+                message = self.consumer.recv() => {
+                    let message = match message {
+                        Ok(message) => message,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "Kafka consumer error");
+                            continue;
+                        }
+                    };
+                    self.process(store, &message).await?;
+                    if self.uncommitted >= self.config.max_records {
+                        self.commit(store).await?;
+                    }
+                }
+                _ = tick.tick() => {
+                    if store.tick() {
+                        self.first_uncommitted.get_or_insert_with(Instant::now);
+                    }
+                    if self.first_uncommitted.is_some_and(|t| t.elapsed() >= self.config.commit_interval) {
+                        self.commit(store).await?;
+                    }
+                    Metrics::show(&self.metrics.read_offset, &self.read);
+                    if last_lag_check.elapsed() > LAG_INTERVAL {
+                        last_lag_check = Instant::now();
+                        self.update_lag();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Brings what this instance owns in line with what the group assigned: commits and gives
+    /// up the partitions revoked, then claims, positions and resumes the ones assigned.
+    pub(super) async fn rebalance<S: Store>(&mut self, store: &mut S) -> anyhow::Result<()> {
+        let events = self.consumer.context().take();
+        self.metrics.rebalances.inc_by(events.len() as u64);
+        let revoked = self.assigned.apply(events, &self.read);
+        if !revoked.is_empty() {
+            // What was read of them is stored before their next owner loads it.
+            self.commit(store).await?;
+            store.release(&revoked);
+            for partition in &revoked {
+                self.read.remove(partition);
+                self.committed.remove(partition);
+                self.last_read.remove(partition);
+                self.dead_lettered.remove(partition);
+            }
+            self.metrics.forget(&revoked);
+            tracing::info!(partitions = ?revoked, "handed partitions over");
+        }
+        let claimed = self.assigned.claimable(&self.read);
+        if claimed.is_empty() {
+            return Ok(());
+        }
+        let Claim {
+            checkpoints: committed,
+            epochs,
+        } = store.claim(&claimed).await?;
+        let (consumer, topic, kafka, partitions) = (
+            self.consumer.clone(),
+            self.config.topic.clone(),
+            self.config.kafka.clone(),
+            claimed.clone(),
+        );
+        let mut positioned = tokio::task::spawn_blocking({
+            let committed = committed.clone();
+            move || position(&kafka, consumer.as_ref(), &topic, &partitions, &committed)
+        })
+        .await??;
+        self.recall_dead_letters(&mut positioned).await?;
+        for &(partition, offset) in &positioned.restarted {
+            store.restart_partition(partition, offset);
+            self.metrics.new_logs.inc();
+        }
+        self.consumer
+            .resume(&partition_list(&self.config.topic, &claimed))
+            .context("resuming the claimed partitions")?;
+        for &partition in &claimed {
+            self.metrics.owned.get_or_create(&PartitionLabel { partition }).set(1);
+        }
+        for (&partition, &epoch) in &epochs {
+            self.metrics
+                .owner_epoch
+                .get_or_create(&PartitionLabel { partition })
+                .set(epoch);
+        }
+        Metrics::show(&self.metrics.committed_offset, &committed);
+        tracing::info!(partitions = ?claimed, from = ?offsets(&positioned.start), ?epochs, "took partitions over");
+        self.committed.extend(committed);
+        self.read.extend(positioned.start);
+        Ok(())
+    }
+
+    pub(super) async fn process<S: Store>(
+        &mut self,
+        store: &mut S,
+        message: &BorrowedMessage<'_>,
+    ) -> anyhow::Result<()> {
+        let (partition, offset) = (message.partition(), message.offset());
+        match self.read.get(&partition) {
+            // Read before (a fetch may start below the position asked for).
+            Some(c) if offset < c.next_offset => return Ok(()),
+            Some(_) => {}
+            // Not this instance's (any more), or not claimed yet: fetched before a pause.
+            None => return Ok(()),
+        }
+        self.metrics.records_read.inc();
+        match reading_of(message, self.config.max_clock_skew) {
+            Ok(reading) => store.apply(partition, offset, reading),
+            Err(reason) => {
+                if self
+                    .dead_lettered
+                    .get_mut(&partition)
+                    .is_some_and(|sent| sent.remove(&offset))
+                {
+                    tracing::info!(partition, offset, error = %reason, "record already in the dead-letter topic");
+                } else {
+                    // Acknowledged by the broker before the offset past it can be committed.
+                    let letters_from = self.dead_letters.send(message, &reason).await?;
+                    if let Some(checkpoint) = self.read.get_mut(&partition) {
+                        checkpoint.dead_letters_from = Some(letters_from);
+                    }
+                    self.metrics.dead_letters.inc();
+                    tracing::warn!(partition, offset, error = %reason, "record sent to the dead-letter topic");
+                }
+            }
+        }
+        if let Some(checkpoint) = self.read.get_mut(&partition) {
+            checkpoint.next_offset = offset + 1;
+        }
+        self.last_read.insert(partition, (offset, record_hash(message)));
+        self.uncommitted += 1;
+        self.first_uncommitted.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    pub(super) async fn commit<S: Store>(&mut self, store: &mut S) -> anyhow::Result<()> {
+        if self.first_uncommitted.is_none() {
+            return Ok(());
+        }
+        for (partition, (offset, hash)) in std::mem::take(&mut self.last_read) {
+            if let Some(checkpoint) = self.read.get_mut(&partition) {
+                checkpoint.last_record = Some(format_record_id(offset, hash));
+            }
+        }
+        let started = Instant::now();
+        let stored = store.commit(&self.read).await?;
+        self.uncommitted = 0;
+        self.first_uncommitted = None;
+        if !stored {
+            return Ok(());
+        }
+        self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics.commits.inc();
+        self.committed = self.read.clone();
+        Metrics::show(&self.metrics.committed_offset, &self.committed);
+        Metrics::show(&self.metrics.read_offset, &self.read);
+        commit_for_monitoring(self.consumer.as_ref(), &self.config.topic, &self.committed);
+        Ok(())
+    }
+
+    /// Learns which records past each newly positioned checkpoint already have their dead
+    /// letter (sent before a crash or a handover), and marks the checkpoints with where this
+    /// instance's letters will go. Partitions read from a new log's beginning keep none: the
+    /// letters found belong to the old log.
+    pub(super) async fn recall_dead_letters(&mut self, positioned: &mut Positioned) -> anyhow::Result<()> {
+        let restarted: BTreeSet<i32> = positioned.restarted.iter().map(|(p, _)| *p).collect();
+        let wanted: Vec<(i32, i64, Option<i64>)> = positioned
+            .start
+            .iter()
+            .map(|(p, c)| (*p, c.next_offset, c.dead_letters_from))
+            .collect();
+        let (dead_letters, topic) = (self.dead_letters.clone(), self.config.topic.clone());
+        let found = tokio::task::spawn_blocking(move || {
+            wanted
+                .into_iter()
+                .map(|(partition, next, from)| Ok((partition, dead_letters.sent_since(&topic, partition, next, from)?)))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .await?
+        .context("reading back the dead letters sent since the last commit")?;
+        for (partition, sent) in found {
+            if let Some(checkpoint) = positioned.start.get_mut(&partition) {
+                checkpoint.dead_letters_from = Some(sent.end);
+            }
+            if !sent.offsets.is_empty() && !restarted.contains(&partition) {
+                tracing::info!(partition, offsets = ?sent.offsets, "these records were dead-lettered before; not again");
+                self.dead_lettered.insert(partition, sent.offsets);
+            }
+        }
+        Ok(())
+    }
+
+    /// Lag (high watermark − next offset) per owned partition. The high watermark is the one the
+    /// last fetch response carried: asking the broker instead (ListOffsets) adds requests that
+    /// queue behind a burst of produce requests on a broker that serializes them (nisshi on
+    /// SQLite), and time out there.
+    pub(super) fn update_lag(&self) {
+        let context = self.consumer.context();
+        for (partition, read) in &self.read {
+            if let Some(high) = context.high_watermark(*partition) {
+                let label = PartitionLabel { partition: *partition };
+                self.metrics
+                    .lag
+                    .get_or_create(&label)
+                    .set((high - read.next_offset).max(0));
+            }
+        }
+    }
+}
