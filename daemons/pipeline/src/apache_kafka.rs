@@ -10,7 +10,7 @@ use anyhow::Context;
 use tokio::process::Command;
 
 use crate::{
-    backbone::{free_port, on_path},
+    host::{free_port, on_path},
     supervisor::Spec,
 };
 

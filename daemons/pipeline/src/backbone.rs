@@ -3,7 +3,6 @@
 //! Kafka) embedded in-process as a last resort.
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
@@ -15,24 +14,10 @@ use tokio::process::{Child, Command};
 
 use weather_common::kafka::{DEAD_LETTER_TOPIC, WEATHER_TOPIC};
 
-use crate::supervisor::{Spec, Supervised};
-
-/// A TCP port nobody listens on right now.
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Waits until something accepts connections on `addr`.
-pub async fn wait_for_port(addr: &str, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        if tokio::time::Instant::now() > deadline {
-            bail!("nothing listening on {addr} after {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
+use crate::{
+    host::{free_port, on_path, wait_for_port},
+    supervisor::{Spec, Supervised},
+};
 
 /// Spawns a backbone server with its output in `log` (stopped if the pipeline drops it) and
 /// waits until it accepts connections on `addr`.
@@ -55,14 +40,6 @@ pub async fn start_logged(
         .await
         .with_context(|| format!("{name} did not start; see {}", log.display()))?;
     Ok(child)
-}
-
-/// Finds `name` on `PATH`.
-pub fn on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
 }
 
 /// A private PostgreSQL server in the state directory, supervised like the daemons. Clients

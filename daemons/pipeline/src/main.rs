@@ -4,6 +4,7 @@
 
 mod apache_kafka;
 mod backbone;
+mod host;
 mod s3_server;
 mod supervisor;
 mod trino;
@@ -16,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use weather_common::runtime;
 
 use crate::{
-    backbone::{Kafka, LocalPostgres, free_port, get, on_path},
+    backbone::{Kafka, LocalPostgres, get},
+    host::{free_port, on_path},
     supervisor::{Spec, Supervised},
 };
 

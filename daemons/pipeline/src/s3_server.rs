@@ -14,7 +14,10 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use tokio::process::{Child, Command};
 
-use crate::backbone::{HttpAnswer, free_port, http_request, on_path, start_logged};
+use crate::{
+    backbone::{HttpAnswer, http_request, start_logged},
+    host::{free_port, on_path},
+};
 
 /// The bucket the Iceberg warehouse lives in.
 pub const BUCKET: &str = "warehouse";

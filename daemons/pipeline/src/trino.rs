@@ -9,7 +9,10 @@ use std::{
 use anyhow::Context;
 use tokio::process::{Child, Command};
 
-use crate::backbone::{free_port, get, on_path, start_logged};
+use crate::{
+    backbone::{get, start_logged},
+    host::{free_port, on_path},
+};
 
 /// The JVM settings of the `trino/` configuration the compose file uses.
 const JVM_CONFIG: &str = include_str!("../../../trino/etc/jvm.config");
