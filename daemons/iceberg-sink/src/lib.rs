@@ -17,6 +17,7 @@ pub mod maintainer;
 pub mod maintenance;
 pub mod orphans;
 pub mod resume;
+pub mod summary;
 pub mod table;
 
 use std::{

@@ -322,13 +322,8 @@ pub async fn rewrite_manifests(
 fn checkpoints_of(metadata: &TableMetadata) -> HashMap<String, String> {
     let mut snapshot = metadata.current_snapshot();
     while let Some(current) = snapshot {
-        let summary = &current.summary().additional_properties;
-        if summary.keys().any(|k| k.starts_with("kafka.offsets.")) {
-            return summary
-                .iter()
-                .filter(|(k, _)| k.starts_with("kafka."))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+        if let Some(carried) = crate::summary::checkpoint_properties(&current.summary().additional_properties) {
+            return carried;
         }
         snapshot = current.parent_snapshot_id().and_then(|id| metadata.snapshot_by_id(id));
     }

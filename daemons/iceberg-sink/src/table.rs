@@ -11,8 +11,8 @@ use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMic
 use iceberg::{
     Catalog, ErrorKind, Namespace, NamespaceIdent, TableCommit, TableCreation, TableIdent,
     spec::{
-        DataFile, DataFileFormat, Literal, NestedField, PartitionKey, PrimitiveType, Schema, Snapshot, Struct,
-        Transform, Type, UnboundPartitionSpec,
+        DataFile, DataFileFormat, Literal, NestedField, PartitionKey, PrimitiveType, Schema, Struct, Transform, Type,
+        UnboundPartitionSpec,
     },
     table::Table,
     transaction::{ApplyTransactionAction, Transaction},
@@ -32,37 +32,14 @@ use parquet::{
 };
 use weather_common::{
     WeatherReading,
-    consumer::{Checkpoint, Checkpoints, Claim, Epochs, Fenced},
+    consumer::{Checkpoints, Claim, Epochs, Fenced},
     lakehouse::CatalogConfig,
 };
 
-use crate::maintenance::{CatalogRow, Maintenance, Policy, Report, entry_hour, manifests_of};
-
-/// Where the Kafka position is kept: snapshot summary key `kafka.offsets.<topic>`, value a JSON
-/// object of partition → next offset to read, as the Iceberg Kafka Connect sink does.
-pub fn offsets_key(topic: &str) -> String {
-    format!("kafka.offsets.{topic}")
-}
-
-/// Where the identity of the log those offsets belong to is kept: snapshot summary key
-/// `kafka.records.<topic>`, a JSON object of partition → [`weather_common::consumer::record_id`]
-/// of the record before the offset.
-pub fn records_key(topic: &str) -> String {
-    format!("kafka.records.{topic}")
-}
-
-/// Where each partition's dead-letter mark is kept: snapshot summary key
-/// `kafka.dead-letters-from.<topic>`, a JSON object of partition →
-/// [`weather_common::consumer::Checkpoint::dead_letters_from`].
-pub fn dead_letters_key(topic: &str) -> String {
-    format!("kafka.dead-letters-from.{topic}")
-}
-
-/// Where partition ownership is kept: snapshot summary key `kafka.epochs.<topic>`, a JSON object
-/// of partition → owner epoch, raised by each sink instance that takes the partition over.
-pub fn epochs_key(topic: &str) -> String {
-    format!("kafka.epochs.{topic}")
-}
+use crate::{
+    maintenance::{CatalogRow, Maintenance, Policy, Report, entry_hour, manifests_of},
+    summary,
+};
 
 /// Parquet with ZSTD: the table property names it for other engines; this writer must be told
 /// itself.
@@ -192,47 +169,6 @@ pub struct BrokenLineage {
     pub snapshot: i64,
 }
 
-/// The checkpoints and owner epochs `snapshot`'s summary records of `topic`, if any.
-fn recorded_in(snapshot: &Snapshot, topic: &str) -> anyhow::Result<Option<(Checkpoints, Epochs)>> {
-    let summary = &snapshot.summary().additional_properties;
-    let Some(json) = summary.get(&offsets_key(topic)) else {
-        return Ok(None);
-    };
-    let offsets: BTreeMap<String, i64> = serde_json::from_str(json)?;
-    let mut records: BTreeMap<String, String> = match summary.get(&records_key(topic)) {
-        Some(json) => serde_json::from_str(json)?,
-        None => BTreeMap::new(),
-    };
-    let mut dead_letters: BTreeMap<String, i64> = match summary.get(&dead_letters_key(topic)) {
-        Some(json) => serde_json::from_str(json)?,
-        None => BTreeMap::new(),
-    };
-    let epochs: BTreeMap<String, i64> = match summary.get(&epochs_key(topic)) {
-        Some(json) => serde_json::from_str(json)?,
-        None => BTreeMap::new(),
-    };
-    let checkpoints = offsets
-        .into_iter()
-        .map(|(p, next_offset)| {
-            let last_record = records.remove(&p);
-            let dead_letters_from = dead_letters.remove(&p);
-            Ok((
-                p.parse()?,
-                Checkpoint {
-                    next_offset,
-                    last_record,
-                    dead_letters_from,
-                },
-            ))
-        })
-        .collect::<anyhow::Result<Checkpoints>>()?;
-    let epochs = epochs
-        .into_iter()
-        .map(|(p, epoch)| Ok((p.parse()?, epoch)))
-        .collect::<anyhow::Result<Epochs>>()?;
-    Ok(Some((checkpoints, epochs)))
-}
-
 /// The table schema: the same one Trino's init SQL and PyIceberg see.
 pub fn schema() -> iceberg::Result<Schema> {
     Schema::builder()
@@ -338,7 +274,7 @@ impl WeatherTable {
         let mut depth = 0;
         while let Some(current) = snapshot {
             depth += 1;
-            if let Some((checkpoints, epochs)) = recorded_in(&current, topic)? {
+            if let Some((checkpoints, epochs)) = summary::decode(&current.summary().additional_properties, topic)? {
                 return Ok(Recorded {
                     checkpoints,
                     epochs,
@@ -369,7 +305,7 @@ impl WeatherTable {
             .metadata()
             .snapshot_by_id(id)
             .with_context(|| format!("snapshot {id} is not in the table's metadata"))?;
-        let (checkpoints, _) = recorded_in(snapshot, topic)?
+        let (checkpoints, _) = summary::decode(&snapshot.summary().additional_properties, topic)?
             .with_context(|| format!("snapshot {id} records no checkpoints of topic {topic}"))?;
         Ok(checkpoints)
     }
@@ -578,25 +514,7 @@ impl WeatherTable {
             for &partition in change.claim {
                 *epochs.entry(partition).or_default() += 1;
             }
-            let offsets: BTreeMap<String, i64> = checkpoints
-                .iter()
-                .map(|(p, c)| (p.to_string(), c.next_offset))
-                .collect();
-            let records: BTreeMap<String, &str> = checkpoints
-                .iter()
-                .filter_map(|(p, c)| Some((p.to_string(), c.last_record.as_deref()?)))
-                .collect();
-            let dead_letters: BTreeMap<String, i64> = checkpoints
-                .iter()
-                .filter_map(|(p, c)| Some((p.to_string(), c.dead_letters_from?)))
-                .collect();
-            let owners: BTreeMap<String, i64> = epochs.iter().map(|(p, e)| (p.to_string(), *e)).collect();
-            let summary = HashMap::from([
-                (offsets_key(topic), serde_json::to_string(&offsets)?),
-                (records_key(topic), serde_json::to_string(&records)?),
-                (dead_letters_key(topic), serde_json::to_string(&dead_letters)?),
-                (epochs_key(topic), serde_json::to_string(&owners)?),
-            ]);
+            let summary = summary::encode(topic, &checkpoints, &epochs)?;
             let transaction = Transaction::new(&self.table);
             let action = transaction
                 .fast_append()

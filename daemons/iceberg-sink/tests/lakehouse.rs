@@ -13,7 +13,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use futures::TryStreamExt;
 use iceberg_sink::{
     maintenance::Policy,
-    table::{BrokenLineage, WeatherTable, offsets_key},
+    summary::offsets_key,
+    table::{BrokenLineage, WeatherTable},
 };
 use rdkafka::Message;
 use weather_common::{
