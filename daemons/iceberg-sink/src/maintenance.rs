@@ -29,13 +29,14 @@ use iceberg::{
     MetadataLocation,
     io::FileIO,
     spec::{
-        Literal, MAIN_BRANCH, ManifestContentType, ManifestEntryRef, ManifestFile, ManifestListWriter,
-        ManifestWriterBuilder, Operation, PrimitiveLiteral, Snapshot, SnapshotRef, SnapshotReference,
-        SnapshotRetention, Summary, TableMetadata, TableMetadataBuilder,
+        MAIN_BRANCH, ManifestContentType, ManifestEntryRef, ManifestFile, ManifestListWriter, ManifestWriterBuilder,
+        Operation, Snapshot, SnapshotReference, SnapshotRetention, Summary, TableMetadata, TableMetadataBuilder,
     },
     table::Table,
     transaction::{ApplyTransactionAction, Transaction},
 };
+
+use crate::manifests::{file_count, hour_of, manifests_of, newest_hour, partition_key, single_partition};
 
 /// How much history the table keeps.
 #[derive(Debug, Clone)]
@@ -282,7 +283,7 @@ pub async fn rewrite_manifests(
         match hour.filter(|_| entries.len() > policy.max_files_per_partition) {
             Some(hour) => {
                 let paths: Vec<String> = entries.iter().map(|e| e.file_path().to_owned()).collect();
-                let files = crate::table::rewrite_partition(table, hour, &paths, policy.target_file_size).await?;
+                let files = crate::files::rewrite_partition(table, hour, &paths, policy.target_file_size).await?;
                 compacted_files.extend(files.iter().map(|f| f.file_path().to_owned()));
                 plan.push(Listing::Compacted(files));
             }
@@ -511,57 +512,6 @@ async fn list_rewrite(
         before: manifests.len(),
         after,
     })
-}
-
-/// The `hour(ts)` partition of a data file; `None` for other layouts.
-pub fn entry_hour(entry: &ManifestEntryRef) -> Option<i32> {
-    match entry.data_file().partition().fields().first() {
-        Some(Some(Literal::Primitive(PrimitiveLiteral::Int(hour)))) => Some(*hour),
-        _ => None,
-    }
-}
-
-/// The partition of a data file, as the bytes of its hour (Iceberg's single-value encoding of
-/// an int, as in manifest summaries); `None` for other layouts, which are merged into one
-/// manifest.
-fn partition_key(entry: &ManifestEntryRef) -> Option<Vec<u8>> {
-    entry_hour(entry).map(|hour| hour.to_le_bytes().to_vec())
-}
-
-/// The one partition a manifest lists files of, by its partition summary, in the same bytes
-/// as [`partition_key`] (Iceberg's single-value encoding of an int).
-fn single_partition(manifest: &ManifestFile) -> Option<Vec<u8>> {
-    match manifest.partitions.as_deref() {
-        Some([field]) if !field.contains_null => match (&field.lower_bound, &field.upper_bound) {
-            (Some(lower), Some(upper)) if lower == upper && lower.len() == 4 => Some(lower.to_vec()),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// The manifests `snapshot` lists.
-pub async fn manifests_of(table: &Table, snapshot: &SnapshotRef) -> iceberg::Result<Vec<ManifestFile>> {
-    let list = table.manifest_list_reader(snapshot).load().await?;
-    Ok(list.consume_entries().into_iter().collect())
-}
-
-/// The hour a [`partition_key`] names.
-fn hour_of(key: &[u8]) -> Option<i32> {
-    Some(i32::from_le_bytes(key.try_into().ok()?))
-}
-
-/// The newest hour a manifest lists files of, by its partition summary.
-fn newest_hour(manifest: &ManifestFile) -> Option<i32> {
-    match manifest.partitions.as_deref() {
-        Some([field]) => hour_of(field.upper_bound.as_deref()?),
-        _ => None,
-    }
-}
-
-/// Live data files a manifest lists.
-fn file_count(manifest: &ManifestFile) -> usize {
-    (manifest.added_files_count.unwrap_or(0) + manifest.existing_files_count.unwrap_or(0)) as usize
 }
 
 /// A snapshot id not used by the table yet.

@@ -13,7 +13,7 @@ use anyhow::Context;
 use iceberg::table::Table;
 use opendal::{Operator, services};
 
-use crate::maintenance::manifests_of;
+use crate::manifests::manifests_of;
 
 /// Every file the table's retained state references: metadata versions in the log, manifest
 /// lists, manifests and data files of every retained snapshot.
