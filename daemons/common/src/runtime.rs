@@ -53,11 +53,6 @@ pub fn notify_ready() {
     notify(&[NotifyState::Ready, NotifyState::Status("ready")]);
 }
 
-/// Sets the free-form status line shown by `systemctl status`.
-pub fn notify_status(status: &str) {
-    notify(&[NotifyState::Status(status)]);
-}
-
 fn notify(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!(error = %e, "sd_notify failed");
@@ -111,11 +106,6 @@ pub fn shutdown_token() -> std::io::Result<CancellationToken> {
 pub struct Backoff(u32);
 
 impl Backoff {
-    /// Starts at the given step, for waits that should not begin short.
-    pub fn from_step(step: u32) -> Self {
-        Self(step)
-    }
-
     /// Sleeps for the next delay; false when `shutdown` came first.
     pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
         let delay = Duration::from_millis(200) * 2u32.pow(self.0.min(5));

@@ -295,10 +295,6 @@ impl consumer::Store for Sink<'_> {
         self.flag_maintainer();
     }
 
-    fn restart_partition(&mut self, _partition: i32, _start: i64) {
-        // Nothing is buffered for it yet; the next commit records the new position.
-    }
-
     fn apply(&mut self, _partition: i32, _offset: i64, reading: WeatherReading) {
         self.buffer.push(reading);
         self.metrics.records.inc();

@@ -229,10 +229,6 @@ impl consumer::Store for Windows<'_> {
         }
     }
 
-    fn restart_partition(&mut self, _partition: i32, _start: i64) {
-        // The windows hold readings of the old log, already counted: they stay.
-    }
-
     fn apply(&mut self, partition: i32, offset: i64, reading: WeatherReading) {
         let outcome = self.aggregator.apply(partition, &reading, Instant::now());
         if outcome == Outcome::Dropped {

@@ -63,9 +63,6 @@ pub trait Store: Send {
     /// Forgets `partitions`: handed to another instance after their last commit, or lost.
     fn release(&mut self, partitions: &[i32]);
 
-    /// `partition`'s stored checkpoint belongs to another log: it is read again from `start`.
-    fn restart_partition(&mut self, partition: i32, start: i64);
-
     /// One valid reading, at `offset` of `partition`.
     fn apply(&mut self, partition: i32, offset: i64, reading: WeatherReading);
 
