@@ -13,6 +13,7 @@
 //! the ones it last saw; one that moved was taken over by another instance, and the commit is
 //! dropped (fenced). Table maintenance runs in the instance that owns partition 0.
 
+pub mod catalog;
 pub mod files;
 pub mod maintainer;
 pub mod maintenance;

@@ -1,5 +1,5 @@
-//! Table maintenance, run by the sink between its commits so that the table stays bounded
-//! however long it runs: the manifests appends write are merged into one per `hour(ts)`
+//! Table maintenance, run by the maintainer task beside the sink's commits
+//! ([`crate::maintainer`]) so that the table stays bounded however long it runs: the manifests appends write are merged into one per `hour(ts)`
 //! partition, closed hours are compacted into files near the target size, snapshots past their
 //! retention are expired, the files only they referenced (manifest lists, manifests, data
 //! files compacted away) and old metadata versions are deleted, and orphans are swept
@@ -9,13 +9,13 @@
 //! cannot be built outside the crate. Merge and compaction are therefore their own small
 //! snapshot producer: it writes the manifests (and compacted files), a manifest list and the
 //! next metadata file, then swaps the table's `metadata_location` in the SQL catalog with the
-//! same compare-and-set the catalog uses. A concurrent commit makes the swap match no row: the
+//! same compare-and-set the catalog uses ([`CatalogRow`]). A concurrent commit makes the swap match no row: the
 //! rewrite is then listed again on the new snapshot, keeping what was appended meanwhile and
 //! reusing its compacted files (several sinks append every few seconds between them, so a
 //! compaction of many files would otherwise never land); it is never written over the other
 //! commit, and dropped (its files deleted) when another rewrite came first. The rewrite
-//! snapshot is a `replace` that carries the Kafka checkpoints of the snapshot it replaces, so
-//! the next append finds them in the current snapshot whatever was expired.
+//! snapshot is a `replace` that carries the newest Kafka checkpoints on its line, so the next
+//! append finds them in the current snapshot whatever was expired.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -24,7 +24,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context;
 use iceberg::{
     MetadataLocation,
     io::FileIO,
@@ -36,6 +35,7 @@ use iceberg::{
     transaction::{ApplyTransactionAction, Transaction},
 };
 
+use crate::catalog::CatalogRow;
 use crate::manifests::{file_count, hour_of, manifests_of, newest_hour, partition_key, single_partition};
 
 /// How much history the table keeps.
@@ -88,59 +88,6 @@ pub struct Rewrite {
     /// Commits that came first, on each of which the rewrite was listed again.
     pub rebases: usize,
     pub table: Table,
-}
-
-/// Where the catalog keeps the table's current metadata file, for the compare-and-set.
-pub struct CatalogRow {
-    pub pool: sqlx::AnyPool,
-    /// `$1`-style placeholders (PostgreSQL) rather than `?` (SQLite).
-    pub numbered: bool,
-    pub catalog_name: String,
-}
-
-impl CatalogRow {
-    pub fn connect(url: &str, catalog_name: &str) -> anyhow::Result<Self> {
-        sqlx::any::install_default_drivers();
-        // Connected on first use: with maintenance off, never.
-        let pool = sqlx::any::AnyPoolOptions::new()
-            .max_connections(1)
-            .connect_lazy(url)
-            .context("the catalog database URL")?;
-        Ok(Self {
-            pool,
-            numbered: !url.starts_with("sqlite:"),
-            catalog_name: catalog_name.to_owned(),
-        })
-    }
-
-    /// Points the table at `new` if it still points at `old`; false when another commit came
-    /// first. The statement is `iceberg-catalog-sql` 0.10.1's own commit (`update_table`),
-    /// which cannot be called with a `TableCommit` built here; the JDBC catalog's layout, which
-    /// Trino and PyIceberg share, keeps tables and views in one table told apart by
-    /// `iceberg_type` (NULL in catalogs made before views). It can go once iceberg-rust commits
-    /// a manifest rewrite itself.
-    async fn swap(&self, table: &Table, old: &str, new: &str) -> anyhow::Result<bool> {
-        let mut sql = "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
-                       WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? \
-                       AND (iceberg_type = 'TABLE' OR iceberg_type IS NULL) AND metadata_location = ?"
-            .to_owned();
-        if self.numbered {
-            for n in 1..=6 {
-                sql = sql.replacen('?', &format!("${n}"), 1);
-            }
-        }
-        let ident = table.identifier();
-        let done = sqlx::query(&sql)
-            .bind(new)
-            .bind(old)
-            .bind(&self.catalog_name)
-            .bind(ident.namespace().join("."))
-            .bind(ident.name())
-            .bind(old)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
-    }
 }
 
 /// State kept between runs: the metadata files seen (at start, after each commit and at each

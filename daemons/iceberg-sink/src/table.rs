@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Context;
 use iceberg::{
-    Catalog, ErrorKind, Namespace, NamespaceIdent, TableCommit, TableCreation, TableIdent,
+    Catalog, ErrorKind, NamespaceIdent, TableCreation, TableIdent,
     spec::{DataFile, NestedField, PrimitiveType, Schema, Transform, Type, UnboundPartitionSpec},
     table::Table,
     transaction::{ApplyTransactionAction, Transaction},
@@ -21,8 +21,9 @@ use weather_common::{
 };
 
 use crate::{
+    catalog::{CatalogRow, Pinned},
     files,
-    maintenance::{CatalogRow, Maintenance, Policy, Report},
+    maintenance::{Maintenance, Policy, Report},
     manifests::{entry_hour, manifests_of},
     summary,
 };
@@ -447,94 +448,3 @@ struct Change<'a> {
 /// Commits in a row the same writers keep winning, before a commit gives up (and its consumer
 /// resumes from the last commit).
 const MAX_COMMIT_CONFLICTS: usize = 50;
-
-/// The catalog as one commit sees it: its table as of the base the commit was built on.
-///
-/// iceberg's `Transaction::commit` loads the table again and, when another commit landed
-/// meanwhile, applies the actions again on the new base, including the snapshot summary, which
-/// was merged from the old one: it would record stale offsets for the other writers' partitions.
-/// Pinned, the base is the one the summary was merged from; the catalog refuses the commit if
-/// the table moved on (its requirement on the current snapshot), and that refusal is not retried
-/// inside iceberg (not retryable here) but by [`WeatherTable::commit`], which merges again.
-#[derive(Debug)]
-struct Pinned {
-    inner: Arc<dyn Catalog>,
-    base: Table,
-}
-
-#[async_trait::async_trait]
-impl Catalog for Pinned {
-    async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> iceberg::Result<Vec<NamespaceIdent>> {
-        self.inner.list_namespaces(parent).await
-    }
-
-    async fn create_namespace(
-        &self,
-        namespace: &NamespaceIdent,
-        properties: HashMap<String, String>,
-    ) -> iceberg::Result<Namespace> {
-        self.inner.create_namespace(namespace, properties).await
-    }
-
-    async fn get_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<Namespace> {
-        self.inner.get_namespace(namespace).await
-    }
-
-    async fn namespace_exists(&self, namespace: &NamespaceIdent) -> iceberg::Result<bool> {
-        self.inner.namespace_exists(namespace).await
-    }
-
-    async fn update_namespace(
-        &self,
-        namespace: &NamespaceIdent,
-        properties: HashMap<String, String>,
-    ) -> iceberg::Result<()> {
-        self.inner.update_namespace(namespace, properties).await
-    }
-
-    async fn drop_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<()> {
-        self.inner.drop_namespace(namespace).await
-    }
-
-    async fn list_tables(&self, namespace: &NamespaceIdent) -> iceberg::Result<Vec<TableIdent>> {
-        self.inner.list_tables(namespace).await
-    }
-
-    async fn create_table(&self, namespace: &NamespaceIdent, creation: TableCreation) -> iceberg::Result<Table> {
-        self.inner.create_table(namespace, creation).await
-    }
-
-    async fn load_table(&self, table: &TableIdent) -> iceberg::Result<Table> {
-        if table == self.base.identifier() {
-            return Ok(self.base.clone());
-        }
-        self.inner.load_table(table).await
-    }
-
-    async fn drop_table(&self, table: &TableIdent) -> iceberg::Result<()> {
-        self.inner.drop_table(table).await
-    }
-
-    async fn purge_table(&self, table: &TableIdent) -> iceberg::Result<()> {
-        self.inner.purge_table(table).await
-    }
-
-    async fn table_exists(&self, table: &TableIdent) -> iceberg::Result<bool> {
-        self.inner.table_exists(table).await
-    }
-
-    async fn rename_table(&self, src: &TableIdent, dest: &TableIdent) -> iceberg::Result<()> {
-        self.inner.rename_table(src, dest).await
-    }
-
-    async fn register_table(&self, table: &TableIdent, metadata_location: String) -> iceberg::Result<Table> {
-        self.inner.register_table(table, metadata_location).await
-    }
-
-    async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
-        self.inner
-            .update_table(commit)
-            .await
-            .map_err(|e| iceberg::Error::new(e.kind(), e.message().to_owned()).with_retryable(false))
-    }
-}
