@@ -96,9 +96,10 @@ pub struct Args {
     #[arg(long, env = "COMMIT_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub commit_interval: Duration,
 
-    /// Records after which a commit happens before the interval is up.
-    #[arg(long, env = "MAX_BATCH", default_value_t = 50_000)]
-    pub max_batch: usize,
+    /// Records after which a commit happens before the interval is up (the iceberg-sink's name
+    /// for it; `--max-batch` is still understood).
+    #[arg(long, alias = "max-batch", env = "MAX_RECORDS", default_value_t = 50_000)]
+    pub max_records: usize,
 
     /// A reading whose `ts` lies further ahead of its Kafka record's timestamp is a dead letter.
     #[arg(long, env = "MAX_CLOCK_SKEW", default_value = "1m", value_parser = humantime::parse_duration)]
@@ -130,7 +131,7 @@ impl Args {
             group_id: self.group_id.clone(),
             dead_letter_topic: self.dead_letter_topic.clone(),
             commit_interval: self.commit_interval,
-            max_records: self.max_batch,
+            max_records: self.max_records,
             max_clock_skew: self.max_clock_skew,
         }
     }

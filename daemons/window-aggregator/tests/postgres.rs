@@ -269,7 +269,7 @@ async fn kill_9_and_restart_counts_every_reading_exactly_once() {
     let total = readings.len() as i64;
     let (first, rest) = readings.split_at(readings.len() / 2);
     harness.produce(first);
-    let args = ["--max-batch", "300"];
+    let args = ["--max-records", "300"];
     let mut aggregator = harness.aggregator(&args);
     let mut kills = 0;
     let mut before = 0;
@@ -300,7 +300,7 @@ async fn postgres_restart_mid_stream_recovers_with_an_exact_result() {
     let (readings, expected) = stream(base_time(40), 5, 100, 50);
     let (first, rest) = readings.split_at(readings.len() / 2);
     harness.produce(first);
-    let _aggregator = harness.aggregator(&["--max-batch", "300"]);
+    let _aggregator = harness.aggregator(&["--max-records", "300"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while harness.committed_offsets().await == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
