@@ -9,7 +9,7 @@ use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::{
     catalog::{CatalogProvider, MemTable, SchemaProvider},
-    common::{DataFusionError, SchemaError},
+    common::DataFusionError,
     datasource::TableProvider,
     execution::{
         SendableRecordBatchStream,
@@ -31,7 +31,9 @@ use futures::TryStreamExt;
 use iceberg::{Catalog, NamespaceIdent, TableIdent, spec::PrimitiveLiteral, table::Table};
 
 use crate::{
-    Metrics, functions,
+    Metrics,
+    errors::failure,
+    functions,
     protocol::{ErrorCode, Failure},
     scan::{IcebergTable, external, planned_files},
 };
@@ -693,34 +695,6 @@ fn not_found_schema(e: iceberg::Error, namespace: &NamespaceIdent) -> Failure {
 
 fn iceberg_failure(e: iceberg::Error) -> Failure {
     Failure::new(ErrorCode::GenericInternalError, format!("Iceberg catalog: {e}"))
-}
-
-/// The Trino error a DataFusion error is to a client.
-pub fn failure(e: DataFusionError) -> Failure {
-    let message = e.to_string();
-    let code = match e.find_root() {
-        DataFusionError::SQL(..) => ErrorCode::SyntaxError,
-        DataFusionError::SchemaError(e, _) if matches!(e.as_ref(), SchemaError::FieldNotFound { .. }) => {
-            ErrorCode::ColumnNotFound
-        }
-        DataFusionError::Plan(m) if m.contains("not found") && m.starts_with("table") => ErrorCode::TableNotFound,
-        DataFusionError::Plan(m) if m.contains("Invalid function") => ErrorCode::FunctionNotFound,
-        DataFusionError::Plan(m) if m.contains("No function matches") || m.contains("Cannot") => {
-            ErrorCode::TypeMismatch
-        }
-        DataFusionError::Plan(_) => ErrorCode::GenericUserError,
-        DataFusionError::ResourcesExhausted(_) => ErrorCode::ExceededMemoryLimit,
-        DataFusionError::NotImplemented(_) => ErrorCode::NotSupported,
-        DataFusionError::ArrowError(e, _) => match e.as_ref() {
-            datafusion::arrow::error::ArrowError::CastError(_) => ErrorCode::InvalidCastArgument,
-            datafusion::arrow::error::ArrowError::DivideByZero => ErrorCode::DivisionByZero,
-            _ => ErrorCode::GenericUserError,
-        },
-        DataFusionError::Execution(m) if m.contains("Divide by zero") => ErrorCode::DivisionByZero,
-        DataFusionError::Execution(_) => ErrorCode::GenericUserError,
-        _ => ErrorCode::GenericInternalError,
-    };
-    Failure::new(code, message)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! has started, as Trino's does.
 
 pub mod engine;
+pub mod errors;
 pub mod functions;
 pub mod protocol;
 pub mod queries;

@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Metrics,
-    engine::{Engine, Session, SessionUpdate, failure},
+    engine::{Engine, Session, SessionUpdate},
+    errors::failure,
     protocol::{self, Column, ErrorCode, Failure, QueryResults, State, Stats},
 };
 
