@@ -214,26 +214,20 @@ mod tests {
 
     #[test]
     fn a_letter_counts_only_for_its_source_topic_and_partition() {
-        assert_eq!(
-            original_of(&letter("sink", "weather", "2", "41"), "sink", "weather", 2),
-            Some(41)
-        );
-        assert_eq!(
-            original_of(&letter("aggregator", "weather", "2", "41"), "sink", "weather", 2),
-            None
-        );
-        assert_eq!(
-            original_of(&letter("sink", "other", "2", "41"), "sink", "weather", 2),
-            None
-        );
-        assert_eq!(
-            original_of(&letter("sink", "weather", "1", "41"), "sink", "weather", 2),
-            None
-        );
-        assert_eq!(
-            original_of(&letter("sink", "weather", "2", "x"), "sink", "weather", 2),
-            None
-        );
+        for (source, topic, partition, offset, found) in [
+            ("sink", "weather", "2", "41", Some(41)),
+            ("aggregator", "weather", "2", "41", None),
+            ("sink", "other", "2", "41", None),
+            ("sink", "weather", "1", "41", None),
+            ("sink", "weather", "2", "x", None),
+        ] {
+            let letter = letter(source, topic, partition, offset);
+            assert_eq!(
+                original_of(&letter, "sink", "weather", 2),
+                found,
+                "{source} {topic} {partition} {offset}"
+            );
+        }
         let bare = OwnedMessage::new(None, None, "weather.dlq".into(), Timestamp::NotAvailable, 0, 7, None);
         assert_eq!(original_of(&bare, "sink", "weather", 2), None);
     }

@@ -215,6 +215,23 @@ impl Harness {
     }
 }
 
+/// Commits every 100 ms and maintenance as often as the sink runs it, keeping few snapshots:
+/// every kind of maintenance commit lands between the appends.
+const BUSY_MAINTENANCE: [&str; 12] = [
+    "--commit-interval",
+    "100ms",
+    "--max-records",
+    "300",
+    "--maintenance-interval",
+    "1ms",
+    "--max-unmerged-manifests",
+    "4",
+    "--snapshot-retention",
+    "1s",
+    "--min-snapshots",
+    "3",
+];
+
 /// `count` readings spread evenly over three whole hours, each with a distinct timestamp.
 fn readings(count: usize) -> (DateTime<Utc>, Vec<WeatherReading>) {
     let now = Utc::now().timestamp();
@@ -522,20 +539,7 @@ async fn sigterm_with_the_broker_frozen_commits_and_exits_in_time() {
 async fn maintenance_keeps_every_reading_exactly_once_and_the_metadata_small() {
     let harness = Harness::start().await;
     let (_, readings) = readings(30_000);
-    let args = [
-        "--commit-interval",
-        "100ms",
-        "--max-records",
-        "300",
-        "--maintenance-interval",
-        "1ms",
-        "--max-unmerged-manifests",
-        "4",
-        "--snapshot-retention",
-        "1s",
-        "--min-snapshots",
-        "3",
-    ];
+    let args = BUSY_MAINTENANCE;
     for (i, chunk) in readings.chunks(10_000).enumerate() {
         produce_readings(&harness.brokers(), "weather", chunk).expect("produce");
         let mut sink = harness.sink(&args);
@@ -806,20 +810,7 @@ async fn a_broken_line_of_snapshots_stops_the_sink_until_an_operator_says_where_
 async fn another_engines_appends_overwrites_deletes_and_expiry_beside_the_sink_stay_as_it_left_them() {
     let harness = Harness::start_with_warehouse_dir().await;
     let (_, readings) = readings(30_000);
-    let args = [
-        "--commit-interval",
-        "100ms",
-        "--max-records",
-        "300",
-        "--maintenance-interval",
-        "1ms",
-        "--max-unmerged-manifests",
-        "4",
-        "--snapshot-retention",
-        "1s",
-        "--min-snapshots",
-        "3",
-    ];
+    let args = BUSY_MAINTENANCE;
     // What the other engine deletes: one city's readings before the 24,000th, all committed by
     // then; the third hour goes on receiving files afterwards, so it is compacted after the delete.
     let (city, cut) = (DEMO_CITIES[3], 24_000);
