@@ -13,11 +13,7 @@ use weather_testkit::{
 
 /// How long the run is watched; `WEATHER_COMMIT_COST_SECS` shortens it while working on the test.
 fn watched() -> Duration {
-    let secs = std::env::var("WEATHER_COMMIT_COST_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
-    Duration::from_secs(secs)
+    weather_testkit::watched_for("WEATHER_COMMIT_COST_SECS", 300)
 }
 
 /// One look at the sink's metrics.

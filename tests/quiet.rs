@@ -15,11 +15,7 @@ use weather_testkit::{
 
 /// How long the run is watched; `WEATHER_QUIET_SECS` shortens it while working on the test.
 fn watched() -> Duration {
-    let secs = std::env::var("WEATHER_QUIET_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
-    Duration::from_secs(secs)
+    weather_testkit::watched_for("WEATHER_QUIET_SECS", 600)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -23,6 +23,16 @@ use rdkafka::{
     producer::DefaultProducerContext,
 };
 
+/// `default_secs`, or the seconds the environment variable `var` says: how long a long test
+/// watches, shortened while working on it.
+pub fn watched_for(var: &str, default_secs: u64) -> Duration {
+    let secs = std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default_secs);
+    Duration::from_secs(secs)
+}
+
 /// A TCP port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
