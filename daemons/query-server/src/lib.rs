@@ -14,6 +14,7 @@ pub mod functions;
 pub mod protocol;
 pub mod queries;
 pub mod scan;
+pub mod statements;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
