@@ -14,7 +14,10 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
-use weather_common::runtime;
+use weather_common::{
+    consumer::metrics::{LAG_RECORDS, OWNER_EPOCH, PARTITION_OWNED, READ_OFFSET, prefix},
+    runtime,
+};
 
 use crate::{
     backbone::{Kafka, LocalPostgres, get},
@@ -493,7 +496,7 @@ async fn log_ends(brokers: &str) -> anyhow::Result<Vec<(i32, i64)>> {
 
 /// `NAME_read_offset{partition="P"}` from a consumer's metrics (0 when absent).
 fn read_offset(metrics: &str, name: &str, partition: i32) -> i64 {
-    let prefix = format!("{}_read_offset{{partition=\"{partition}\"}} ", name.replace('-', "_"));
+    let prefix = format!("{}_{READ_OFFSET}{{partition=\"{partition}\"}} ", prefix(name));
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
@@ -637,17 +640,17 @@ async fn status(state_dir: &std::path::Path) -> anyhow::Result<()> {
                 .collect()
         };
         println!("{name:<18} {health}");
-        let prefix = daemon_of(name).replace('-', "_");
-        let owned: Vec<String> = pick(&format!("{prefix}_partition_owned{{"))
+        let prefix = prefix(daemon_of(name));
+        let owned: Vec<String> = pick(&format!("{prefix}_{PARTITION_OWNED}{{"))
             .iter()
             .filter_map(|l| l.split('"').nth(1).map(str::to_owned))
             .collect();
         if !owned.is_empty() {
             println!("    owns partitions {}", owned.join(", "));
         }
-        for line in pick(&format!("{prefix}_lag_records"))
+        for line in pick(&format!("{prefix}_{LAG_RECORDS}"))
             .into_iter()
-            .chain(pick(&format!("{prefix}_owner_epoch")))
+            .chain(pick(&format!("{prefix}_{OWNER_EPOCH}")))
         {
             println!("    {line}");
         }

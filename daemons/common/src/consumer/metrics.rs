@@ -9,6 +9,18 @@ use crate::http::PartitionLabel;
 
 use super::store::Checkpoints;
 
+/// Names of the per-partition consumer metrics, after the daemon's [`prefix`]: what `pipeline`
+/// reads of its consumers.
+pub const LAG_RECORDS: &str = "lag_records";
+pub const READ_OFFSET: &str = "read_offset";
+pub const PARTITION_OWNED: &str = "partition_owned";
+pub const OWNER_EPOCH: &str = "owner_epoch";
+
+/// The prefix of a daemon's metric names: its name, `-` written `_`.
+pub fn prefix(daemon: &str) -> String {
+    daemon.replace('-', "_")
+}
+
 /// Metrics every consumer has, registered in the daemon's registry (so under its prefix).
 pub struct Metrics {
     pub records_read: Counter,
@@ -86,9 +98,9 @@ impl Metrics {
             metrics.commit_duration.clone(),
         );
         for (name, help, metric) in [
-            ("lag_records", "Records in the partition not read yet", &metrics.lag),
+            (LAG_RECORDS, "Records in the partition not read yet", &metrics.lag),
             (
-                "read_offset",
+                READ_OFFSET,
                 "Next Kafka offset per partition after what was read (committed or not)",
                 &metrics.read_offset,
             ),
@@ -98,12 +110,12 @@ impl Metrics {
                 &metrics.committed_offset,
             ),
             (
-                "partition_owned",
+                PARTITION_OWNED,
                 "1 for each partition this instance owns (assigned by the group and claimed in the store)",
                 &metrics.owned,
             ),
             (
-                "owner_epoch",
+                OWNER_EPOCH,
                 "Owner epoch of each partition this instance owns (raised by every claim)",
                 &metrics.owner_epoch,
             ),

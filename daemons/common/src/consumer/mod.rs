@@ -18,7 +18,7 @@
 mod assignment;
 mod config;
 mod group;
-mod metrics;
+pub mod metrics;
 mod position;
 mod record;
 mod run;
