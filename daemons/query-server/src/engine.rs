@@ -2,14 +2,12 @@
 //! from the Iceberg catalog, `SELECT` and `EXPLAIN` planned by DataFusion over the tables the
 //! catalog has at that moment. Nothing else is accepted: the server is read-only.
 
-use std::{any::Any, collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
-use arrow_array::{ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, StructArray};
-use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef};
-use async_trait::async_trait;
+use arrow_array::{ArrayRef, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use datafusion::{
-    catalog::{CatalogProvider, MemTable, SchemaProvider},
-    common::DataFusionError,
+    catalog::SchemaProvider,
     datasource::TableProvider,
     execution::{
         SendableRecordBatchStream,
@@ -27,19 +25,17 @@ use datafusion::{
     },
 };
 use futures::TryStreamExt;
-use iceberg::{Catalog, NamespaceIdent, TableIdent, spec::PrimitiveLiteral, table::Table};
+use iceberg::{Catalog, NamespaceIdent, TableIdent};
 
 use crate::{
     Metrics,
-    errors::failure,
+    catalog::{CATALOG, IcebergCatalog, IcebergSchema},
+    errors::{failure, iceberg_failure, not_found_schema, table_not_found},
     functions,
     protocol::{ErrorCode, Failure},
-    scan::{IcebergTable, external, planned_files},
+    scan::IcebergTable,
     statements::{Meta, like_match, meta, words},
 };
-
-/// The one catalog this server has, as Trino's Iceberg connector is usually named.
-pub const CATALOG: &str = "iceberg";
 
 /// Who asks, and where unqualified names point (`X-Trino-Catalog`, `X-Trino-Schema`).
 #[derive(Debug, Clone, Default)]
@@ -362,177 +358,6 @@ fn normalize(ident: &datafusion::sql::sqlparser::ast::Ident) -> String {
         Some(_) => ident.value.clone(),
         None => ident.value.to_lowercase(),
     }
-}
-
-/// The catalog's namespaces as DataFusion schemas.
-#[derive(Debug)]
-struct IcebergCatalog {
-    schemas: HashMap<String, Arc<dyn SchemaProvider>>,
-}
-
-impl CatalogProvider for IcebergCatalog {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn schema_names(&self) -> Vec<String> {
-        self.schemas.keys().cloned().collect()
-    }
-
-    fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
-        self.schemas.get(name).cloned()
-    }
-}
-
-/// A namespace's tables, each loaded from the catalog when a query names it, and Trino's
-/// metadata tables `"<table>$snapshots"` and `"<table>$files"`.
-#[derive(Debug)]
-struct IcebergSchema {
-    catalog: Arc<dyn Catalog>,
-    tables: Vec<TableIdent>,
-    metrics: Arc<Metrics>,
-}
-
-#[async_trait]
-impl SchemaProvider for IcebergSchema {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn table_names(&self) -> Vec<String> {
-        self.tables.iter().map(|t| t.name.clone()).collect()
-    }
-
-    async fn table(&self, name: &str) -> datafusion::common::Result<Option<Arc<dyn TableProvider>>> {
-        let (base, suffix) = match name.split_once('$') {
-            Some((base, suffix)) => (base, Some(suffix)),
-            None => (name, None),
-        };
-        let Some(ident) = self.tables.iter().find(|t| t.name == base) else {
-            return Ok(None);
-        };
-        let table = self.catalog.load_table(ident).await.map_err(external)?;
-        Ok(Some(match suffix {
-            None => Arc::new(IcebergTable::new(table, self.metrics.clone())?),
-            Some("snapshots") => snapshots(&table).await?,
-            Some("files") => files(&table).await?,
-            Some(_) => return Ok(None),
-        }))
-    }
-
-    fn table_exist(&self, name: &str) -> bool {
-        let base = name.split_once('$').map_or(name, |(base, _)| base);
-        self.tables.iter().any(|t| t.name == base)
-    }
-}
-
-/// `$snapshots`: committed_at, snapshot_id, parent_id, operation, manifest_list, summary.
-async fn snapshots(table: &Table) -> datafusion::common::Result<Arc<dyn TableProvider>> {
-    let batches: Vec<RecordBatch> = table
-        .inspect()
-        .snapshots()
-        .scan()
-        .await
-        .map_err(external)?
-        .try_collect()
-        .await
-        .map_err(external)?;
-    let schema = match batches.first() {
-        Some(batch) => batch.schema(),
-        None => return Err(DataFusionError::Internal("the snapshots scan gave no batch".into())),
-    };
-    Ok(Arc::new(MemTable::try_new(schema, vec![batches])?))
-}
-
-/// `$files`: the data files of the current snapshot, with Trino's first columns (content,
-/// file_path, file_format, spec_id, partition, record_count, file_size_in_bytes).
-async fn files(table: &Table) -> datafusion::common::Result<Arc<dyn TableProvider>> {
-    let spec = table.metadata().default_partition_spec();
-    let partition_fields: Fields = spec
-        .fields()
-        .iter()
-        .map(|f| Field::new(&f.name, DataType::Int32, true))
-        .collect();
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("content", DataType::Int32, false),
-        Field::new("file_path", DataType::Utf8, false),
-        Field::new("file_format", DataType::Utf8, false),
-        Field::new("spec_id", DataType::Int32, false),
-        Field::new("partition", DataType::Struct(partition_fields.clone()), true),
-        Field::new("record_count", DataType::Int64, false),
-        Field::new("file_size_in_bytes", DataType::Int64, false),
-    ]));
-    let tasks = match table.metadata().current_snapshot() {
-        Some(_) => planned_files(&table.scan().build().map_err(external)?)
-            .await
-            .map_err(external)?,
-        None => vec![],
-    };
-    let partition_columns: Vec<ArrayRef> = (0..partition_fields.len())
-        .map(|i| {
-            Arc::new(Int32Array::from(
-                tasks
-                    .iter()
-                    .map(|t| match t.partition.as_ref().and_then(|p| p.iter().nth(i).flatten()) {
-                        Some(iceberg::spec::Literal::Primitive(PrimitiveLiteral::Int(v))) => Some(*v),
-                        _ => None,
-                    })
-                    .collect::<Vec<_>>(),
-            )) as ArrayRef
-        })
-        .collect();
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            Arc::new(Int32Array::from(vec![0; tasks.len()])),
-            Arc::new(StringArray::from_iter_values(
-                tasks.iter().map(|t| t.data_file_path.as_str()),
-            )),
-            Arc::new(StringArray::from_iter_values(
-                tasks.iter().map(|t| t.data_file_format.to_string().to_uppercase()),
-            )),
-            Arc::new(Int32Array::from(
-                tasks
-                    .iter()
-                    .map(|t| t.partition_spec.as_ref().map_or(0, |s| s.spec_id()))
-                    .collect::<Vec<_>>(),
-            )),
-            Arc::new(StructArray::try_new(partition_fields, partition_columns, None)?),
-            Arc::new(Int64Array::from(
-                tasks
-                    .iter()
-                    .map(|t| t.record_count.unwrap_or(0) as i64)
-                    .collect::<Vec<_>>(),
-            )),
-            Arc::new(Int64Array::from(
-                tasks.iter().map(|t| t.file_size_in_bytes as i64).collect::<Vec<_>>(),
-            )),
-        ],
-    )?;
-    Ok(Arc::new(MemTable::try_new(schema, vec![vec![batch]])?))
-}
-
-fn table_not_found(ident: &TableIdent) -> Failure {
-    Failure::new(
-        ErrorCode::TableNotFound,
-        format!(
-            "Table '{CATALOG}.{}.{}' does not exist",
-            ident.namespace.to_url_string(),
-            ident.name
-        ),
-    )
-}
-
-fn not_found_schema(e: iceberg::Error, namespace: &NamespaceIdent) -> Failure {
-    tracing::debug!(error = %e, "listing tables");
-    Failure::new(
-        ErrorCode::SchemaNotFound,
-        format!("Schema '{}' does not exist", namespace.to_url_string()),
-    )
-}
-
-fn iceberg_failure(e: iceberg::Error) -> Failure {
-    Failure::new(ErrorCode::GenericInternalError, format!("Iceberg catalog: {e}"))
 }
 
 #[cfg(test)]

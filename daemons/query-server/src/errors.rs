@@ -1,4 +1,5 @@
-//! How a DataFusion error reaches a Trino client: the Trino error name and code it maps to.
+//! How an error reaches a Trino client: the Trino error name and code a DataFusion or Iceberg
+//! error maps to.
 //!
 //! DataFusion tells some errors apart only by their message (a missing table or function is a
 //! `Plan` error with a sentence). The tests below run a statement for every mapped error through
@@ -6,6 +7,9 @@
 //! in a client.
 
 use datafusion::common::{DataFusionError, SchemaError};
+use iceberg::{NamespaceIdent, TableIdent};
+
+use crate::catalog::CATALOG;
 
 use crate::protocol::{ErrorCode, Failure};
 
@@ -35,6 +39,29 @@ pub fn failure(e: DataFusionError) -> Failure {
         _ => ErrorCode::GenericInternalError,
     };
     Failure::new(code, message)
+}
+
+pub(crate) fn table_not_found(ident: &TableIdent) -> Failure {
+    Failure::new(
+        ErrorCode::TableNotFound,
+        format!(
+            "Table '{CATALOG}.{}.{}' does not exist",
+            ident.namespace.to_url_string(),
+            ident.name
+        ),
+    )
+}
+
+pub(crate) fn not_found_schema(e: iceberg::Error, namespace: &NamespaceIdent) -> Failure {
+    tracing::debug!(error = %e, "listing tables");
+    Failure::new(
+        ErrorCode::SchemaNotFound,
+        format!("Schema '{}' does not exist", namespace.to_url_string()),
+    )
+}
+
+pub(crate) fn iceberg_failure(e: iceberg::Error) -> Failure {
+    Failure::new(ErrorCode::GenericInternalError, format!("Iceberg catalog: {e}"))
 }
 
 #[cfg(test)]

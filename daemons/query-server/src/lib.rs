@@ -8,6 +8,7 @@
 //! last page has none; `DELETE` of a `nextUri` cancels. `GET /v1/info` says whether the server
 //! has started, as Trino's does.
 
+pub mod catalog;
 pub mod engine;
 pub mod errors;
 pub mod functions;
