@@ -5,6 +5,7 @@
 mod apache_kafka;
 mod backbone;
 mod host;
+mod http_client;
 mod s3_server;
 mod supervisor;
 mod trino;
@@ -20,8 +21,9 @@ use weather_common::{
 };
 
 use crate::{
-    backbone::{Kafka, LocalPostgres, get},
+    backbone::{Kafka, LocalPostgres},
     host::{free_port, on_path},
+    http_client::get,
     supervisor::{Spec, Supervised},
 };
 

@@ -15,8 +15,9 @@ use sha2::{Digest, Sha256};
 use tokio::process::{Child, Command};
 
 use crate::{
-    backbone::{HttpAnswer, http_request, start_logged},
+    backbone::start_logged,
     host::{free_port, on_path},
+    http_client::{HttpAnswer, http_request},
 };
 
 /// The bucket the Iceberg warehouse lives in.

@@ -10,8 +10,9 @@ use anyhow::Context;
 use tokio::process::{Child, Command};
 
 use crate::{
-    backbone::{get, start_logged},
+    backbone::start_logged,
     host::{free_port, on_path},
+    http_client::get,
 };
 
 /// The JVM settings of the `trino/` configuration the compose file uses.
