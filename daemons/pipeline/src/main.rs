@@ -6,6 +6,7 @@ mod apache_kafka;
 mod backbone;
 mod host;
 mod http_client;
+mod plan;
 mod s3_server;
 mod supervisor;
 mod trino;
@@ -24,7 +25,7 @@ use crate::{
     backbone::{Kafka, LocalPostgres},
     host::{free_port, on_path},
     http_client::get,
-    supervisor::{Spec, Supervised},
+    supervisor::Supervised,
 };
 
 #[derive(Parser, Debug)]
@@ -246,80 +247,28 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     };
     let aggregators = consumer_admins("window-aggregator")?;
     let sinks = consumer_admins("iceberg-sink")?;
-    let kafka_env = vec![
-        ("KAFKA_BROKERS".to_owned(), brokers.clone()),
-        ("KAFKA_TOPIC_PARTITIONS".to_owned(), args.partitions.to_string()),
-    ];
-    let spec = |name: &'static str, args: Vec<String>, env: Vec<(String, String)>| -> anyhow::Result<Spec> {
-        Ok(Spec::daemon(name, daemon(daemon_of(name))?, args, env))
-    };
-    // Where the table is, for the sink that writes it and the query-server that reads it.
-    let mut catalog_env = vec![
-        ("CATALOG_URL".to_owned(), catalog_url.clone()),
-        ("WAREHOUSE".to_owned(), warehouse.clone()),
-    ];
-    if let Some(endpoint) = &s3_endpoint {
-        catalog_env.push(("S3_ENDPOINT".to_owned(), endpoint.clone()));
-    }
-    if let Some(s3) = &local_s3 {
-        let file = s3.credentials_file.display().to_string();
-        catalog_env.push(("S3_CREDENTIALS_FILE".to_owned(), file));
-    }
-    let database_env = ("DATABASE_URL".to_owned(), database_url.clone());
     // What a person sees of a URL: the local server's password stays in its file.
     let shown = |url: &str| postgres.as_ref().map_or_else(|| url.to_owned(), |p| p.shown(url));
-    let mut specs = vec![
-        spec(
-            "logging-server",
-            vec!["--listen".into(), logging.clone()],
-            kafka_env.clone(),
-        )?,
-        spec(
-            "dashboard",
-            vec!["--listen".into(), dashboard.clone()],
-            vec![database_env.clone()],
-        )?,
-    ];
-    // The database URLs hold the password: by environment, never on a command line.
-    for (name, admin) in &aggregators {
-        specs.push(spec(
-            name,
-            vec!["--listen".into(), admin.clone()],
-            [kafka_env.clone(), vec![database_env.clone()]].concat(),
-        )?);
-    }
-    for (name, admin) in &sinks {
-        specs.push(spec(
-            name,
-            vec![
-                "--listen".into(),
-                admin.clone(),
-                "--commit-interval".into(),
-                format!("{}ms", args.commit_interval.as_millis()),
-            ],
-            [kafka_env.clone(), catalog_env.clone()].concat(),
-        )?);
-    }
-    if trino_launcher.is_none() {
-        specs.push(spec(
-            "query-server",
-            vec!["--listen".into(), query.clone()],
-            catalog_env,
-        )?);
-    }
-    if !args.no_client {
-        let mut client_args = vec!["--server-url".into(), format!("http://{logging}")];
-        if let Some(rate) = args.rate {
-            client_args.extend(["--rate".into(), rate.to_string()]);
-        }
-        if let Some(batches) = args.client_batches {
-            client_args.extend(["--batches".into(), batches.to_string()]);
-        }
-        let mut client = spec("weather-client", client_args, vec![])?;
-        client.restart = args.client_batches.is_none();
-        specs.push(client);
-    }
-
+    let daemons = plan::Daemons {
+        logging: &logging,
+        dashboard: &dashboard,
+        query: trino_launcher.is_none().then_some(query.as_str()),
+        aggregators: &aggregators,
+        sinks: &sinks,
+        brokers: &brokers,
+        partitions: args.partitions,
+        catalog_url: &catalog_url,
+        warehouse: &warehouse,
+        s3_endpoint: s3_endpoint.as_deref(),
+        s3_credentials: local_s3.as_ref().map(|s3| s3.credentials_file.display().to_string()),
+        database_url: &database_url,
+        commit_interval: args.commit_interval,
+        client: (!args.no_client).then_some(plan::Client {
+            rate: args.rate,
+            batches: args.client_batches,
+        }),
+    };
+    let specs = plan::specs(&daemons, |name| daemon(daemon_of(name)))?;
     let components = [("logging-server".to_owned(), format!("http://{logging}"))]
         .into_iter()
         .chain(
