@@ -30,9 +30,11 @@ use iceberg::{
     spec::{
         MAIN_BRANCH, ManifestContentType, ManifestEntryRef, ManifestFile, ManifestListWriter, ManifestWriterBuilder,
         Operation, Snapshot, SnapshotReference, SnapshotRetention, Summary, TableMetadata, TableMetadataBuilder,
+        TableMetadataRef,
     },
     table::Table,
     transaction::{ApplyTransactionAction, Transaction},
+    util::snapshot::ancestors_of,
 };
 
 use crate::catalog::CatalogRow;
@@ -267,15 +269,14 @@ pub async fn rewrite_manifests(
 /// too. Copied from the current snapshot alone, they would be lost when the current one is
 /// another engine's commit, and an expiry of everything older by that engine would then cut
 /// the sink off from its checkpoints. Empty when the line of snapshots ends or breaks first.
-fn checkpoints_of(metadata: &TableMetadata) -> HashMap<String, String> {
-    let mut snapshot = metadata.current_snapshot();
-    while let Some(current) = snapshot {
-        if let Some(carried) = crate::summary::checkpoint_properties(&current.summary().additional_properties) {
-            return carried;
-        }
-        snapshot = current.parent_snapshot_id().and_then(|id| metadata.snapshot_by_id(id));
-    }
-    HashMap::new()
+fn checkpoints_of(metadata: &TableMetadataRef) -> HashMap<String, String> {
+    metadata
+        .current_snapshot_id()
+        .and_then(|current| {
+            ancestors_of(metadata, current)
+                .find_map(|snapshot| crate::summary::checkpoint_properties(&snapshot.summary().additional_properties))
+        })
+        .unwrap_or_default()
 }
 
 /// The partitions the live delete files of `manifests` apply to (`None`: a delete file whose
@@ -414,7 +415,7 @@ async fn list_rewrite(
     list.close().await?;
 
     // The same rows as before; the Kafka checkpoints travel with the table's state.
-    let mut properties = checkpoints_of(metadata);
+    let mut properties = checkpoints_of(&base.metadata_ref());
     if let Some(total) = current.summary().additional_properties.get("total-records") {
         properties.insert("total-records".into(), total.clone());
     }

@@ -13,6 +13,7 @@ use iceberg::{
     spec::{DataFile, NestedField, PrimitiveType, Schema, Transform, Type, UnboundPartitionSpec},
     table::Table,
     transaction::{ApplyTransactionAction, Transaction},
+    util::snapshot::ancestors_of,
 };
 use weather_common::{
     WeatherReading,
@@ -170,32 +171,33 @@ impl WeatherTable {
     /// before such a snapshot is found: where the partitions stand is then unknown, and "none
     /// recorded" would read every partition from its start again.
     pub fn recorded(&self, topic: &str) -> anyhow::Result<Recorded> {
-        let metadata = self.table.metadata();
-        let mut snapshot = metadata.current_snapshot().cloned();
-        let mut depth = 0;
-        while let Some(current) = snapshot {
-            depth += 1;
-            if let Some((checkpoints, epochs)) = summary::decode(&current.summary().additional_properties, topic)? {
+        let metadata = self.table.metadata_ref();
+        let Some(current) = metadata.current_snapshot_id() else {
+            return Ok(Recorded::default());
+        };
+        let mut oldest = None;
+        for (depth, snapshot) in ancestors_of(&metadata, current).enumerate() {
+            if let Some((checkpoints, epochs)) = summary::decode(&snapshot.summary().additional_properties, topic)? {
                 return Ok(Recorded {
                     checkpoints,
                     epochs,
-                    depth,
+                    depth: depth + 1,
                 });
             }
-            let parent = current.parent_snapshot_id().and_then(|id| metadata.snapshot_by_id(id));
-            // No parent: the table's first snapshot (sequence number 1 in format v2, 0 in v1), or
-            // the oldest one left by an expiry that dropped the parent's id with the parent
-            // (PyIceberg does).
-            let first = current.parent_snapshot_id().is_none() && current.sequence_number() <= 1;
-            if parent.is_none() && !first {
-                return Err(BrokenLineage {
-                    snapshot: current.snapshot_id(),
-                }
-                .into());
-            }
-            snapshot = parent.cloned();
+            oldest = Some(snapshot);
         }
-        Ok(Recorded::default())
+        // The walk ended at a snapshot without a parent in the metadata: the table's first
+        // (no parent, sequence number 1 in format v2, 0 in v1), or one whose parent was expired,
+        // its id kept or dropped with it (PyIceberg drops it).
+        match oldest {
+            Some(oldest) if oldest.parent_snapshot_id().is_some() || oldest.sequence_number() > 1 => {
+                Err(BrokenLineage {
+                    snapshot: oldest.snapshot_id(),
+                }
+                .into())
+            }
+            _ => Ok(Recorded::default()),
+        }
     }
 
     /// The checkpoints snapshot `id` records of `topic`'s partitions: where an operator may
