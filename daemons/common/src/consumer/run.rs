@@ -1,6 +1,6 @@
 //! [`run`]: joins the group, opens the store and resumes from the last commit after any failure.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use rdkafka::consumer::Consumer;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +15,7 @@ use super::config::Config;
 use super::group::{GroupConsumer, SESSION_TIMEOUT, pause};
 use super::metrics::Metrics;
 use super::position::wait_for_partitions;
-use super::store::{Checkpoints, Fenced, Store, Unresumable};
+use super::store::{Fenced, Store, Unresumable};
 use super::worker::Worker;
 
 /// Consumes `config.topic` into `store` until `shutdown`, then commits what was read and
@@ -113,21 +113,9 @@ pub(super) async fn consume<S: Store>(
             runtime::notify_ready();
             tracing::info!(group = %config.group_id, topic = %config.topic, "consuming the partitions the group assigns");
         }
-        let mut worker = Worker {
-            config,
-            consumer,
-            dead_letters: &dead_letters,
-            metrics,
-            assigned: &mut assigned,
-            read: Checkpoints::new(),
-            last_read: BTreeMap::new(),
-            dead_lettered: BTreeMap::new(),
-            committed: Checkpoints::new(),
-            uncommitted: 0,
-            first_uncommitted: None,
-        };
+        let mut worker = Worker::new(config, consumer, &dead_letters, metrics, &mut assigned);
         let consumed = worker.consume(store, shutdown).await;
-        let owned: Vec<i32> = worker.read.keys().copied().collect();
+        let owned = worker.owned();
         match consumed {
             Ok(()) => return Ok(()),
             Err(e) if shutdown.is_cancelled() => {

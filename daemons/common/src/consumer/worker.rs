@@ -21,30 +21,58 @@ use super::record::{format_record_id, reading_of, record_hash};
 use super::store::{Checkpoints, Claim, Store, offsets};
 
 pub(super) struct Worker<'a> {
-    pub(super) config: &'a Config,
-    pub(super) consumer: &'a Arc<GroupConsumer>,
-    pub(super) dead_letters: &'a Arc<DeadLetters>,
-    pub(super) metrics: &'a Metrics,
+    config: &'a Config,
+    consumer: &'a Arc<GroupConsumer>,
+    dead_letters: &'a Arc<DeadLetters>,
+    metrics: &'a Metrics,
     /// What the group assigned to this instance; the worker claims each of them and gives up
     /// the partitions it owns that are no longer in it.
-    pub(super) assigned: &'a mut Assignment,
+    assigned: &'a mut Assignment,
     /// Position after what was read (applied to the store or dead-lettered) in each partition
     /// this instance owns; the identities of the last records are in `last_read` until the
     /// next commit.
-    pub(super) read: Checkpoints,
+    read: Checkpoints,
     /// `(offset, hash)` of the last record read per partition since the last commit: formatted
     /// into `read` only when committing, to keep the per-record path free of allocations.
-    pub(super) last_read: BTreeMap<i32, (i64, u64)>,
+    last_read: BTreeMap<i32, (i64, u64)>,
     /// Offsets past each partition's checkpoint whose dead letter was sent before the last
     /// crash or handover (see [`DeadLetters::sent_since`]): not sent again.
-    pub(super) dead_lettered: BTreeMap<i32, BTreeSet<i64>>,
+    dead_lettered: BTreeMap<i32, BTreeSet<i64>>,
     /// What the store holds.
-    pub(super) committed: Checkpoints,
-    pub(super) uncommitted: usize,
-    pub(super) first_uncommitted: Option<Instant>,
+    committed: Checkpoints,
+    uncommitted: usize,
+    first_uncommitted: Option<Instant>,
 }
 
-impl Worker<'_> {
+impl<'a> Worker<'a> {
+    /// A worker that owns no partition yet: it claims what `assigned` holds on its first look.
+    pub(super) fn new(
+        config: &'a Config,
+        consumer: &'a Arc<GroupConsumer>,
+        dead_letters: &'a Arc<DeadLetters>,
+        metrics: &'a Metrics,
+        assigned: &'a mut Assignment,
+    ) -> Self {
+        Self {
+            config,
+            consumer,
+            dead_letters,
+            metrics,
+            assigned,
+            read: Checkpoints::new(),
+            last_read: BTreeMap::new(),
+            dead_lettered: BTreeMap::new(),
+            committed: Checkpoints::new(),
+            uncommitted: 0,
+            first_uncommitted: None,
+        }
+    }
+
+    /// The partitions it owns.
+    pub(super) fn owned(&self) -> Vec<i32> {
+        self.read.keys().copied().collect()
+    }
+
     pub(super) async fn consume<S: Store>(
         &mut self,
         store: &mut S,
@@ -95,7 +123,7 @@ impl Worker<'_> {
 
     /// Brings what this instance owns in line with what the group assigned: commits and gives
     /// up the partitions revoked, then claims, positions and resumes the ones assigned.
-    pub(super) async fn rebalance<S: Store>(&mut self, store: &mut S) -> anyhow::Result<()> {
+    async fn rebalance<S: Store>(&mut self, store: &mut S) -> anyhow::Result<()> {
         let events = self.consumer.context().take();
         self.metrics.rebalances.inc_by(events.len() as u64);
         let revoked = self.assigned.apply(events, &self.read);
@@ -154,11 +182,7 @@ impl Worker<'_> {
         Ok(())
     }
 
-    pub(super) async fn process<S: Store>(
-        &mut self,
-        store: &mut S,
-        message: &BorrowedMessage<'_>,
-    ) -> anyhow::Result<()> {
+    async fn process<S: Store>(&mut self, store: &mut S, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
         let (partition, offset) = (message.partition(), message.offset());
         match self.read.get(&partition) {
             // Read before (a fetch may start below the position asked for).
@@ -197,7 +221,7 @@ impl Worker<'_> {
         Ok(())
     }
 
-    pub(super) async fn commit<S: Store>(&mut self, store: &mut S) -> anyhow::Result<()> {
+    async fn commit<S: Store>(&mut self, store: &mut S) -> anyhow::Result<()> {
         if self.first_uncommitted.is_none() {
             return Ok(());
         }
@@ -226,7 +250,7 @@ impl Worker<'_> {
     /// letter (sent before a crash or a handover), and marks the checkpoints with where this
     /// instance's letters will go. Partitions read from a new log's beginning keep none: the
     /// letters found belong to the old log.
-    pub(super) async fn recall_dead_letters(&mut self, positioned: &mut Positioned) -> anyhow::Result<()> {
+    async fn recall_dead_letters(&mut self, positioned: &mut Positioned) -> anyhow::Result<()> {
         let restarted: BTreeSet<i32> = positioned.restarted.iter().map(|(p, _)| *p).collect();
         let wanted: Vec<(i32, i64, Option<i64>)> = positioned
             .start
@@ -258,7 +282,7 @@ impl Worker<'_> {
     /// last fetch response carried: asking the broker instead (ListOffsets) adds requests that
     /// queue behind a burst of produce requests on a broker that serializes them (nisshi on
     /// SQLite), and time out there.
-    pub(super) fn update_lag(&self) {
+    fn update_lag(&self) {
         let context = self.consumer.context();
         for (partition, read) in &self.read {
             if let Some(high) = context.high_watermark(*partition) {
