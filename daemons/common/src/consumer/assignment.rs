@@ -14,21 +14,21 @@ pub(super) struct Assignment {
 }
 
 impl Assignment {
-    pub(super) fn assign(&mut self, partitions: &[i32]) {
+    fn assign(&mut self, partitions: &[i32]) {
         for partition in partitions {
             self.assigned.insert(*partition);
             self.held.remove(partition);
         }
     }
 
-    pub(super) fn revoke(&mut self, partitions: &[i32]) {
+    fn revoke(&mut self, partitions: &[i32]) {
         for partition in partitions {
             self.assigned.remove(partition);
             self.held.remove(partition);
         }
     }
 
-    pub(super) fn contains(&self, partition: i32) -> bool {
+    fn contains(&self, partition: i32) -> bool {
         self.assigned.contains(&partition)
     }
 

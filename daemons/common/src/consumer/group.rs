@@ -32,16 +32,16 @@ pub(super) enum Rebalanced {
 /// protocol wants; the worker commits what it read of them next, and the store's fencing
 /// refuses that commit if the new owner has already claimed them.
 pub struct GroupContext {
-    pub(super) topic: String,
-    pub(super) events: std::sync::Mutex<Vec<Rebalanced>>,
+    topic: String,
+    events: std::sync::Mutex<Vec<Rebalanced>>,
     pub(super) notify: tokio::sync::Notify,
     /// Each partition's high watermark as the last fetch response reported it (librdkafka's
     /// statistics), for the lag metric: measured without asking the broker anything.
-    pub(super) high_watermarks: std::sync::Mutex<BTreeMap<i32, i64>>,
+    high_watermarks: std::sync::Mutex<BTreeMap<i32, i64>>,
 }
 
 impl GroupContext {
-    pub(super) fn push(&self, event: Rebalanced) {
+    fn push(&self, event: Rebalanced) {
         if let Ok(mut events) = self.events.lock() {
             events.push(event);
         }
