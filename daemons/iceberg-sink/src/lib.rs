@@ -44,9 +44,8 @@ use prometheus_client::{
 use tokio_util::sync::CancellationToken;
 use weather_common::{
     WeatherReading,
-    consumer::{self, Checkpoints, Claim, Epochs, Unresumable},
-    http,
-    kafka::{self, DEAD_LETTER_TOPIC, KafkaArgs, WEATHER_TOPIC},
+    consumer::{self, Checkpoints, Claim, ConsumerArgs, Epochs, Unresumable},
+    http, kafka,
     lakehouse::{CatalogArgs, CatalogConfig},
 };
 
@@ -56,38 +55,23 @@ use crate::{
 };
 
 #[derive(clap::Parser, Debug, Clone)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    mut_arg("group_id", |a| a.default_value("iceberg-sink")),
+    mut_arg("commit_interval", |a| a.default_value("10s")),
+    mut_arg("max_records", |a| a.default_value("500000")),
+)]
 pub struct Args {
     /// Address of the /health and /metrics endpoints.
     #[arg(long, env = "LISTEN", default_value = "127.0.0.1:9101")]
     pub listen: SocketAddr,
 
     #[command(flatten)]
-    pub kafka: KafkaArgs,
-
-    /// Topic to consume.
-    #[arg(long, env = "KAFKA_TOPIC", default_value = WEATHER_TOPIC)]
-    pub topic: String,
-
-    /// Consumer group: its instances share the topic's partitions. Its offsets are committed
-    /// for lag monitoring only.
-    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "iceberg-sink")]
-    pub group_id: String,
-
-    /// Topic for records that are not valid readings.
-    #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = DEAD_LETTER_TOPIC)]
-    pub dead_letter_topic: String,
+    pub consumer: ConsumerArgs,
 
     #[command(flatten)]
     pub catalog: CatalogArgs,
-
-    /// Longest time between commits.
-    #[arg(long, env = "COMMIT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub commit_interval: Duration,
-
-    /// Records after which a commit happens before the interval is up.
-    #[arg(long, env = "MAX_RECORDS", default_value_t = 500_000)]
-    pub max_records: usize,
 
     /// Parquet files roll over at about this size, in bytes.
     #[arg(long, env = "TARGET_FILE_SIZE", default_value_t = 128 << 20)]
@@ -142,23 +126,13 @@ pub struct Args {
     /// writes and commits it, as a run on a large table takes that long.
     #[arg(long, hide = true, default_value = "0s", value_parser = humantime::parse_duration)]
     pub maintenance_delay: Duration,
-
-    /// A reading whose `ts` lies further ahead of its Kafka record's timestamp is a dead letter.
-    #[arg(long, env = "MAX_CLOCK_SKEW", default_value = "1m", value_parser = humantime::parse_duration)]
-    pub max_clock_skew: Duration,
 }
 
 impl Args {
     fn consumer_config(&self) -> consumer::Config {
         consumer::Config {
             name: "iceberg-sink",
-            kafka: self.kafka.clone(),
-            topic: self.topic.clone(),
-            group_id: self.group_id.clone(),
-            dead_letter_topic: self.dead_letter_topic.clone(),
-            commit_interval: self.commit_interval,
-            max_records: self.max_records,
-            max_clock_skew: self.max_clock_skew,
+            args: self.consumer.clone(),
         }
     }
 }
@@ -172,7 +146,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let (listen, admin) = http::spawn_admin(args.listen, Arc::new(registry), shutdown.clone())
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(%listen, topic = %args.topic, warehouse = %args.catalog.warehouse, "iceberg-sink starting");
+    tracing::info!(%listen, topic = %args.consumer.topic, warehouse = %args.catalog.warehouse, "iceberg-sink starting");
     let maintainer = Arc::new(AtomicBool::new(false));
     let catalog_for_upkeep = catalog.clone();
     let mut sink = Sink {
@@ -216,10 +190,14 @@ struct Sink<'a> {
 async fn resume_point(args: &Args, table: &WeatherTable, broken: anyhow::Error) -> anyhow::Result<Checkpoints> {
     let resume = match args.resume_from {
         None => return Err(unresumable(broken)),
-        Some(ResumeFrom::Snapshot(id)) => table.checkpoints_at(&args.topic, id)?,
+        Some(ResumeFrom::Snapshot(id)) => table.checkpoints_at(&args.consumer.topic, id)?,
         Some(ResumeFrom::Start) => Checkpoints::new(),
         Some(ResumeFrom::Group) => {
-            let (kafka, group, topic) = (args.kafka.clone(), args.group_id.clone(), args.topic.clone());
+            let (kafka, group, topic) = (
+                args.consumer.kafka.clone(),
+                args.consumer.group_id.clone(),
+                args.consumer.topic.clone(),
+            );
             let offsets = tokio::task::spawn_blocking(move || kafka::group_offsets(&kafka, &group, &topic))
                 .await?
                 .context("reading the consumer group's committed offsets")?;
@@ -272,7 +250,7 @@ impl consumer::Store for Sink<'_> {
     }
 
     async fn claim(&mut self, partitions: &[i32]) -> anyhow::Result<Claim> {
-        let topic = &self.args.topic;
+        let topic = &self.args.consumer.topic;
         let table = self.table.as_mut().context("table not open")?;
         let claim = match table.claim(topic, partitions, None).await {
             Err(e) if e.is::<BrokenLineage>() => {
@@ -319,7 +297,13 @@ impl consumer::Store for Sink<'_> {
         let file_count = files.len();
         let bytes: u64 = files.iter().map(|f| f.file_size_in_bytes()).sum();
         let conflicts = match table
-            .commit(&self.args.topic, files, &self.committed, checkpoints, &self.epochs)
+            .commit(
+                &self.args.consumer.topic,
+                files,
+                &self.committed,
+                checkpoints,
+                &self.epochs,
+            )
             .await
         {
             // Left to the next start, which claims with --resume-from or refuses.
@@ -509,5 +493,22 @@ impl Metrics {
             metrics.snapshot_id.clone(),
         );
         metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[test]
+    fn the_shared_consumer_flags_take_the_sinks_defaults() {
+        Args::command().debug_assert();
+        let args = Args::try_parse_from(["iceberg-sink"]).expect("defaults parse");
+        assert_eq!(args.consumer.group_id, "iceberg-sink");
+        assert_eq!(args.consumer.commit_interval, Duration::from_secs(10));
+        assert_eq!(args.consumer.max_records, 500_000);
+        assert_eq!(args.consumer.topic, kafka::WEATHER_TOPIC);
     }
 }

@@ -142,7 +142,7 @@ impl Task {
     /// One run; a failure is logged and retried next time: the appends do not depend on it.
     async fn maintain(&self, table: &mut WeatherTable) {
         let started = Instant::now();
-        match table.maintain(&self.args.topic, &self.policy).await {
+        match table.maintain(&self.args.consumer.topic, &self.policy).await {
             Ok(report) => {
                 let metrics = &self.metrics;
                 metrics.maintenance_runs.inc();

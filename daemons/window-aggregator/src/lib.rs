@@ -30,9 +30,8 @@ use prometheus_client::{
 use tokio_util::sync::CancellationToken;
 use weather_common::{
     WeatherReading,
-    consumer::{self, Checkpoints, Claim, Epochs},
+    consumer::{self, Checkpoints, Claim, ConsumerArgs, Epochs},
     http,
-    kafka::{DEAD_LETTER_TOPIC, KafkaArgs, WEATHER_TOPIC},
     runtime::Backoff,
 };
 
@@ -42,27 +41,22 @@ use crate::{
 };
 
 #[derive(clap::Parser, Debug, Clone)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    mut_arg("group_id", |a| a.default_value("window-aggregator")),
+    mut_arg("commit_interval", |a| a.default_value("500ms")),
+    // `--max-batch` was this daemon's name for `--max-records` before the consumers shared
+    // their flags; still understood so that existing command lines keep working.
+    mut_arg("max_records", |a| a.default_value("50000").alias("max-batch")),
+)]
 pub struct Args {
     /// Address of the /health and /metrics endpoints.
     #[arg(long, env = "LISTEN", default_value = "127.0.0.1:9102")]
     pub listen: SocketAddr,
 
     #[command(flatten)]
-    pub kafka: KafkaArgs,
-
-    /// Topic to consume.
-    #[arg(long, env = "KAFKA_TOPIC", default_value = WEATHER_TOPIC)]
-    pub topic: String,
-
-    /// Consumer group: its instances share the topic's partitions. Its offsets are committed
-    /// for lag monitoring only.
-    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "window-aggregator")]
-    pub group_id: String,
-
-    /// Topic for records that are not valid readings.
-    #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = DEAD_LETTER_TOPIC)]
-    pub dead_letter_topic: String,
+    pub consumer: ConsumerArgs,
 
     /// PostgreSQL connection URL.
     #[arg(
@@ -91,19 +85,6 @@ pub struct Args {
     /// A partition quiet for this long emits its windows by the wall clock.
     #[arg(long, env = "IDLE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
-
-    /// Time between commits.
-    #[arg(long, env = "COMMIT_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
-    pub commit_interval: Duration,
-
-    /// Records after which a commit happens before the interval is up (the iceberg-sink's name
-    /// for it; `--max-batch` is still understood).
-    #[arg(long, alias = "max-batch", env = "MAX_RECORDS", default_value_t = 50_000)]
-    pub max_records: usize,
-
-    /// A reading whose `ts` lies further ahead of its Kafka record's timestamp is a dead letter.
-    #[arg(long, env = "MAX_CLOCK_SKEW", default_value = "1m", value_parser = humantime::parse_duration)]
-    pub max_clock_skew: Duration,
 }
 
 impl Args {
@@ -126,13 +107,7 @@ impl Args {
     fn consumer_config(&self) -> consumer::Config {
         consumer::Config {
             name: "window-aggregator",
-            kafka: self.kafka.clone(),
-            topic: self.topic.clone(),
-            group_id: self.group_id.clone(),
-            dead_letter_topic: self.dead_letter_topic.clone(),
-            commit_interval: self.commit_interval,
-            max_records: self.max_records,
-            max_clock_skew: self.max_clock_skew,
+            args: self.consumer.clone(),
         }
     }
 }
@@ -146,7 +121,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let (listen, admin) = http::spawn_admin(args.listen, Arc::new(registry), shutdown.clone())
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(%listen, topic = %args.topic, window = ?args.window, "window-aggregator starting");
+    tracing::info!(%listen, topic = %args.consumer.topic, window = ?args.window, "window-aggregator starting");
     let retention = tokio::spawn(store::enforce_retention(
         args.database_url.clone(),
         args.retention,
@@ -174,7 +149,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
 async fn connect(args: &Args, shutdown: &CancellationToken) -> Option<Store> {
     let mut backoff = Backoff::default();
     loop {
-        match Store::connect(&args.database_url, &args.topic).await {
+        match Store::connect(&args.database_url, &args.consumer.topic).await {
             Ok(store) => return Some(store),
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "PostgreSQL unavailable"),
         }
@@ -212,7 +187,7 @@ impl consumer::Store for Windows<'_> {
         let claimed = store.claim(partitions).await.context("claiming partitions")?;
         self.epochs.extend(claimed.claim.epochs.clone());
         self.aggregator.insert_partitions(claimed.state);
-        let limit = Utc::now() + TimeDelta::from_std(self.args.max_clock_skew).unwrap_or(TimeDelta::MAX);
+        let limit = Utc::now() + TimeDelta::from_std(self.args.consumer.max_clock_skew).unwrap_or(TimeDelta::MAX);
         let repaired = self.aggregator.repair_future_watermarks(limit);
         if repaired > 0 {
             tracing::warn!(
@@ -338,5 +313,23 @@ impl Metrics {
             metrics.open_windows.clone(),
         );
         metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[test]
+    fn the_shared_consumer_flags_take_the_aggregators_defaults() {
+        Args::command().debug_assert();
+        let args = Args::try_parse_from(["window-aggregator"]).expect("defaults parse");
+        assert_eq!(args.consumer.group_id, "window-aggregator");
+        assert_eq!(args.consumer.commit_interval, Duration::from_millis(500));
+        assert_eq!(args.consumer.max_records, 50_000);
+        let args = Args::try_parse_from(["window-aggregator", "--max-batch", "7"]).expect("old flag name parses");
+        assert_eq!(args.consumer.max_records, 7);
     }
 }

@@ -25,7 +25,7 @@ mod run;
 mod store;
 mod worker;
 
-pub use config::Config;
+pub use config::{Config, ConsumerArgs};
 pub use group::{GroupConsumer, GroupContext};
 pub use metrics::Metrics;
 pub use position::{Positioned, position, wait_for_partitions};

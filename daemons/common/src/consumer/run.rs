@@ -18,10 +18,10 @@ use super::position::wait_for_partitions;
 use super::store::{Fenced, Store, Unresumable};
 use super::worker::Worker;
 
-/// Consumes `config.topic` into `store` until `shutdown`, then commits what was read and
+/// Consumes `config.args.topic` into `store` until `shutdown`, then commits what was read and
 /// returns. Fails only if that last commit fails (what it held is read again next time).
 ///
-/// The instance joins `config.group_id`; the group spreads the topic's partitions over its
+/// The instance joins `config.args.group_id`; the group spreads the topic's partitions over its
 /// instances (cooperative-sticky: a rebalance moves only the partitions that must move).
 pub async fn run<S: Store>(
     config: &Config,
@@ -29,7 +29,10 @@ pub async fn run<S: Store>(
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let consumer = config.kafka.group_consumer(&config.group_id, &config.topic)?;
+    let consumer = config
+        .args
+        .kafka
+        .group_consumer(&config.args.group_id, &config.args.topic)?;
     let consumed = consume(config, &consumer, store, metrics, shutdown).await;
     close(consumer).await;
     consumed
@@ -78,8 +81,8 @@ pub(super) async fn consume<S: Store>(
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let topics = [config.topic.as_str(), config.dead_letter_topic.as_str()];
-    if wait_for_partitions(&config.kafka, consumer, &config.topic, &topics, shutdown)
+    let topics = [config.args.topic.as_str(), config.args.dead_letter_topic.as_str()];
+    if wait_for_partitions(&config.args.kafka, consumer, &config.args.topic, &topics, shutdown)
         .await
         .is_none()
     {
@@ -87,12 +90,16 @@ pub(super) async fn consume<S: Store>(
     }
     let dead_letters = Arc::new(
         tokio::task::spawn_blocking({
-            let (kafka, topic, name) = (config.kafka.clone(), config.dead_letter_topic.clone(), config.name);
+            let (kafka, topic, name) = (
+                config.args.kafka.clone(),
+                config.args.dead_letter_topic.clone(),
+                config.name,
+            );
             move || DeadLetters::new(&kafka, &topic, name)
         })
         .await??,
     );
-    consumer.subscribe(&[config.topic.as_str()])?;
+    consumer.subscribe(&[config.args.topic.as_str()])?;
     let mut assigned = Assignment::default();
     let mut ready = false;
     let mut backoff = Backoff::default();
@@ -111,7 +118,7 @@ pub(super) async fn consume<S: Store>(
         if !ready {
             ready = true;
             runtime::notify_ready();
-            tracing::info!(group = %config.group_id, topic = %config.topic, "consuming the partitions the group assigns");
+            tracing::info!(group = %config.args.group_id, topic = %config.args.topic, "consuming the partitions the group assigns");
         }
         let mut worker = Worker::new(config, consumer, &dead_letters, metrics, &mut assigned);
         let consumed = worker.consume(store, shutdown).await;
@@ -139,7 +146,7 @@ pub(super) async fn consume<S: Store>(
                          is left to it"
                     );
                     assigned.hold(&fenced.partitions);
-                    pause(consumer.as_ref(), &config.topic, &fenced.partitions);
+                    pause(consumer.as_ref(), &config.args.topic, &fenced.partitions);
                     continue;
                 }
                 metrics.recoveries.inc();

@@ -78,7 +78,7 @@ impl<'a> Worker<'a> {
         store: &mut S,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let mut tick = tokio::time::interval(self.config.commit_interval.min(Duration::from_millis(250)));
+        let mut tick = tokio::time::interval(self.config.args.commit_interval.min(Duration::from_millis(250)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_lag_check = Instant::now();
         self.rebalance(store).await?;
@@ -100,7 +100,7 @@ impl<'a> Worker<'a> {
                         }
                     };
                     self.process(store, &message).await?;
-                    if self.uncommitted >= self.config.max_records {
+                    if self.uncommitted >= self.config.args.max_records {
                         self.commit(store).await?;
                     }
                 }
@@ -108,7 +108,7 @@ impl<'a> Worker<'a> {
                     if store.tick() {
                         self.first_uncommitted.get_or_insert_with(Instant::now);
                     }
-                    if self.first_uncommitted.is_some_and(|t| t.elapsed() >= self.config.commit_interval) {
+                    if self.first_uncommitted.is_some_and(|t| t.elapsed() >= self.config.args.commit_interval) {
                         self.commit(store).await?;
                     }
                     Metrics::show(&self.metrics.read_offset, &self.read);
@@ -150,8 +150,8 @@ impl<'a> Worker<'a> {
         } = store.claim(&claimed).await?;
         let (consumer, topic, kafka, partitions) = (
             self.consumer.clone(),
-            self.config.topic.clone(),
-            self.config.kafka.clone(),
+            self.config.args.topic.clone(),
+            self.config.args.kafka.clone(),
             claimed.clone(),
         );
         let mut positioned = tokio::task::spawn_blocking({
@@ -164,7 +164,7 @@ impl<'a> Worker<'a> {
         // a new log; the windows already counted of the old one stay.
         self.metrics.new_logs.inc_by(positioned.restarted.len() as u64);
         self.consumer
-            .resume(&partition_list(&self.config.topic, &claimed))
+            .resume(&partition_list(&self.config.args.topic, &claimed))
             .context("resuming the claimed partitions")?;
         for &partition in &claimed {
             self.metrics.owned.get_or_create(&PartitionLabel { partition }).set(1);
@@ -192,7 +192,7 @@ impl<'a> Worker<'a> {
             None => return Ok(()),
         }
         self.metrics.records_read.inc();
-        match reading_of(message, self.config.max_clock_skew) {
+        match reading_of(message, self.config.args.max_clock_skew) {
             Ok(reading) => store.apply(partition, offset, reading),
             Err(reason) => {
                 if self
@@ -242,7 +242,7 @@ impl<'a> Worker<'a> {
         self.committed = self.read.clone();
         Metrics::show(&self.metrics.committed_offset, &self.committed);
         Metrics::show(&self.metrics.read_offset, &self.read);
-        commit_for_monitoring(self.consumer.as_ref(), &self.config.topic, &self.committed);
+        commit_for_monitoring(self.consumer.as_ref(), &self.config.args.topic, &self.committed);
         Ok(())
     }
 
@@ -257,7 +257,7 @@ impl<'a> Worker<'a> {
             .iter()
             .map(|(p, c)| (*p, c.next_offset, c.dead_letters_from))
             .collect();
-        let (dead_letters, topic) = (self.dead_letters.clone(), self.config.topic.clone());
+        let (dead_letters, topic) = (self.dead_letters.clone(), self.config.args.topic.clone());
         let found = tokio::task::spawn_blocking(move || {
             wanted
                 .into_iter()
