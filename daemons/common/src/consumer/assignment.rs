@@ -1,9 +1,8 @@
 //! What the group assigned to this instance, as pure data the worker reads.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::group::Rebalanced;
-use super::store::Checkpoints;
 
 /// The partitions the group assigned to this instance, kept across recoveries, less those held
 /// back after another instance took them over.
@@ -35,7 +34,7 @@ impl Assignment {
     /// Applies the group's `events`, in order, and returns the partitions of `owned` to hand
     /// over: each one revoked, also when a later event assigned it again (the revocation took
     /// its fetch position; assigned again, it is claimed and positioned anew).
-    pub(super) fn apply(&mut self, events: Vec<Rebalanced>, owned: &Checkpoints) -> Vec<i32> {
+    pub(super) fn apply<T>(&mut self, events: Vec<Rebalanced>, owned: &BTreeMap<i32, T>) -> Vec<i32> {
         let mut revoked = BTreeSet::new();
         for event in events {
             match event {
@@ -70,7 +69,7 @@ impl Assignment {
     }
 
     /// The assigned partitions to claim: neither owned yet (`owned`) nor held.
-    pub(super) fn claimable(&self, owned: &Checkpoints) -> Vec<i32> {
+    pub(super) fn claimable<T>(&self, owned: &BTreeMap<i32, T>) -> Vec<i32> {
         self.assigned
             .iter()
             .filter(|p| !owned.contains_key(p) && !self.held.contains(p))

@@ -19,6 +19,7 @@ mod assignment;
 mod config;
 mod group;
 pub mod metrics;
+mod owned;
 mod position;
 mod record;
 mod run;

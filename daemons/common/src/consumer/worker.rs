@@ -16,8 +16,9 @@ use super::assignment::Assignment;
 use super::config::Config;
 use super::group::{GroupConsumer, LAG_INTERVAL, commit_for_monitoring, partition_list};
 use super::metrics::Metrics;
+use super::owned::{Owned, OwnedPartitions, to_commit};
 use super::position::{Positioned, position};
-use super::record::{format_record_id, reading_of, record_hash};
+use super::record::{reading_of, record_hash};
 use super::store::{Checkpoints, Claim, Store, offsets};
 
 pub(super) struct Worker<'a> {
@@ -28,18 +29,8 @@ pub(super) struct Worker<'a> {
     /// What the group assigned to this instance; the worker claims each of them and gives up
     /// the partitions it owns that are no longer in it.
     assigned: &'a mut Assignment,
-    /// Position after what was read (applied to the store or dead-lettered) in each partition
-    /// this instance owns; the identities of the last records are in `last_read` until the
-    /// next commit.
-    read: Checkpoints,
-    /// `(offset, hash)` of the last record read per partition since the last commit: formatted
-    /// into `read` only when committing, to keep the per-record path free of allocations.
-    last_read: BTreeMap<i32, (i64, u64)>,
-    /// Offsets past each partition's checkpoint whose dead letter was sent before the last
-    /// crash or handover (see [`DeadLetters::sent_since`]): not sent again.
-    dead_lettered: BTreeMap<i32, BTreeSet<i64>>,
-    /// What the store holds.
-    committed: Checkpoints,
+    /// The partitions this instance owns: claimed, positioned and read.
+    owned: OwnedPartitions,
     uncommitted: usize,
     first_uncommitted: Option<Instant>,
 }
@@ -59,10 +50,7 @@ impl<'a> Worker<'a> {
             dead_letters,
             metrics,
             assigned,
-            read: Checkpoints::new(),
-            last_read: BTreeMap::new(),
-            dead_lettered: BTreeMap::new(),
-            committed: Checkpoints::new(),
+            owned: OwnedPartitions::new(),
             uncommitted: 0,
             first_uncommitted: None,
         }
@@ -70,7 +58,7 @@ impl<'a> Worker<'a> {
 
     /// The partitions it owns.
     pub(super) fn owned(&self) -> Vec<i32> {
-        self.read.keys().copied().collect()
+        self.owned.keys().copied().collect()
     }
 
     pub(super) async fn consume<S: Store>(
@@ -87,7 +75,7 @@ impl<'a> Worker<'a> {
                 biased;
                 () = shutdown.cancelled() => {
                     self.commit(store).await?;
-                    tracing::info!(committed = ?offsets(&self.committed), "committed what was read");
+                    tracing::info!(committed = ?offsets(&self.committed()), "committed what was read");
                     return Ok(());
                 }
                 () = self.consumer.context().notify.notified() => self.rebalance(store).await?,
@@ -111,7 +99,7 @@ impl<'a> Worker<'a> {
                     if self.first_uncommitted.is_some_and(|t| t.elapsed() >= self.config.args.commit_interval) {
                         self.commit(store).await?;
                     }
-                    Metrics::show(&self.metrics.read_offset, &self.read);
+                    self.show_read();
                     if last_lag_check.elapsed() > LAG_INTERVAL {
                         last_lag_check = Instant::now();
                         self.update_lag();
@@ -126,21 +114,18 @@ impl<'a> Worker<'a> {
     async fn rebalance<S: Store>(&mut self, store: &mut S) -> anyhow::Result<()> {
         let events = self.consumer.context().take();
         self.metrics.rebalances.inc_by(events.len() as u64);
-        let revoked = self.assigned.apply(events, &self.read);
+        let revoked = self.assigned.apply(events, &self.owned);
         if !revoked.is_empty() {
             // What was read of them is stored before their next owner loads it.
             self.commit(store).await?;
             store.release(&revoked);
             for partition in &revoked {
-                self.read.remove(partition);
-                self.committed.remove(partition);
-                self.last_read.remove(partition);
-                self.dead_lettered.remove(partition);
+                self.owned.remove(partition);
             }
             self.metrics.forget(&revoked);
             tracing::info!(partitions = ?revoked, "handed partitions over");
         }
-        let claimed = self.assigned.claimable(&self.read);
+        let claimed = self.assigned.claimable(&self.owned);
         if claimed.is_empty() {
             return Ok(());
         }
@@ -159,7 +144,7 @@ impl<'a> Worker<'a> {
             move || position(&kafka, consumer.as_ref(), &topic, &partitions, &committed)
         })
         .await??;
-        self.recall_dead_letters(&mut positioned).await?;
+        let mut dead_lettered = self.recall_dead_letters(&mut positioned).await?;
         // Nothing of a partition is applied before its claim, so a store has nothing to drop for
         // a new log; the windows already counted of the old one stay.
         self.metrics.new_logs.inc_by(positioned.restarted.len() as u64);
@@ -177,45 +162,39 @@ impl<'a> Worker<'a> {
         }
         Metrics::show(&self.metrics.committed_offset, &committed);
         tracing::info!(partitions = ?claimed, from = ?offsets(&positioned.start), ?epochs, "took partitions over");
-        self.committed.extend(committed);
-        self.read.extend(positioned.start);
+        for (partition, read) in positioned.start {
+            let committed = committed.get(&partition).cloned().unwrap_or_else(|| read.clone());
+            let dead_lettered = dead_lettered.remove(&partition).unwrap_or_default();
+            self.owned.insert(partition, Owned::claimed(committed, read, dead_lettered));
+        }
         Ok(())
     }
 
     async fn process<S: Store>(&mut self, store: &mut S, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
         let (partition, offset) = (message.partition(), message.offset());
-        match self.read.get(&partition) {
-            // Read before (a fetch may start below the position asked for).
-            Some(c) if offset < c.next_offset => return Ok(()),
-            Some(_) => {}
+        let Some(owned) = self.owned.get_mut(&partition) else {
             // Not this instance's (any more), or not claimed yet: fetched before a pause.
-            None => return Ok(()),
+            return Ok(());
+        };
+        if offset < owned.read.next_offset {
+            // Read before (a fetch may start below the position asked for).
+            return Ok(());
         }
         self.metrics.records_read.inc();
         match reading_of(message, self.config.args.max_clock_skew) {
             Ok(reading) => store.apply(partition, offset, reading),
             Err(reason) => {
-                if self
-                    .dead_lettered
-                    .get_mut(&partition)
-                    .is_some_and(|sent| sent.remove(&offset))
-                {
+                if owned.dead_lettered.remove(&offset) {
                     tracing::info!(partition, offset, error = %reason, "record already in the dead-letter topic");
                 } else {
                     // Acknowledged by the broker before the offset past it can be committed.
-                    let letters_from = self.dead_letters.send(message, &reason).await?;
-                    if let Some(checkpoint) = self.read.get_mut(&partition) {
-                        checkpoint.dead_letters_from = Some(letters_from);
-                    }
+                    owned.read.dead_letters_from = Some(self.dead_letters.send(message, &reason).await?);
                     self.metrics.dead_letters.inc();
                     tracing::warn!(partition, offset, error = %reason, "record sent to the dead-letter topic");
                 }
             }
         }
-        if let Some(checkpoint) = self.read.get_mut(&partition) {
-            checkpoint.next_offset = offset + 1;
-        }
-        self.last_read.insert(partition, (offset, record_hash(message)));
+        owned.advance(offset, record_hash(message));
         self.uncommitted += 1;
         self.first_uncommitted.get_or_insert_with(Instant::now);
         Ok(())
@@ -225,13 +204,9 @@ impl<'a> Worker<'a> {
         if self.first_uncommitted.is_none() {
             return Ok(());
         }
-        for (partition, (offset, hash)) in std::mem::take(&mut self.last_read) {
-            if let Some(checkpoint) = self.read.get_mut(&partition) {
-                checkpoint.last_record = Some(format_record_id(offset, hash));
-            }
-        }
+        let read = to_commit(&mut self.owned);
         let started = Instant::now();
-        let stored = store.commit(&self.read).await?;
+        let stored = store.commit(&read).await?;
         self.uncommitted = 0;
         self.first_uncommitted = None;
         if !stored {
@@ -239,18 +214,34 @@ impl<'a> Worker<'a> {
         }
         self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
         self.metrics.commits.inc();
-        self.committed = self.read.clone();
-        Metrics::show(&self.metrics.committed_offset, &self.committed);
-        Metrics::show(&self.metrics.read_offset, &self.read);
-        commit_for_monitoring(self.consumer.as_ref(), &self.config.args.topic, &self.committed);
+        for state in self.owned.values_mut() {
+            state.committed = state.read.clone();
+        }
+        Metrics::show(&self.metrics.committed_offset, &read);
+        Metrics::show(&self.metrics.read_offset, &read);
+        commit_for_monitoring(self.consumer.as_ref(), &self.config.args.topic, &read);
         Ok(())
+    }
+
+    /// What the store holds of each owned partition.
+    fn committed(&self) -> Checkpoints {
+        self.owned.iter().map(|(p, state)| (*p, state.committed.clone())).collect()
+    }
+
+    fn show_read(&self) {
+        for (&partition, state) in &self.owned {
+            self.metrics
+                .read_offset
+                .get_or_create(&PartitionLabel { partition })
+                .set(state.read.next_offset);
+        }
     }
 
     /// Learns which records past each newly positioned checkpoint already have their dead
     /// letter (sent before a crash or a handover), and marks the checkpoints with where this
     /// instance's letters will go. Partitions read from a new log's beginning keep none: the
     /// letters found belong to the old log.
-    async fn recall_dead_letters(&mut self, positioned: &mut Positioned) -> anyhow::Result<()> {
+    async fn recall_dead_letters(&self, positioned: &mut Positioned) -> anyhow::Result<BTreeMap<i32, BTreeSet<i64>>> {
         let restarted: BTreeSet<i32> = positioned.restarted.iter().map(|(p, _)| *p).collect();
         let wanted: Vec<(i32, i64, Option<i64>)> = positioned
             .start
@@ -266,16 +257,17 @@ impl<'a> Worker<'a> {
         })
         .await?
         .context("reading back the dead letters sent since the last commit")?;
+        let mut dead_lettered = BTreeMap::new();
         for (partition, sent) in found {
             if let Some(checkpoint) = positioned.start.get_mut(&partition) {
                 checkpoint.dead_letters_from = Some(sent.end);
             }
             if !sent.offsets.is_empty() && !restarted.contains(&partition) {
                 tracing::info!(partition, offsets = ?sent.offsets, "these records were dead-lettered before; not again");
-                self.dead_lettered.insert(partition, sent.offsets);
+                dead_lettered.insert(partition, sent.offsets);
             }
         }
-        Ok(())
+        Ok(dead_lettered)
     }
 
     /// Lag (high watermark − next offset) per owned partition. The high watermark is the one the
@@ -284,13 +276,13 @@ impl<'a> Worker<'a> {
     /// SQLite), and time out there.
     fn update_lag(&self) {
         let context = self.consumer.context();
-        for (partition, read) in &self.read {
-            if let Some(high) = context.high_watermark(*partition) {
-                let label = PartitionLabel { partition: *partition };
+        for (&partition, state) in &self.owned {
+            if let Some(high) = context.high_watermark(partition) {
+                let label = PartitionLabel { partition };
                 self.metrics
                     .lag
                     .get_or_create(&label)
-                    .set((high - read.next_offset).max(0));
+                    .set((high - state.read.next_offset).max(0));
             }
         }
     }
