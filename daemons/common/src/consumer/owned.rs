@@ -68,8 +68,14 @@ mod tests {
     #[test]
     fn a_commit_names_the_last_record_read_and_only_that() {
         let mut owned = OwnedPartitions::new();
-        owned.insert(0, Owned::claimed(Checkpoint::start(5), Checkpoint::start(5), BTreeSet::new()));
-        owned.insert(1, Owned::claimed(Checkpoint::start(9), Checkpoint::start(9), BTreeSet::new()));
+        owned.insert(
+            0,
+            Owned::claimed(Checkpoint::start(5), Checkpoint::start(5), BTreeSet::new()),
+        );
+        owned.insert(
+            1,
+            Owned::claimed(Checkpoint::start(9), Checkpoint::start(9), BTreeSet::new()),
+        );
         owned.get_mut(&0).expect("owned").advance(5, 1);
         owned.get_mut(&0).expect("owned").advance(6, 2);
 

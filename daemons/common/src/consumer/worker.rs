@@ -165,7 +165,8 @@ impl<'a> Worker<'a> {
         for (partition, read) in positioned.start {
             let committed = committed.get(&partition).cloned().unwrap_or_else(|| read.clone());
             let dead_lettered = dead_lettered.remove(&partition).unwrap_or_default();
-            self.owned.insert(partition, Owned::claimed(committed, read, dead_lettered));
+            self.owned
+                .insert(partition, Owned::claimed(committed, read, dead_lettered));
         }
         Ok(())
     }
@@ -225,7 +226,10 @@ impl<'a> Worker<'a> {
 
     /// What the store holds of each owned partition.
     fn committed(&self) -> Checkpoints {
-        self.owned.iter().map(|(p, state)| (*p, state.committed.clone())).collect()
+        self.owned
+            .iter()
+            .map(|(p, state)| (*p, state.committed.clone()))
+            .collect()
     }
 
     fn show_read(&self) {
