@@ -4,9 +4,12 @@
 
 mod apache_kafka;
 mod backbone;
+mod broker;
+mod drain;
 mod host;
 mod http_client;
 mod plan;
+mod postgres;
 mod s3_server;
 mod supervisor;
 mod trino;
@@ -17,12 +20,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use weather_common::{
-    consumer::metrics::{LAG_RECORDS, OWNER_EPOCH, PARTITION_OWNED, READ_OFFSET, prefix},
+    consumer::metrics::{LAG_RECORDS, OWNER_EPOCH, PARTITION_OWNED, prefix},
     runtime,
 };
 
 use crate::{
-    backbone::{Kafka, LocalPostgres},
+    backbone::{Backbone, Given},
     host::{free_port, on_path},
     http_client::get,
     supervisor::Supervised,
@@ -123,6 +126,21 @@ struct RunArgs {
     drain_timeout: Duration,
 }
 
+impl RunArgs {
+    /// What of the backbone the operator gave.
+    fn given(&self) -> Given {
+        Given {
+            database_url: self.database_url.clone(),
+            catalog_url: self.catalog_url.clone(),
+            kafka_brokers: self.kafka_brokers.clone(),
+            in_memory_broker: self.in_memory_broker,
+            partitions: self.partitions,
+            s3_endpoint: self.s3_endpoint.clone(),
+            warehouse: self.warehouse.clone(),
+        }
+    }
+}
+
 /// What `pipeline status` reads back.
 #[derive(Serialize, Deserialize, Debug)]
 struct State {
@@ -157,15 +175,74 @@ fn daemon(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
-    // Everything the pipeline and its children write (the database password and the S3 keys,
-    // the warehouse, state.json with the database URL) is for its own OS user only.
+    let state_dir = prepare_state_dir(state_dir, args.database_url.is_none())?;
+    let _lock = lock_state_dir(&state_dir)?;
+    let notify_dir = state_dir.join("notify");
+    std::fs::create_dir_all(&notify_dir)?;
+    let shutdown = runtime::shutdown_token()?;
+
+    let backbone = Backbone::start(args.given(), &state_dir, &notify_dir).await?;
+    // Trino when its launcher is on PATH and can read the warehouse, the embedded query-server
+    // otherwise.
+    let trino_launcher = trino::find().filter(|_| {
+        let readable = backbone.s3_endpoint.is_some();
+        if !readable {
+            tracing::warn!("Trino not started: it reads the table from S3 only; query-server serves SQL instead");
+        }
+        readable
+    });
+    let addresses = Addresses::new(&args, trino_launcher.is_none())?;
+    let specs = plan::specs(&addresses.daemons(&args, &backbone), |name| daemon(daemon_of(name)))?;
+    let mut state = State::new(&addresses, &backbone);
+    state.write(&state_dir)?;
+
+    let (running, failure) = start_in_order(specs, &notify_dir, &shutdown).await;
+    let mut trino = None;
+    if let Some(launcher) = &trino_launcher
+        && failure.is_none()
+        && !shutdown.is_cancelled()
+    {
+        trino = start_trino(launcher, &state_dir, &backbone, &notify_dir, &shutdown).await;
+        state.trino = trino.as_ref().map(|trino| trino.url.clone());
+        state.write(&state_dir)?;
+    }
+    if failure.is_none() && !shutdown.is_cancelled() {
+        runtime::notify_ready();
+        let sql = match (&trino, &addresses.query) {
+            (Some(trino), _) => Some(trino.url.clone()),
+            (None, Some(query)) => Some(format!("http://{query}")),
+            (None, None) => None,
+        };
+        eprintln!("{}", addresses.banner(&backbone, sql));
+        shutdown.cancelled().await;
+    }
+
+    let consumers = [
+        ("window-aggregator", addresses.aggregators.clone()),
+        ("iceberg-sink", addresses.sinks.clone()),
+    ];
+    let mut clean = drain::stop_daemons(running, &consumers, &backbone.brokers, args.drain_timeout).await;
+    clean &= supervisor::stop_in_order(trino.map(|trino| trino.server)).await;
+    clean &= backbone.stop().await;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    anyhow::ensure!(clean, "some components did not stop cleanly");
+    Ok(())
+}
+
+/// Creates the state directory, private to this OS user: everything the pipeline and its
+/// children write there (the database password and the S3 keys, the warehouse, state.json with
+/// the database URL) is for it alone. Returns its canonical path.
+fn prepare_state_dir(state_dir: PathBuf, local_postgres: bool) -> anyhow::Result<PathBuf> {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     std::fs::create_dir_all(&state_dir)?;
     // As root, PostgreSQL runs as the postgres user, which must pass through (not list) the
     // state directory to reach its own.
-    let postgres_user = match args.database_url {
-        Some(_) => None,
-        None => backbone::postgres_user()?,
+    let postgres_user = if local_postgres {
+        postgres::postgres_user()?
+    } else {
+        None
     };
     let mode = match postgres_user {
         Some((_, gid)) => {
@@ -175,231 +252,142 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         None => 0o700,
     };
     std::fs::set_permissions(&state_dir, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-    let state_dir = state_dir.canonicalize()?;
-    let _lock = lock_state_dir(&state_dir)?;
-    let notify_dir = state_dir.join("notify");
-    std::fs::create_dir_all(&notify_dir)?;
-    let shutdown = runtime::shutdown_token()?;
+    Ok(state_dir.canonicalize()?)
+}
 
-    let postgres = match &args.database_url {
-        Some(_) => None,
-        None => Some(LocalPostgres::start(&state_dir.join("postgres"), &notify_dir).await?),
-    };
-    let database_url = args
-        .database_url
-        .clone()
-        .or_else(|| postgres.as_ref().map(|p| p.url("weather")))
-        .context("no database")?;
-    let catalog_url = args
-        .catalog_url
-        .clone()
-        .or_else(|| postgres.as_ref().map(|p| p.url("iceberg")))
-        .context("--catalog-url is needed with --database-url")?;
-    let kafka = Kafka::start(
-        args.kafka_brokers.clone(),
-        &state_dir.join("kafka"),
-        &notify_dir,
-        args.in_memory_broker,
-        args.partitions,
-    )
-    .await?;
-    let brokers = kafka.brokers();
-    let local_s3 = match &args.s3_endpoint {
-        Some(_) => None,
-        None => s3_server::start(&state_dir.join("s3")).await?,
-    };
-    let s3_endpoint = args
-        .s3_endpoint
-        .clone()
-        .or_else(|| local_s3.as_ref().map(|s3| s3.endpoint.clone()));
-    let warehouse = match (&args.warehouse, &s3_endpoint) {
-        (Some(w), _) => w.clone(),
-        (None, Some(_)) => "s3://warehouse/".to_owned(),
-        (None, None) => {
-            let dir = state_dir.join("warehouse");
-            std::fs::create_dir_all(&dir)?;
-            format!("file://{}", dir.display())
-        }
-    };
-
-    // Trino when its launcher is on PATH and can read the warehouse, the embedded query-server
-    // otherwise.
-    let trino_launcher = trino::find().filter(|_| {
-        let readable = s3_endpoint.is_some();
-        if !readable {
-            tracing::warn!("Trino not started: it reads the table from S3 only; query-server serves SQL instead");
-        }
-        readable
-    });
-    let logging = format!("127.0.0.1:{}", args.logging_port);
-    let query = format!("127.0.0.1:{}", args.query_port);
-    let dashboard = format!("127.0.0.1:{}", args.dashboard_port);
-    // Admin (health, metrics) address of each consumer instance.
-    let consumer_admins = |name: &'static str| -> anyhow::Result<Vec<(&'static str, String)>> {
-        (0..args.instances)
-            .map(|i| {
-                Ok((
-                    instance_name(name, i, args.instances),
-                    format!("127.0.0.1:{}", free_port()?),
-                ))
-            })
-            .collect()
-    };
-    let aggregators = consumer_admins("window-aggregator")?;
-    let sinks = consumer_admins("iceberg-sink")?;
-    // What a person sees of a URL: the local server's password stays in its file.
-    let shown = |url: &str| postgres.as_ref().map_or_else(|| url.to_owned(), |p| p.shown(url));
-    let daemons = plan::Daemons {
-        logging: &logging,
-        dashboard: &dashboard,
-        query: trino_launcher.is_none().then_some(query.as_str()),
-        aggregators: &aggregators,
-        sinks: &sinks,
-        brokers: &brokers,
-        partitions: args.partitions,
-        catalog_url: &catalog_url,
-        warehouse: &warehouse,
-        s3_endpoint: s3_endpoint.as_deref(),
-        s3_credentials: local_s3.as_ref().map(|s3| s3.credentials_file.display().to_string()),
-        database_url: &database_url,
-        commit_interval: args.commit_interval,
-        client: (!args.no_client).then_some(plan::Client {
-            rate: args.rate,
-            batches: args.client_batches,
-        }),
-    };
-    let specs = plan::specs(&daemons, |name| daemon(daemon_of(name)))?;
-    let components = [("logging-server".to_owned(), format!("http://{logging}"))]
-        .into_iter()
-        .chain(
-            aggregators
-                .iter()
-                .chain(&sinks)
-                .map(|(name, admin)| ((*name).to_owned(), format!("http://{admin}"))),
-        )
-        .chain([("dashboard".to_owned(), format!("http://{dashboard}"))])
-        .chain(
-            trino_launcher
-                .is_none()
-                .then(|| ("query-server".to_owned(), format!("http://{query}"))),
-        )
-        .collect();
-    let mut state = State {
-        components,
-        database_url: database_url.clone(),
-        s3_endpoint: s3_endpoint.clone(),
-        s3_credentials_file: local_s3.as_ref().map(|s3| s3.credentials_file.clone()),
-        trino: None,
-    };
-    std::fs::write(state_dir.join("state.json"), serde_json::to_vec_pretty(&state)?)?;
-
-    let mut running: Vec<Supervised> = Vec::new();
-    let mut failure = None;
+/// Starts `specs` one after the other, each once the one before is ready, until all run, one
+/// fails (returned beside those started) or `shutdown`.
+async fn start_in_order(
+    specs: Vec<supervisor::Spec>,
+    notify_dir: &std::path::Path,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> (Vec<Supervised>, Option<anyhow::Error>) {
+    let mut running = Vec::new();
     for spec in specs {
         if shutdown.is_cancelled() {
             break;
         }
         let name = spec.name;
-        match Supervised::start(spec, &notify_dir, Duration::from_secs(120)).await {
+        match Supervised::start(spec, notify_dir, Duration::from_secs(120)).await {
             Ok(child) => {
                 tracing::info!("{name} ready");
                 running.push(child);
             }
-            Err(e) => {
-                failure = Some(e.context(format!("starting {name}")));
-                break;
-            }
+            Err(e) => return (running, Some(e.context(format!("starting {name}")))),
         }
     }
-    let mut trino = None;
-    if let Some(launcher) = &trino_launcher
-        && failure.is_none()
-        && !shutdown.is_cancelled()
-    {
-        trino = start_trino(
-            launcher,
-            &state_dir,
-            &catalog_url,
-            &warehouse,
-            s3_endpoint.as_deref(),
-            local_s3.as_ref(),
-            &shutdown,
-        )
-        .await;
-        if let Some(trino) = &trino {
-            state.trino = Some(trino.url.clone());
-            std::fs::write(state_dir.join("state.json"), serde_json::to_vec_pretty(&state)?)?;
+    (running, None)
+}
+
+/// Where each daemon of this run listens.
+struct Addresses {
+    logging: String,
+    dashboard: String,
+    /// The query-server's, when it runs (no Trino).
+    query: Option<String>,
+    /// Instance name and admin (health, metrics) address of each consumer instance.
+    aggregators: Vec<(&'static str, String)>,
+    sinks: Vec<(&'static str, String)>,
+}
+
+impl Addresses {
+    fn new(args: &RunArgs, query_server: bool) -> anyhow::Result<Self> {
+        let consumer_admins = |name: &'static str| -> anyhow::Result<Vec<(&'static str, String)>> {
+            (0..args.instances)
+                .map(|i| {
+                    Ok((
+                        instance_name(name, i, args.instances),
+                        format!("127.0.0.1:{}", free_port()?),
+                    ))
+                })
+                .collect()
+        };
+        Ok(Self {
+            logging: format!("127.0.0.1:{}", args.logging_port),
+            dashboard: format!("127.0.0.1:{}", args.dashboard_port),
+            query: query_server.then(|| format!("127.0.0.1:{}", args.query_port)),
+            aggregators: consumer_admins("window-aggregator")?,
+            sinks: consumer_admins("iceberg-sink")?,
+        })
+    }
+
+    /// What [`plan::specs`] starts.
+    fn daemons<'a>(&'a self, args: &RunArgs, backbone: &'a Backbone) -> plan::Daemons<'a> {
+        plan::Daemons {
+            logging: &self.logging,
+            dashboard: &self.dashboard,
+            query: self.query.as_deref(),
+            aggregators: &self.aggregators,
+            sinks: &self.sinks,
+            brokers: &backbone.brokers,
+            partitions: args.partitions,
+            catalog_url: &backbone.catalog_url,
+            warehouse: &backbone.warehouse,
+            s3_endpoint: backbone.s3_endpoint.as_deref(),
+            s3_credentials: backbone.s3.as_ref().map(|s3| s3.credentials_file.display().to_string()),
+            database_url: &backbone.database_url,
+            commit_interval: args.commit_interval,
+            client: (!args.no_client).then_some(plan::Client {
+                rate: args.rate,
+                batches: args.client_batches,
+            }),
         }
     }
-    if failure.is_none() && !shutdown.is_cancelled() {
-        runtime::notify_ready();
-        eprintln!(
-            "\nweather-pipeline is running (Ctrl-C stops it)\n  dashboard       http://{dashboard}/\n  logging-server  http://{logging}/log?city=Boston&temperature=72.5\n  metrics         http://{logging}/metrics  {}\n  PostgreSQL      {}\n  Iceberg         catalog {}, warehouse {warehouse}\n  Kafka           {brokers}\n{}\n",
-            aggregators
+
+    /// What the terminal shows once everything runs; `sql`: the SQL endpoint, if any.
+    fn banner(&self, backbone: &Backbone, sql: Option<String>) -> String {
+        let (logging, dashboard) = (&self.logging, &self.dashboard);
+        format!(
+            "\nweather-pipeline is running (Ctrl-C stops it)\n  dashboard       http://{dashboard}/\n  logging-server  http://{logging}/log?city=Boston&temperature=72.5\n  metrics         http://{logging}/metrics  {}\n  PostgreSQL      {}\n  Iceberg         catalog {}, warehouse {}\n  Kafka           {}\n{}\n",
+            self.aggregators
                 .iter()
-                .chain(&sinks)
+                .chain(&self.sinks)
                 .map(|(_, admin)| format!("http://{admin}/metrics"))
                 .collect::<Vec<_>>()
                 .join("  "),
-            shown(&database_url),
-            shown(&catalog_url),
-            query_hint(match (&trino, &trino_launcher) {
-                (Some(trino), _) => Some(trino.url.clone()),
-                (None, None) => Some(format!("http://{query}")),
-                (None, Some(_)) => None,
-            })
-        );
-        shutdown.cancelled().await;
+            backbone.shown(&backbone.database_url),
+            backbone.shown(&backbone.catalog_url),
+            backbone.warehouse,
+            backbone.brokers,
+            query_hint(sql),
+        )
     }
-
-    // Dependency order: no new readings, then the consumers read everything acknowledged (and
-    // commit it as they stop), then the backbone.
-    let mut clean = true;
-    for name in ["weather-client", "logging-server"] {
-        if let Some(i) = running.iter().position(|c| c.name == name) {
-            clean &= stop(running.remove(i)).await;
-        }
-    }
-    let running_admins = |instances: &[(&'static str, String)]| -> Vec<String> {
-        instances
-            .iter()
-            .filter(|(name, _)| running.iter().any(|c| c.name == *name))
-            .map(|(_, admin)| admin.clone())
-            .collect()
-    };
-    let consumers = [
-        ("window-aggregator", running_admins(&aggregators)),
-        ("iceberg-sink", running_admins(&sinks)),
-    ];
-    wait_for_consumers(&brokers, &consumers, args.drain_timeout).await;
-    while let Some(child) = running.pop() {
-        clean &= stop(child).await;
-    }
-    if let Some(mut trino) = trino {
-        supervisor::terminate(&mut trino.child, rustix::process::Signal::TERM, Duration::from_secs(30)).await;
-    }
-    // Stopped cleanly, Apache Kafka needs no log recovery next time.
-    if let Some(broker) = kafka.into_server() {
-        clean &= stop(broker).await;
-    }
-    if let Some(mut s3) = local_s3 {
-        supervisor::terminate(&mut s3.child, rustix::process::Signal::TERM, Duration::from_secs(30)).await;
-    }
-    if let Some(postgres) = postgres {
-        clean &= stop(postgres.server).await;
-    }
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    anyhow::ensure!(clean, "some components did not stop cleanly");
-    Ok(())
 }
 
-async fn stop(child: Supervised) -> bool {
-    let name = child.name;
-    let ok = child.stop(Duration::from_secs(60)).await;
-    tracing::info!("{name} stopped{}", if ok { "" } else { " (not cleanly)" });
-    ok
+impl State {
+    fn new(addresses: &Addresses, backbone: &Backbone) -> Self {
+        let components = [("logging-server".to_owned(), format!("http://{}", addresses.logging))]
+            .into_iter()
+            .chain(
+                addresses
+                    .aggregators
+                    .iter()
+                    .chain(&addresses.sinks)
+                    .map(|(name, admin)| ((*name).to_owned(), format!("http://{admin}"))),
+            )
+            .chain([("dashboard".to_owned(), format!("http://{}", addresses.dashboard))])
+            .chain(
+                addresses
+                    .query
+                    .iter()
+                    .map(|query| ("query-server".to_owned(), format!("http://{query}"))),
+            )
+            .collect();
+        Self {
+            components,
+            database_url: backbone.database_url.clone(),
+            s3_endpoint: backbone.s3_endpoint.clone(),
+            s3_credentials_file: backbone.s3.as_ref().map(|s3| s3.credentials_file.clone()),
+            trino: None,
+        }
+    }
+
+    fn write(&self, state_dir: &std::path::Path) -> anyhow::Result<()> {
+        Ok(std::fs::write(
+            state_dir.join("state.json"),
+            serde_json::to_vec_pretty(self)?,
+        )?)
+    }
 }
 
 /// Holds `STATE/pipeline.lock` for the life of the run: one pipeline per state directory.
@@ -427,91 +415,6 @@ fn lock_state_dir(state_dir: &std::path::Path) -> anyhow::Result<std::fs::File> 
     Ok(file)
 }
 
-/// The end of each partition of the `weather` topic.
-async fn log_ends(brokers: &str) -> anyhow::Result<Vec<(i32, i64)>> {
-    let brokers = brokers.to_owned();
-    tokio::task::spawn_blocking(move || {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", "pipeline-drain")
-            .create()?;
-        let topic = weather_common::kafka::WEATHER_TOPIC;
-        let partitions = weather_common::kafka::partition_count(&consumer, topic)?;
-        (0..partitions)
-            .map(|p| Ok((p, consumer.fetch_watermarks(topic, p, Duration::from_secs(5))?.1)))
-            .collect()
-    })
-    .await?
-}
-
-/// `NAME_read_offset{partition="P"}` from a consumer's metrics (0 when absent).
-fn read_offset(metrics: &str, name: &str, partition: i32) -> i64 {
-    let prefix = format!("{}_{READ_OFFSET}{{partition=\"{partition}\"}} ", prefix(name));
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Waits until every consumer (all its instances together) has read the topic to the end it
-/// has now, so that what the logging-server acknowledged is committed when they stop; at most
-/// `timeout`. `consumers`: each daemon with the admin addresses of its running instances.
-async fn wait_for_consumers(brokers: &str, consumers: &[(&str, Vec<String>)], timeout: Duration) {
-    if consumers.iter().all(|(_, admins)| admins.is_empty()) {
-        return;
-    }
-    let ends = match log_ends(brokers).await {
-        Ok(ends) => ends,
-        Err(e) => {
-            tracing::warn!(error = %format!("{e:#}"), "could not read the end of the log; stopping the consumers");
-            return;
-        }
-    };
-    let started = tokio::time::Instant::now();
-    let mut reported = started;
-    loop {
-        let mut behind = Vec::new();
-        for (name, admins) in consumers.iter().filter(|(_, admins)| !admins.is_empty()) {
-            let mut metrics = Vec::new();
-            for admin in admins {
-                metrics.push(get(admin, "/metrics").await.unwrap_or_default());
-            }
-            // A partition's reader is whichever instance owns it now; offsets only grow, so the
-            // furthest any instance reports is where the group stands.
-            let left: i64 = ends
-                .iter()
-                .map(|&(p, end)| {
-                    let read = metrics.iter().map(|m| read_offset(m, name, p)).max().unwrap_or(0);
-                    (end - read).max(0)
-                })
-                .sum();
-            if left > 0 {
-                behind.push(format!("{name} {left}"));
-            }
-        }
-        if behind.is_empty() {
-            return;
-        }
-        if started.elapsed() > timeout {
-            tracing::warn!(
-                "stopping the consumers before they read the whole log (records left: {}); a durable broker \
-                 keeps the rest for the next start",
-                behind.join(", ")
-            );
-            return;
-        }
-        if reported.elapsed() > Duration::from_secs(5) {
-            reported = tokio::time::Instant::now();
-            tracing::info!(
-                "waiting for the consumers to read the log to its end (records left: {})",
-                behind.join(", ")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The name instance `i` of `count` of daemon `name` runs under: the daemon's own name when it
 /// runs alone, `name@i` otherwise (as a systemd template unit names its instances). Leaked:
 /// a handful per run, and the supervisor keeps names for the life of the process.
@@ -533,23 +436,23 @@ fn daemon_of(name: &str) -> &str {
 async fn start_trino(
     launcher: &std::path::Path,
     state_dir: &std::path::Path,
-    catalog_url: &str,
-    warehouse: &str,
-    s3_endpoint: Option<&str>,
-    local_s3: Option<&s3_server::LocalS3>,
+    backbone: &Backbone,
+    notify_dir: &std::path::Path,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Option<trino::Trino> {
-    let s3_endpoint = s3_endpoint?;
     let catalog = trino::Catalog {
-        catalog_url,
-        warehouse,
-        s3_endpoint,
-        s3_keys: local_s3.map(|s3| (s3.access_key.as_str(), s3.secret_key.as_str())),
+        catalog_url: &backbone.catalog_url,
+        warehouse: &backbone.warehouse,
+        s3_endpoint: backbone.s3_endpoint.as_deref()?,
+        s3_keys: backbone
+            .s3
+            .as_ref()
+            .map(|s3| (s3.access_key.as_str(), s3.secret_key.as_str())),
     };
     tracing::info!("starting Trino (takes a minute)");
     let dir = state_dir.join("trino");
     let started = tokio::select! {
-        started = trino::start(launcher, &dir, &catalog) => started,
+        started = trino::start(launcher, &dir, notify_dir, &catalog) => started,
         () = shutdown.cancelled() => return None,
     };
     match started {

@@ -8,17 +8,15 @@ use std::{
     time::Duration,
 };
 
+use crate::{
+    host::{free_port, on_path},
+    http_client::{HttpAnswer, http_request},
+    supervisor::{Spec, Supervised},
+};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
-use tokio::process::{Child, Command};
-
-use crate::{
-    backbone::start_logged,
-    host::{free_port, on_path},
-    http_client::{HttpAnswer, http_request},
-};
 
 /// The bucket the Iceberg warehouse lives in.
 pub const BUCKET: &str = "warehouse";
@@ -30,11 +28,12 @@ pub struct LocalS3 {
     pub credentials_file: PathBuf,
     pub access_key: String,
     pub secret_key: String,
-    pub child: Child,
+    pub server: Supervised,
 }
 
-/// Starts the first S3 server found on `PATH`; `None` when there is none.
-pub async fn start(dir: &Path) -> anyhow::Result<Option<LocalS3>> {
+/// Starts the first S3 server found on `PATH`, supervised (restarted if it fails), sockets for
+/// its readiness in `notify_dir`; `None` when there is none.
+pub async fn start(dir: &Path, notify_dir: &Path) -> anyhow::Result<Option<LocalS3>> {
     let Some((name, program)) = ["minio", "s3s-fs"]
         .into_iter()
         .find_map(|name| Some((name, on_path(name)?)))
@@ -46,35 +45,53 @@ pub async fn start(dir: &Path) -> anyhow::Result<Option<LocalS3>> {
     let credentials_file = dir.join("credentials");
     let (access_key, secret_key) = credentials(&credentials_file)?;
     let port = free_port()?;
-    let mut command = Command::new(&program);
-    if name == "minio" {
-        command
-            .arg("server")
-            .arg(&data)
-            .args(["--quiet", "--address", &format!("127.0.0.1:{port}")])
-            .args(["--console-address", &format!("127.0.0.1:{}", free_port()?)])
-            .env("MINIO_ROOT_USER", &access_key)
-            .env("MINIO_ROOT_PASSWORD", &secret_key);
+    let address = format!("127.0.0.1:{port}");
+    let (args, env) = if name == "minio" {
+        let args = vec![
+            "server".to_owned(),
+            data.display().to_string(),
+            "--quiet".into(),
+            "--address".into(),
+            address.clone(),
+            "--console-address".into(),
+            format!("127.0.0.1:{}", free_port()?),
+        ];
+        let env = vec![
+            ("MINIO_ROOT_USER".to_owned(), access_key.clone()),
+            ("MINIO_ROOT_PASSWORD".to_owned(), secret_key.clone()),
+        ];
+        (args, env)
     } else {
         tracing::warn!(
             "s3s-fs takes its keys only as arguments, where every local user can read them (ps): anyone on this \
              machine can write to the warehouse. Put MinIO on PATH instead (it gets them by environment), or take \
              s3s-fs off PATH for the directory warehouse"
         );
-        command
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", &access_key, "--secret-key", &secret_key])
-            .arg(&data);
-    }
-    let address = format!("127.0.0.1:{port}");
+        let args = vec![
+            "--host".to_owned(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            port.to_string(),
+            "--access-key".into(),
+            access_key.clone(),
+            "--secret-key".into(),
+            secret_key.clone(),
+            data.display().to_string(),
+        ];
+        (args, Vec::new())
+    };
     let log = dir.join(format!("{name}.log"));
-    let child = start_logged(name, &mut command, &log, &address, Duration::from_secs(60)).await?;
+    let spec = Spec {
+        env,
+        ..Spec::server(name, program, args, address.clone(), log)
+    };
+    let server = Supervised::start(spec, notify_dir, Duration::from_secs(60)).await?;
     let server = LocalS3 {
         endpoint: format!("http://{address}"),
         credentials_file,
         access_key,
         secret_key,
-        child,
+        server,
     };
     // A freshly started server may listen before it serves: retry for a while.
     let mut attempt = 0;

@@ -91,6 +91,22 @@ pub struct Supervised {
     watcher: tokio::task::JoinHandle<()>,
 }
 
+/// How long a child has to drain after its stop signal before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(60);
+
+/// Stops `children` one after the other (each: [`Supervised::stop`] with a minute's grace) and
+/// logs each; whether all exited cleanly.
+pub async fn stop_in_order(children: impl IntoIterator<Item = Supervised>) -> bool {
+    let mut clean = true;
+    for child in children {
+        let name = child.name;
+        let ok = child.stop(STOP_GRACE).await;
+        tracing::info!("{name} stopped{}", if ok { "" } else { " (not cleanly)" });
+        clean &= ok;
+    }
+    clean
+}
+
 impl Supervised {
     /// Starts `spec` and waits (up to `timeout`) for it to be ready; `READY=1` comes on a
     /// socket in `notify_dir`.
@@ -140,7 +156,7 @@ impl Supervised {
 /// `signal` when the pipeline dies. (The kernel watches the thread that forks: children are
 /// started from the main thread and the runtime's worker threads, which live as long as the
 /// pipeline.)
-pub fn tie_to_pipeline(command: &mut Command, signal: Signal) {
+fn tie_to_pipeline(command: &mut Command, signal: Signal) {
     let pipeline = rustix::process::getpid();
     command.process_group(0);
     // SAFETY: the closure runs between fork and exec and only makes two system calls; it
@@ -290,7 +306,7 @@ async fn watch(
 }
 
 /// Sends `signal` and waits up to `grace`, then SIGKILL. True when it exited with status 0.
-pub async fn terminate(child: &mut Child, signal: Signal, grace: Duration) -> bool {
+async fn terminate(child: &mut Child, signal: Signal, grace: Duration) -> bool {
     if let Some(pid) = child.id().and_then(|id| Pid::from_raw(id as i32)) {
         let _ = kill_process(pid, signal);
     }

@@ -6,21 +6,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
-use tokio::process::{Child, Command};
-
 use crate::{
-    backbone::start_logged,
     host::{free_port, on_path},
     http_client::get,
+    supervisor::{Spec, Supervised},
 };
+use anyhow::Context;
 
 /// The JVM settings of the `trino/` configuration the compose file uses.
 const JVM_CONFIG: &str = include_str!("../../../trino/etc/jvm.config");
 
 pub struct Trino {
     pub url: String,
-    pub child: Child,
+    pub server: Supervised,
 }
 
 /// Trino's launcher: `trino-launcher` (as some packages name it) or the tarball's `launcher`.
@@ -38,8 +36,8 @@ pub struct Catalog<'a> {
 }
 
 /// Writes the configuration into `dir/etc`, starts `launcher run` and waits until Trino
-/// answers queries.
-pub async fn start(launcher: &Path, dir: &Path, catalog: &Catalog<'_>) -> anyhow::Result<Trino> {
+/// answers queries. Supervised: restarted if it fails.
+pub async fn start(launcher: &Path, dir: &Path, notify_dir: &Path, catalog: &Catalog<'_>) -> anyhow::Result<Trino> {
     let port = free_port()?;
     let etc = dir.join("etc");
     std::fs::create_dir_all(etc.join("catalog"))?;
@@ -55,20 +53,16 @@ pub async fn start(launcher: &Path, dir: &Path, catalog: &Catalog<'_>) -> anyhow
     std::fs::write(etc.join("catalog/iceberg.properties"), iceberg_catalog(catalog)?)?;
     let log = dir.join("trino.log");
     let address = format!("127.0.0.1:{port}");
-    let child = start_logged(
-        "Trino",
-        Command::new(launcher)
-            .arg("run")
-            .arg(format!("--etc-dir={}", etc.display()))
-            .arg(format!("--data-dir={}", dir.join("data").display())),
-        &log,
-        &address,
-        Duration::from_secs(120),
-    )
-    .await?;
+    let args = vec![
+        "run".to_owned(),
+        format!("--etc-dir={}", etc.display()),
+        format!("--data-dir={}", dir.join("data").display()),
+    ];
+    let spec = Spec::server("Trino", launcher.to_owned(), args, address.clone(), log.clone());
+    let server = Supervised::start(spec, notify_dir, Duration::from_secs(120)).await?;
     let trino = Trino {
         url: format!("http://{address}"),
-        child,
+        server,
     };
     // The coordinator listens before it takes queries: /v1/info says when it has started.
     let deadline = Instant::now() + Duration::from_secs(180);
