@@ -14,6 +14,13 @@
 //! partitions ([`Store::claim`]): an instance that lost a partition without noticing (paused,
 //! cut off) cannot commit it any more, so each record is stored exactly once whoever reads it.
 //! The group is trusted as the Kafka protocol defines it: a partition fenced here stays held
+//! back until the group revokes it or assigns it here again (`assignment.rs`).
+//!
+//! One question per file, arrows one way: `store.rs` (the contract a daemon's store keeps),
+//! `record.rs` (what a record is), `config.rs` (the flags), `metrics.rs`, `group.rs` (group
+//! membership), `assignment.rs` (what the group assigned: pure data), `owned.rs` (what the
+//! worker knows of a partition it owns), `position.rs` (where a claimed partition is read
+//! from), `worker.rs` (read, apply, commit) and `run.rs` (start, recover, stop).
 
 mod assignment;
 mod config;
