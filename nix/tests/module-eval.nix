@@ -18,11 +18,41 @@ let
   self.packages.x86_64-linux = lib.genAttrs daemons fakePackage;
 
   unitAtom = types.oneOf [ types.bool types.int types.str types.path ];
+  # nixos/lib/systemd-unit-options.nix: a [Unit] or [Service] entry, or a list of them.
+  unitSection = types.attrsOf (types.either unitAtom (types.listOf unitAtom));
+  # pkgs.formats.toml's value type (pkgs/pkgs-lib/formats.nix), the freeform type of Garage's
+  # settings.
+  tomlValue =
+    types.nullOr (
+      types.oneOf [
+        types.bool
+        types.int
+        types.float
+        types.str
+        types.path
+        (types.attrsOf tomlValue)
+        (types.listOf tomlValue)
+      ]
+    )
+    // {
+      description = "TOML value";
+    };
 
   # The NixOS options the module touches (nixos/modules/system/boot/systemd.nix, …/firewall.nix,
   # services/databases/postgresql.nix, services/misc/apache-kafka.nix, services/web-servers/minio.nix).
   nixosOptions = {
     options = {
+      # nixos/modules/misc/assertions.nix
+      assertions = mkOption {
+        type = types.listOf types.unspecified;
+        internal = true;
+        default = [ ];
+      };
+      warnings = mkOption {
+        type = types.listOf types.str;
+        internal = true;
+        default = [ ];
+      };
       systemd.services = mkOption {
         default = { };
         type = types.attrsOf (
@@ -42,10 +72,8 @@ let
               environment = mkOption { type = types.attrsOf (types.nullOr unitAtom); default = { }; };
               path = mkOption { type = types.listOf types.package; default = [ ]; };
               script = mkOption { type = types.lines; default = ""; };
-              serviceConfig = mkOption {
-                type = types.attrsOf (types.either unitAtom (types.listOf unitAtom));
-                default = { };
-              };
+              unitConfig = mkOption { type = unitSection; default = { }; };
+              serviceConfig = mkOption { type = unitSection; default = { }; };
             };
           }
         );
@@ -87,17 +115,62 @@ let
         enable = mkOption { type = types.bool; default = false; };
         listenAddress = mkOption { type = types.str; default = ":9000"; };
         consoleAddress = mkOption { type = types.str; default = ":9001"; };
-        rootCredentialsFile = mkOption { type = types.nullOr types.path; default = null; };
+        environmentFile = mkOption { type = types.nullOr types.path; default = null; };
       };
-      # services/web-servers/garage.nix: `settings` is freeform TOML there too.
+      # services/web-servers/garage.nix
       services.garage = {
         enable = mkOption { type = types.bool; default = false; };
         package = mkOption { type = types.package; };
+        extraEnvironment = mkOption { type = types.attrsOf types.str; default = { }; };
         environmentFile = mkOption { type = types.nullOr types.path; default = null; };
-        settings = mkOption { type = types.attrsOf types.anything; default = { }; };
+        logLevel = mkOption {
+          type = types.enum [ "error" "warn" "info" "debug" "trace" ];
+          default = "info";
+        };
+        settings = mkOption {
+          type = types.submodule {
+            freeformType = types.attrsOf tomlValue;
+            options = {
+              metadata_dir = mkOption { type = types.path; default = "/var/lib/garage/meta"; };
+              data_dir = mkOption {
+                type = types.either types.path (types.listOf types.attrs);
+                default = "/var/lib/garage/data";
+              };
+            };
+          };
+          default = { };
+        };
       };
     };
   };
+
+  # The unit nixpkgs' services/web-servers/garage.nix makes (its serviceConfig, environment and
+  # ordering), so that the module's hardening of it is scored on what a host runs.
+  nixpkgsGarage =
+    { config, ... }:
+    let
+      cfg = config.services.garage;
+    in
+    {
+      config.systemd.services.garage = lib.mkIf cfg.enable {
+        description = "Garage Object Storage (S3 compatible)";
+        after = [ "network.target" "network-online.target" ];
+        wants = [ "network.target" "network-online.target" ];
+        wantedBy = [ "multi-user.target" ];
+        serviceConfig = {
+          ExecStart = "${cfg.package}/bin/garage server";
+          StateDirectory = "garage";
+          DynamicUser = lib.mkDefault true;
+          ProtectHome = true;
+          NoNewPrivileges = true;
+          EnvironmentFile = lib.optional (cfg.environmentFile != null) cfg.environmentFile;
+        };
+        environment = {
+          RUST_LOG = lib.mkDefault "garage=${cfg.logLevel}";
+        }
+        // cfg.extraEnvironment;
+      };
+    };
 
   module = import ../module.nix { inherit self; };
 
@@ -106,6 +179,9 @@ let
     (lib.evalModules {
       modules = [
         nixosOptions
+        nixpkgsGarage
+        # services/web-servers/minio.nix renamed this option; a module still setting it warns.
+        (lib.mkRenamedOptionModule [ "services" "minio" "rootCredentialsFile" ] [ "services" "minio" "environmentFile" ])
         module
         { config.services.weather-pipeline = config; }
       ];
@@ -150,6 +226,10 @@ let
         openFirewall = true;
       };
     };
+    # What the VM test (pipeline.nix) boots.
+    vm-test = import ./vm-services.nix;
+    # The VM test as it was before each consumer had its own block of ports: the module refuses it.
+    clash = lib.recursiveUpdate (import ./vm-services.nix) { window-aggregator.listen = "127.0.0.1:9102"; };
     # Credentials, extra arguments and environment, exposed listeners.
     configured = lib.recursiveUpdate allDaemons {
       s3Endpoint = "http://127.0.0.1:3900";
@@ -175,13 +255,15 @@ lib.mapAttrs (
   in
   {
     inherit (config.systemd) services;
+    inherit (config) warnings;
+    failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
     firewall = config.networking.firewall.allowedTCPPorts;
     postgresql = {
       inherit (config.services.postgresql) enable ensureDatabases authentication;
       ensureUsers = map (u: { inherit (u) name ensureDBOwnership; }) config.services.postgresql.ensureUsers;
     };
     kafka = { inherit (config.services.apache-kafka) enable clusterId; };
-    garage = { inherit (config.services.garage) enable environmentFile settings; };
-    minio = { inherit (config.services.minio) enable listenAddress rootCredentialsFile; };
+    garage = { inherit (config.services.garage) enable environmentFile extraEnvironment settings; };
+    minio = { inherit (config.services.minio) enable listenAddress environmentFile; };
   }
 ) scenarios

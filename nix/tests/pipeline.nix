@@ -10,19 +10,7 @@
     {
       imports = [ self.nixosModules.default ];
       virtualisation.memorySize = 4096;
-      services.weather-pipeline = {
-        backbone.enable = true;
-        logging-server.enable = true;
-        window-aggregator.enable = true;
-        dashboard.enable = true;
-        # The warehouse is bucket `warehouse` of the backbone's Garage, with the key it made. Two
-        # instances share the topic's partitions (units iceberg-sink@0 and @1, on 9101 and 9102).
-        iceberg-sink = {
-          enable = true;
-          instances = 2;
-        };
-        query-server.enable = true;
-      };
+      services.weather-pipeline = import ./vm-services.nix;
       environment.systemPackages = [ pkgs.curl pkgs.postgresql ];
     };
 
