@@ -115,6 +115,49 @@ let
         ) (lib.range 0 (d.instances - 1))
       );
 
+  daemonNames = [ "logging-server" "window-aggregator" "iceberg-sink" "dashboard" "query-server" ];
+
+  # Every port something of this module listens on, with who: the daemons (each instance) and
+  # the backbone's servers. More than one on a port: the losers exit and restart for ever.
+  listeners =
+    lib.concatMap (
+      name:
+      let
+        units = unitNames name;
+      in
+      lib.optionals cfg.${name}.enable (
+        lib.zipListsWith (who: port: { inherit who port; }) units (listenPorts name)
+      )
+    ) daemonNames
+    ++ lib.optionals cfg.backbone.enable [
+      { who = "postgresql.service"; port = 5432; }
+      { who = "apache-kafka.service"; port = 9092; }
+      { who = "apache-kafka.service (controller)"; port = 9093; }
+    ]
+    ++ lib.optionals (s3Backbone == "garage") [
+      { who = "garage.service (S3)"; port = 3900; }
+      { who = "garage.service (RPC)"; port = 3901; }
+    ]
+    ++ lib.optionals (s3Backbone == "minio") [
+      { who = "minio.service"; port = 9000; }
+      { who = "minio.service (console)"; port = 9001; }
+    ];
+  clashes = lib.filterAttrs (_: users: lib.length users > 1) (lib.groupBy (l: toString l.port) listeners);
+
+  # Where the weather-client finds the logging-server: its listener, through loopback when it
+  # listens on every address.
+  loggingServerUrl =
+    let
+      listen = if cfg.logging-server.listen != null then cfg.logging-server.listen else "127.0.0.1:9998";
+      port = lib.last (lib.splitString ":" listen);
+    in
+    if lib.hasPrefix "0.0.0.0:" listen then
+      "http://127.0.0.1:${port}"
+    else if lib.hasPrefix "[::]:" listen then
+      "http://[::1]:${port}"
+    else
+      "http://${listen}";
+
   # PostgreSQL's databases and roles exist once postgresql-setup.service (in postgresql.target)
   # and our ownership step have run, not when postgresql.service is up.
   backboneUnits =
@@ -135,37 +178,62 @@ let
       "garage";
   s3State = "/var/lib/weather-pipeline-s3";
 
-  # Creates the secrets the S3 server and the sink share, once, readable by root only.
+  # Waits up to ten minutes (a first boot may be slow) for `ready` to succeed, saying so every
+  # ten seconds; then fails, loudly, for systemd to retry.
+  waitFor = what: ready: ''
+    for attempt in $(seq 60); do
+      if ${ready} >/dev/null 2>&1; then break; fi
+      if [ "$attempt" = 60 ]; then echo "${what} is not ready after 10 minutes; giving up (systemd retries)" >&2; exit 1; fi
+      echo "waiting for ${what} ($attempt)"
+      sleep 10
+    done
+  '';
+
+  # Creates the secrets the S3 server and the sink use, once, readable by root only: with Garage
+  # its RPC secret (a file, which Garage reads through a credential; never in an environment);
+  # with MinIO its root login and a key of the sink's own.
   s3Secrets = {
     description = "weather-pipeline: secrets of the backbone's S3 server";
     requiredBy = [ "${s3Backbone}.service" ];
     before = [ "${s3Backbone}.service" ];
-    serviceConfig = {
+    serviceConfig = hardening // {
       Type = "oneshot";
       RemainAfterExit = true;
       StateDirectory = baseNameOf s3State;
       StateDirectoryMode = "0700";
-      UMask = "0077";
+      # Writes files and nothing else.
+      PrivateNetwork = true;
+      RestrictAddressFamilies = "AF_UNIX";
     };
     script = ''
       random() { od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'; }
       cd ${s3State}
-      if [ ! -s server.env ]; then
-        ${
-          if s3Backbone == "minio" then
-            ''
-              printf 'MINIO_ROOT_USER=weather-pipeline\nMINIO_ROOT_PASSWORD=%s\n' "$(random 24)" > server.env
-            ''
-          else
-            ''
-              printf 'GARAGE_RPC_SECRET=%s\n' "$(random 32)" > server.env
-            ''
-        }
-      fi
-    '';
+    ''
+    + (
+      if s3Backbone == "minio" then
+        ''
+          if [ ! -s server.env ]; then
+            printf 'MINIO_ROOT_USER=weather-pipeline\nMINIO_ROOT_PASSWORD=%s\n' "$(random 24)" > server.env
+          fi
+          if [ ! -s sink-secret ]; then random 24 > sink-secret; fi
+        ''
+      else
+        ''
+          if [ ! -s rpc_secret ]; then
+            # Earlier versions kept it as GARAGE_RPC_SECRET in server.env: the node keeps its secret.
+            if [ -s server.env ]; then
+              sed -n 's/^GARAGE_RPC_SECRET=//p' server.env > rpc_secret.new
+            fi
+            [ -s rpc_secret.new ] || random 32 > rpc_secret.new
+            mv rpc_secret.new rpc_secret
+            rm -f server.env
+          fi
+        ''
+    );
   };
 
   # Creates the bucket `warehouse` and a key that may use it, and writes the key for the sink.
+  # The units that need the key require this one, so none starts without it.
   s3Bucket = {
     description = "weather-pipeline: the warehouse bucket and the sink's key";
     wantedBy = [ "multi-user.target" ];
@@ -173,26 +241,50 @@ let
     after = [ "${s3Backbone}.service" ];
     before = unitNames "iceberg-sink" ++ unitNames "query-server";
     path = [ pkgs.gawk ];
-    serviceConfig = {
-      Type = "oneshot";
-      RemainAfterExit = true;
-      EnvironmentFile = "${s3State}/server.env";
-      UMask = "0077";
-    };
+    environment = lib.optionalAttrs (s3Backbone == "garage") { GARAGE_RPC_SECRET_FILE = "${s3State}/rpc_secret"; };
+    unitConfig.StartLimitIntervalSec = 0;
+    serviceConfig =
+      hardening
+      // {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        Restart = "on-failure";
+        RestartSec = "30s";
+        TimeoutStartSec = "15min";
+        StateDirectory = baseNameOf s3State;
+        StateDirectoryMode = "0700";
+        # Talks to the S3 server on this host and to nothing else.
+        IPAddressAllow = "localhost";
+        IPAddressDeny = "any";
+      }
+      // lib.optionalAttrs (s3Backbone == "minio") { EnvironmentFile = "${s3State}/server.env"; }
+;
     script =
       if s3Backbone == "minio" then
+        let
+          mc = lib.getExe' pkgs.minio-client "mc";
+        in
         ''
           export MC_CONFIG_DIR=${s3State}/mc MC_HOST_local="http://$MINIO_ROOT_USER:$MINIO_ROOT_PASSWORD@127.0.0.1:9000"
-          for _ in $(seq 60); do ${lib.getExe' pkgs.minio-client "mc"} ready local >/dev/null 2>&1 && break; sleep 1; done
-          ${lib.getExe' pkgs.minio-client "mc"} mb --ignore-existing local/warehouse
-          printf 'AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\n' "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" > ${s3State}/credentials
+          ${waitFor "MinIO" "${mc} ready local"}
+          ${mc} mb --ignore-existing local/warehouse
+          # The sink's own key, allowed the warehouse bucket alone (not MinIO's root login).
+          cat > ${s3State}/warehouse-policy.json <<'EOF'
+          {"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":["s3:*"],"Resource":["arn:aws:s3:::warehouse","arn:aws:s3:::warehouse/*"]}]}
+          EOF
+          ${mc} admin policy create local weather-pipeline-warehouse ${s3State}/warehouse-policy.json
+          ${mc} admin user add local weather-pipeline-sink "$(cat ${s3State}/sink-secret)"
+          ${mc} admin policy attach local weather-pipeline-warehouse --user weather-pipeline-sink \
+            || ${mc} admin user info local weather-pipeline-sink | grep -q weather-pipeline-warehouse
+          printf 'AWS_ACCESS_KEY_ID=weather-pipeline-sink\nAWS_SECRET_ACCESS_KEY=%s\n' "$(cat ${s3State}/sink-secret)" > ${s3State}/credentials.new
+          mv ${s3State}/credentials.new ${s3State}/credentials
         ''
       else
         let
           garage = "${cfg.backbone.garagePackage}/bin/garage";
         in
         ''
-          for _ in $(seq 60); do ${garage} status >/dev/null 2>&1 && break; sleep 1; done
+          ${waitFor "Garage" "${garage} status"}
           node=$(${garage} node id -q | cut -d@ -f1)
           if ${garage} layout show | grep -q 'No nodes currently have a role'; then
             ${garage} layout assign -z local -c 1G "$node"
@@ -210,6 +302,40 @@ let
             }' > ${s3State}/credentials.new
           mv ${s3State}/credentials.new ${s3State}/credentials
         '';
+  };
+
+  # The sandbox of every unit of this module, the helpers' included: what a daemon needs is the
+  # network and its credentials; each unit adds what it needs beyond that.
+  hardening = {
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    NoNewPrivileges = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    ProtectProc = "invisible";
+    ProcSubset = "pid";
+    PrivateUsers = true;
+    PrivateMounts = true;
+    RemoveIPC = true;
+    RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    SystemCallArchitectures = "native";
+    SystemCallFilter = [ "@system-service" "~@privileged" "~@resources" ];
+    # A call outside the filter fails with EPERM (and is logged) instead of killing the daemon.
+    SystemCallErrorNumber = "EPERM";
+    CapabilityBoundingSet = "";
+    AmbientCapabilities = "";
+    UMask = "0077";
   };
 
   # The daemons that talk to Kafka; the others are not given its address.
@@ -236,9 +362,14 @@ let
           S3_CREDENTIALS_FILE = "%d/s3";
         }
       ))
-      {
-        serviceConfig.LoadCredential = lib.optional (cfg.s3CredentialsFile != null) "s3:${cfg.s3CredentialsFile}";
-      };
+      (
+        {
+          serviceConfig.LoadCredential = lib.optional (cfg.s3CredentialsFile != null) "s3:${cfg.s3CredentialsFile}";
+        }
+        # Without the bucket's key its LoadCredential fails: it waits for the bucket unit, and
+        # does not start when that failed.
+        // lib.optionalAttrs (s3Backbone != null) { requires = [ "weather-pipeline-s3-bucket.service" ]; }
+      );
 
   unit =
     name: extraEnv:
@@ -250,6 +381,7 @@ let
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ] ++ backboneUnits;
       after = [ "network-online.target" ] ++ backboneUnits;
+      unitConfig.StartLimitIntervalSec = 0;
       environment =
         {
           RUST_LOG = "info";
@@ -258,46 +390,20 @@ let
         // lib.optionalAttrs (d.listen != null) { LISTEN = d.listen; }
         // extraEnv
         // d.environment;
-      serviceConfig = {
+      serviceConfig = hardening // {
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = lib.escapeShellArgs ([ (lib.getExe d.package) ] ++ d.extraArgs);
         WatchdogSec = "30s";
+        # Restarted for as long as it fails, a minute apart at most: on a slow first boot the
+        # backbone may take minutes, and systemd's default start limit would give up for good.
         Restart = "on-failure";
-        RestartSec = "2s";
+        RestartSec = "1s";
+        RestartSteps = 10;
+        RestartMaxDelaySec = "1min";
         TimeoutStopSec = "90s";
         DynamicUser = true;
         User = if lib.elem name databaseDaemons then "weather" else "weather-pipeline-${name}";
-        # Hardening: the daemons only need the network and their credentials.
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        NoNewPrivileges = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectKernelLogs = true;
-        ProtectControlGroups = true;
-        ProtectClock = true;
-        ProtectHostname = true;
-        ProtectProc = "invisible";
-        ProcSubset = "pid";
-        PrivateUsers = true;
-        PrivateMounts = true;
-        RemoveIPC = true;
-        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        LockPersonality = true;
-        MemoryDenyWriteExecute = true;
-        SystemCallArchitectures = "native";
-        SystemCallFilter = [ "@system-service" "~@privileged" "~@resources" ];
-        # A call outside the filter fails with EPERM (and is logged) instead of killing the daemon.
-        SystemCallErrorNumber = "EPERM";
-        CapabilityBoundingSet = "";
-        AmbientCapabilities = "";
-        UMask = "0077";
         # Every socket and file the daemon holds, with room for a connection cap of a few thousand.
         LimitNOFILE = 65536;
       };
@@ -355,12 +461,20 @@ in
     };
 
     logging-server = daemonOptions "logging-server" "127.0.0.1:9998";
-    window-aggregator = consumerOptions "window-aggregator" "127.0.0.1:9102";
+    # Each consumer has a block of ports of its own, one per instance (up to 64).
     iceberg-sink = consumerOptions "iceberg-sink" "127.0.0.1:9101";
+    window-aggregator = consumerOptions "window-aggregator" "127.0.0.1:9201";
     dashboard = daemonOptions "dashboard" "127.0.0.1:3000";
     # SQL on the table over Trino's protocol, on Trino's port.
     query-server = daemonOptions "query-server" "127.0.0.1:8080";
-    weather-client = daemonOptions "weather-client" null;
+    weather-client = daemonOptions "weather-client" null // {
+      loggingServerUrl = mkOption {
+        type = types.str;
+        default = loggingServerUrl;
+        defaultText = lib.literalMD "the `listen` address of `logging-server` on this host (its loopback address when it listens on all)";
+        description = "The logging-server the client sends its readings to (LOGGING_SERVER_URL).";
+      };
+    };
 
     backbone = {
       enable = mkEnableOption "PostgreSQL, Apache Kafka (KRaft) and an S3 server (Garage) from nixpkgs, wired to the daemons";
@@ -383,9 +497,20 @@ in
 
   config = lib.mkMerge [
     {
+      assertions = [
+        {
+          assertion = clashes == { };
+          message =
+            "services.weather-pipeline: several listeners on one port: "
+            + lib.concatStringsSep "; " (
+              lib.mapAttrsToList (port: users: "${port}: ${lib.concatMapStringsSep ", " (l: l.who) users}") clashes
+            )
+            + ". Give them distinct `listen` ports (instance i of a consumer listens on the port of `listen` plus i).";
+        }
+      ];
       networking.firewall.allowedTCPPorts = lib.concatMap (
         name: lib.optionals (cfg.${name}.enable && cfg.${name}.openFirewall) (listenPorts name)
-      ) [ "logging-server" "window-aggregator" "iceberg-sink" "dashboard" "query-server" ];
+      ) daemonNames;
     }
     (mkIf cfg.logging-server.enable {
       systemd.services.weather-pipeline-logging-server = unit "logging-server" { };
@@ -401,11 +526,11 @@ in
     (mkIf cfg.weather-client.enable {
       # mkMerge, not //: the unit keeps its own after/wants (network-online.target).
       systemd.services.weather-pipeline-weather-client = lib.mkMerge [
-        (unit "weather-client" { LOGGING_SERVER_URL = "http://127.0.0.1:9998"; })
-        {
+        (unit "weather-client" { LOGGING_SERVER_URL = cfg.weather-client.loggingServerUrl; })
+        (mkIf cfg.logging-server.enable {
           after = [ "weather-pipeline-logging-server.service" ];
           wants = [ "weather-pipeline-logging-server.service" ];
-        }
+        })
       ];
     })
     (mkIf cfg.iceberg-sink.enable {
@@ -436,10 +561,14 @@ in
         wantedBy = [ "multi-user.target" ];
         wants = [ "postgresql.target" ];
         after = [ "postgresql.target" "postgresql-setup.service" ];
-        serviceConfig = {
+        serviceConfig = hardening // {
           Type = "oneshot";
           RemainAfterExit = true;
           User = "postgres";
+          # psql over PostgreSQL's socket, peer-authenticated: that works across user and
+          # network namespaces, so it needs neither the network nor the host's user table.
+          PrivateNetwork = true;
+          RestrictAddressFamilies = "AF_UNIX";
           ExecStart = "${lib.getExe' config.services.postgresql.package "psql"} -d postgres -v ON_ERROR_STOP=1 -c 'ALTER DATABASE iceberg OWNER TO weather'";
         };
       };
@@ -459,19 +588,33 @@ in
           "log.dirs" = [ "/var/lib/apache-kafka" ];
         };
       };
+      systemd.services.garage = mkIf (s3Backbone == "garage") {
+        # nixpkgs' unit sets DynamicUser, ProtectHome and NoNewPrivileges only. Garage needs its
+        # state directory, its credential and loopback sockets; its own ProtectSystem comes with
+        # the StateDirectory nixpkgs gives it.
+        serviceConfig = builtins.removeAttrs hardening [ "ProcSubset" "SystemCallFilter" "UMask" ] // {
+          LoadCredential = "rpc_secret:${s3State}/rpc_secret";
+          SystemCallFilter = [ "@system-service" "~@privileged" ];
+        };
+      };
       systemd.services.weather-pipeline-s3-secrets = s3Secrets;
       systemd.services.weather-pipeline-s3-bucket = s3Bucket;
       services.minio = mkIf (s3Backbone == "minio") {
         enable = true;
         listenAddress = "127.0.0.1:9000";
         consoleAddress = "127.0.0.1:9001";
-        rootCredentialsFile = "${s3State}/server.env";
+        # MINIO_ROOT_USER and MINIO_ROOT_PASSWORD: the sink has a key of its own.
+        environmentFile = "${s3State}/server.env";
       };
       services.garage = mkIf (s3Backbone == "garage") {
         enable = true;
         package = cfg.backbone.garagePackage;
-        # GARAGE_RPC_SECRET, read by systemd (as root) into the server's environment.
-        environmentFile = "${s3State}/server.env";
+        # The RPC secret as a file Garage reads, handed over as a credential (whose ACL shows as
+        # group bits, hence the second variable); never in the environment.
+        extraEnvironment = {
+          GARAGE_RPC_SECRET_FILE = "%d/rpc_secret";
+          GARAGE_ALLOW_WORLD_READABLE_SECRETS = "true";
+        };
         settings = {
           replication_factor = 1;
           db_engine = "sqlite";

@@ -52,7 +52,7 @@ use crate::{
 )]
 pub struct Args {
     /// Address of the /health and /metrics endpoints.
-    #[arg(long, env = "LISTEN", default_value = "127.0.0.1:9102")]
+    #[arg(long, env = "LISTEN", default_value = "127.0.0.1:9201")]
     pub listen: SocketAddr,
 
     #[command(flatten)]
