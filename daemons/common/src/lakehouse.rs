@@ -117,7 +117,29 @@ impl CatalogConfig {
     }
 
     /// Connects to the SQL catalog.
+    ///
+    /// `iceberg-catalog-sql` creates the catalog's tables with `CREATE TABLE IF NOT EXISTS` at
+    /// every connect, which PostgreSQL does not make atomic across sessions: of several first
+    /// connects at once (two sinks and a query-server on a new host), all but one can fail
+    /// ([`created_meanwhile`]). Each such failure means another connect created one of the
+    /// tables, so a connect that failed so is made again, once per table at most. This can go if
+    /// the catalog creates its tables under a lock of its own.
     pub async fn connect(&self) -> iceberg::Result<Arc<dyn Catalog>> {
+        // iceberg_tables and iceberg_namespace_properties.
+        const CATALOG_TABLES: usize = 2;
+        let mut attempt = 0;
+        loop {
+            match self.connect_once().await {
+                Err(e) if attempt < CATALOG_TABLES && created_meanwhile(&e) => {
+                    attempt += 1;
+                    tracing::info!("another process created the catalog's tables at the same moment; connecting again");
+                }
+                connected => return connected,
+            }
+        }
+    }
+
+    async fn connect_once(&self) -> iceberg::Result<Arc<dyn Catalog>> {
         let bind_style = if self.url.starts_with("sqlite:") {
             SqlBindStyle::QMark
         } else {
@@ -134,6 +156,20 @@ impl CatalogConfig {
             .await?;
         Ok(Arc::new(catalog))
     }
+}
+
+/// Whether `error` is PostgreSQL's answer to creating what another session created at the same
+/// moment: a unique violation (23505, on its catalog of types), a duplicate object (42710, the
+/// table's row type) or a duplicate table (42P07).
+fn created_meanwhile(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(sqlx::Error::Database(database)) = e.downcast_ref::<sqlx::Error>() {
+            return matches!(database.code().as_deref(), Some("23505" | "42710" | "42P07"));
+        }
+        source = e.source();
+    }
+    false
 }
 
 #[cfg(test)]

@@ -1115,3 +1115,17 @@ async fn maintenance_commits_on_the_tables_catalog_row_as_the_catalog_does() {
     append(&mut table, &mut committed, chunks[8]).await;
     assert_eq!(harness.rows().await, expected_rows(&readings));
 }
+
+/// The first start of several sinks and query-servers on a new catalog: each creates the SQL
+/// catalog's tables if they are missing, at the same moment, and PostgreSQL can answer all but
+/// one of those `CREATE TABLE IF NOT EXISTS` with a unique violation. Every one must open the
+/// table at its first attempt, not by a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_first_starts_at_once_on_a_new_catalog_all_open_the_table() {
+    for round in 0..5 {
+        let harness = Harness::start().await;
+        let opened = futures::future::join_all((0..8).map(|_| harness.table())).await;
+        let ids: std::collections::BTreeSet<_> = opened.iter().map(|t| t.table.metadata().uuid()).collect();
+        assert_eq!(ids.len(), 1, "round {round}: one table, opened by all: {ids:?}");
+    }
+}
