@@ -109,6 +109,11 @@ impl Default for Limits {
     }
 }
 
+/// The address a request came from: in every request's extensions, for a handler that decides
+/// by it (the query-server shows other clients' SQL to its own host only).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
 /// Serves HTTP/1 connections from `listener` until `shutdown` is cancelled, then stops
 /// accepting, lets every request already received finish (up to `drain`), and returns.
 /// Applies `limits` to every connection.
@@ -128,9 +133,9 @@ pub async fn serve<H, F>(
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -146,7 +151,8 @@ pub async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let service = hyper::service::service_fn(move |request| {
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(Peer(peer));
             let response = handler(request);
             async move { Ok::<_, Infallible>(response.await) }
         });

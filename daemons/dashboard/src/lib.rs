@@ -60,8 +60,20 @@ pub struct Args {
     #[arg(long, env = "QUERY_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub query_timeout: Duration,
 
+    /// Address of the SQL web UI on the same lakehouse (the query-server's), linked from the
+    /// page; http:// or https:// only.
+    #[arg(long, env = "SQL_URL", value_parser = web_url)]
+    pub sql_url: Option<String>,
+
     #[command(flatten)]
     pub limits: http::Limits,
+}
+
+fn web_url(text: &str) -> Result<String, String> {
+    match text.starts_with("http://") || text.starts_with("https://") {
+        true => Ok(text.to_owned()),
+        false => Err(format!("{text:?} is not an http:// or https:// URL")),
+    }
 }
 
 /// The latest snapshot and the fragments pushed to pages.
@@ -90,6 +102,7 @@ struct App {
     latest: watch::Sender<Arc<Update>>,
     shutdown: CancellationToken,
     metrics: Metrics,
+    sql_url: Option<String>,
 }
 
 /// Serves `listener` until `shutdown` is cancelled.
@@ -103,6 +116,7 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
         latest,
         shutdown: shutdown.clone(),
         metrics: Metrics::new(),
+        sql_url: args.sql_url.clone(),
     });
     let changed = Arc::new(Notify::new());
     tokio::spawn(db::listen(args.database_url.clone(), shutdown.clone(), {
@@ -188,7 +202,11 @@ impl App {
         match path {
             "/" => {
                 let update = self.latest.borrow().clone();
-                let page = render::page(&update.snapshot, self.stale_after.as_millis() as u64);
+                let page = render::page(
+                    &update.snapshot,
+                    self.stale_after.as_millis() as u64,
+                    self.sql_url.as_deref(),
+                );
                 http::with_type(StatusCode::OK, "text/html; charset=utf-8", page.into_string())
             }
             "/fragments" => {

@@ -18,7 +18,8 @@ const RIGHT: f64 = 16.0;
 const TOP: f64 = 14.0;
 const BOTTOM: f64 = 36.0;
 
-pub fn page(snapshot: &Snapshot, stale_after_ms: u64) -> Markup {
+/// The page; `sql_url`: the SQL web UI it links to.
+pub fn page(snapshot: &Snapshot, stale_after_ms: u64, sql_url: Option<&str>) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -31,7 +32,10 @@ pub fn page(snapshot: &Snapshot, stale_after_ms: u64) -> Markup {
             body data-last-update=(last_update_ms(snapshot)) data-stale-ms=(stale_after_ms) {
                 header {
                     h1 { "Weather dashboard" }
-                    p.sub { "Average temperature per city in 5-second windows, live from PostgreSQL" }
+                    p.sub {
+                        "Average temperature per city in 5-second windows, live from PostgreSQL"
+                        @if let Some(url) = sql_url { " · " a href=(url) { "SQL on the lakehouse" } }
+                    }
                 }
                 div #banner role="status" hidden {}
                 section #stats { (stats(snapshot)) }
@@ -242,7 +246,13 @@ mod tests {
 
     #[test]
     fn city_names_are_escaped() {
-        let html = page(&snapshot(&[("<script>alert(1)</script>", &[50.0, 60.0])]), 15_000).into_string();
+        let html = page(
+            &snapshot(&[("<script>alert(1)</script>", &[50.0, 60.0])]),
+            15_000,
+            Some("http://127.0.0.1:8080/"),
+        )
+        .into_string();
+        assert!(html.contains(r#"<a href="http://127.0.0.1:8080/">SQL on the lakehouse</a>"#));
         assert!(!html.contains("<script>alert(1)</script>"));
         assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
     }

@@ -470,7 +470,7 @@ fn query_hint(url: Option<String>) -> String {
         return "  SQL             not available: Trino did not start (see above)".to_owned();
     };
     format!(
-        "  SQL (Trino)     {url}\n    trino --server {url} --catalog iceberg --schema default\n    \
+        "  SQL web UI      {url}/ui/\n  SQL (Trino)     {url}\n    trino --server {url} --catalog iceberg --schema default\n    \
          python3 -c \"import trino; c = trino.dbapi.connect(host='{url}', user='me', catalog='iceberg', schema='default').cursor(); \
          c.execute('SELECT city, count(*) FROM weather GROUP BY city'); print(c.fetchall())\""
     )

@@ -60,7 +60,17 @@ pub fn specs(d: &Daemons, program: impl Fn(&'static str) -> anyhow::Result<PathB
     let listen = |addr: &str| vec!["--listen".to_owned(), addr.to_owned()];
     let mut specs = vec![
         spec("logging-server", listen(d.logging), kafka_env.clone())?,
-        spec("dashboard", listen(d.dashboard), vec![database_env.clone()])?,
+        spec(
+            "dashboard",
+            [
+                listen(d.dashboard),
+                d.query
+                    .map(|query| vec!["--sql-url".to_owned(), format!("http://{query}/")])
+                    .unwrap_or_default(),
+            ]
+            .concat(),
+            vec![database_env.clone()],
+        )?,
     ];
     for (name, admin) in d.aggregators {
         specs.push(spec(
@@ -169,6 +179,10 @@ mod tests {
         assert_eq!(env(sink, "DATABASE_URL"), None);
         assert_eq!(env(by_name("query-server"), "CATALOG_URL"), Some(plan.catalog_url));
         assert_eq!(env(by_name("dashboard"), "KAFKA_BROKERS"), None);
+        assert_eq!(
+            by_name("dashboard").args,
+            ["--listen", "127.0.0.1:3000", "--sql-url", "http://127.0.0.1:8080/"]
+        );
         let client = by_name("weather-client");
         assert_eq!(client.args, ["--server-url", "http://127.0.0.1:9998"]);
         assert!(client.restart);
@@ -186,6 +200,12 @@ mod tests {
         };
         let started = specs(&plan, |name| Ok(PathBuf::from(name))).expect("specs");
         assert!(started.iter().all(|s| s.name != "query-server"));
+        let dashboard = started.iter().find(|s| s.name == "dashboard").expect("dashboard");
+        assert_eq!(
+            dashboard.args,
+            ["--listen", "127.0.0.1:3000"],
+            "no link to a UI not started yet"
+        );
         let client = started.last().expect("the client");
         assert_eq!(
             client.args,

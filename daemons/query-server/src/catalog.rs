@@ -169,3 +169,32 @@ pub(crate) async fn files(table: &Table) -> datafusion::common::Result<Arc<dyn T
     )?;
     Ok(Arc::new(MemTable::try_new(schema, vec![vec![batch]])?))
 }
+
+/// The table as the web UI's overview shows it.
+#[derive(Debug, Clone)]
+pub struct TableSummary {
+    pub name: String,
+    pub snapshot_id: Option<i64>,
+    /// From the current snapshot's summary, where the writer recorded them.
+    pub files: Option<u64>,
+    pub rows: Option<u64>,
+    pub last_commit: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Loads table `name` (namespace, table) and sums up its current snapshot.
+pub async fn summary(catalog: &dyn Catalog, name: &[&str; 2]) -> iceberg::Result<TableSummary> {
+    let table = catalog.load_table(&TableIdent::from_strs(name)?).await?;
+    let snapshot = table.metadata().current_snapshot();
+    let property = |key: &str| {
+        snapshot
+            .and_then(|s| s.summary().additional_properties.get(key))
+            .and_then(|v| v.parse().ok())
+    };
+    Ok(TableSummary {
+        name: name.join("."),
+        snapshot_id: snapshot.map(|s| s.snapshot_id()),
+        files: property("total-data-files"),
+        rows: property("total-records"),
+        last_commit: snapshot.and_then(|s| chrono::DateTime::from_timestamp_millis(s.timestamp_ms())),
+    })
+}

@@ -14,7 +14,7 @@ use datafusion::{
         disk_manager::{DiskManagerBuilder, DiskManagerMode},
         runtime_env::RuntimeEnvBuilder,
     },
-    physical_plan::stream::RecordBatchStreamAdapter,
+    physical_plan::{displayable, execute_stream, stream::RecordBatchStreamAdapter},
     prelude::{SQLOptions, SessionConfig, SessionContext},
     sql::{
         parser::{DFParser, Statement as DfStatement},
@@ -32,6 +32,7 @@ use crate::{
     catalog::{CATALOG, IcebergCatalog, IcebergSchema},
     errors::{failure, iceberg_failure, not_found_schema, table_not_found},
     functions,
+    history::Entry,
     protocol::{ErrorCode, Failure},
     scan::IcebergTable,
     statements::{Meta, like_match, meta, words},
@@ -82,8 +83,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Plans `sql` and starts it.
-    pub async fn run(&self, sql: &str, session: &Session) -> Result<Outcome, Failure> {
+    /// Plans `sql` and starts it; its plan and what its scans read go to `entry`.
+    pub async fn run(&self, sql: &str, session: &Session, entry: Option<&Entry>) -> Result<Outcome, Failure> {
         let tokens = words(sql)?;
         if let Some(meta) = meta(&tokens)? {
             return self.meta(meta, session).await;
@@ -103,13 +104,19 @@ impl Engine {
             _ => return Err(read_only()),
         };
         let explain = matches!(statement, DfStatement::Explain(_));
-        let ctx = self.context(session).await?;
+        let ctx = self.context(session, entry).await?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
         let frame = ctx.sql_with_options(sql, options).await.map_err(failure)?;
-        let stream = frame.execute_stream().await.map_err(failure)?;
+        // As DataFrame::execute_stream, with the plan kept for the query's page.
+        let task = Arc::new(frame.task_ctx());
+        let plan = frame.create_physical_plan().await.map_err(failure)?;
+        if let Some(entry) = entry {
+            entry.set_plan(&displayable(plan.as_ref()).indent(true).to_string());
+        }
+        let stream = execute_stream(plan, task).map_err(failure)?;
         if explain {
             return Ok(Outcome::rows(explain_text(stream).await?));
         }
@@ -122,8 +129,8 @@ impl Engine {
 
     /// A DataFusion session over the catalog as it is now, with Trino's functions and this
     /// query's memory limit.
-    async fn context(&self, session: &Session) -> Result<SessionContext, Failure> {
-        let config = SessionConfig::new()
+    async fn context(&self, session: &Session, entry: Option<&Entry>) -> Result<SessionContext, Failure> {
+        let mut config = SessionConfig::new()
             .with_default_catalog_and_schema(
                 session.catalog.as_deref().unwrap_or(CATALOG),
                 session.schema.as_deref().unwrap_or("default"),
@@ -131,6 +138,10 @@ impl Engine {
             // information_schema.tables and .columns, which SQLAlchemy and BI tools read.
             .with_information_schema(true)
             .with_target_partitions(self.target_partitions);
+        if let Some(entry) = entry {
+            // The table scans report what they read to it (see `scan.rs`).
+            config = config.with_extension(Arc::new(entry.clone()));
+        }
         // No spilling: the memory limit is a limit, and a query never fills the disk.
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(self.memory_limit, 1.0)

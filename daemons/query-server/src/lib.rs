@@ -7,15 +7,21 @@
 //! `nextUri`; each `GET` of it gives the next page of rows and the next `nextUri`, until the
 //! last page has none; `DELETE` of a `nextUri` cancels. `GET /v1/info` says whether the server
 //! has started, as Trino's does.
+//!
+//! Beside the protocol, as on Trino's port: a web UI (`/`, [`ui`]) with the recent queries
+//! ([`history`]), and Trino's `/v1/query` REST view of them ([`query_info`]).
 
 pub mod catalog;
 pub mod engine;
 pub mod errors;
 pub mod functions;
+pub mod history;
 pub mod protocol;
 pub mod queries;
+pub mod query_info;
 pub mod scan;
 pub mod statements;
+pub mod ui;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -37,6 +43,7 @@ use weather_common::{
 
 use crate::{
     engine::{Engine, Session},
+    history::History,
     protocol::{ErrorCode, Failure},
     queries::{Limits, Page, Queries},
 };
@@ -88,6 +95,18 @@ pub struct Args {
     /// Threads a query's scan and operators are spread over (default: the cores).
     #[arg(long, env = "QUERY_PARALLELISM")]
     pub parallelism: Option<usize>,
+
+    /// Queries the web UI and `/v1/query` remember, the newest; their SQL and plans are kept up
+    /// to 16 KiB each.
+    #[arg(long, env = "QUERY_HISTORY", default_value_t = 200)]
+    pub query_history: usize,
+
+    /// Show every client's SQL in the web UI and `/v1/query` to peers that are not on this
+    /// host too (by default they see the queries but not their text). Clients are not
+    /// authenticated: give this only where every peer that can reach the port may read every
+    /// query.
+    #[arg(long, env = "UI_REMOTE_SQL")]
+    pub ui_remote_sql: bool,
 
     /// How long a stop waits for running queries to finish before cancelling them.
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -184,7 +203,17 @@ struct App {
     started: std::time::Instant,
     public_url: Option<String>,
     local: SocketAddr,
+    history: Arc<History>,
+    ui_remote_sql: bool,
+    catalog_url: String,
 }
+
+/// The table the overview describes: the one the pipeline writes.
+const TABLE: [&str; 2] = ["default", "weather"];
+/// Largest SQL text and plan kept per query in the history.
+const HISTORY_TEXT: usize = 16 << 10;
+/// Rows the SQL console shows of a result.
+const CONSOLE_ROWS: usize = 1000;
 
 /// Serves `listener` until `shutdown` is cancelled, then lets the running queries finish (up
 /// to `--drain-timeout`) while refusing new ones.
@@ -202,6 +231,9 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
         started: std::time::Instant::now(),
         public_url: args.public_url.as_ref().map(|u| u.trim_end_matches('/').to_owned()),
         local,
+        history: Arc::new(History::new(args.query_history, HISTORY_TEXT)),
+        ui_remote_sql: args.ui_remote_sql,
+        catalog_url: config.shown_url(),
     });
     let serving = CancellationToken::new();
     let handler = {
@@ -247,7 +279,9 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
             page_rows: args.page_rows.max(1),
             max_wait: Duration::from_secs(1),
         };
-        let _ = app.queries.set(Queries::new(engine, limits, metrics));
+        let _ = app
+            .queries
+            .set(Queries::new(engine, limits, metrics, app.history.clone()));
         runtime::notify_ready();
         tracing::info!("catalog reachable, ready");
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -325,7 +359,49 @@ impl App {
                 ),
             },
             (&Method::GET, ["metrics"]) => http::metrics(&self.metrics.registry),
-            (_, ["v1", "statement", ..] | ["v1", "info"] | ["health"] | ["metrics"]) => http::not_routed(false),
+            (&Method::GET, ["v1", "query"]) => {
+                let (base, show) = (self.base_url(&request), self.show_sql(&request));
+                let list: Vec<_> = self
+                    .history
+                    .list()
+                    .iter()
+                    .map(|r| query_info::basic(r, &base, show))
+                    .collect();
+                http::json(StatusCode::OK, &list)
+            }
+            (&Method::GET, ["v1", "query", id]) => match self.history.get(id) {
+                Some(r) => http::json(
+                    StatusCode::OK,
+                    &query_info::full(&r, &self.base_url(&request), self.show_sql(&request)),
+                ),
+                None => http::error(StatusCode::NOT_FOUND, format!("no query {id} in the history")),
+            },
+            (&Method::GET, [""] | ["ui"] | ["ui", ""]) => self.overview(&request).await,
+            (&Method::GET, ["ui", "queries"]) => ui_page(
+                StatusCode::OK,
+                ui::queries(&self.history.list(), self.show_sql(&request)),
+            ),
+            (&Method::GET, ["ui", "query", id]) => match self.history.get(id) {
+                Some(r) => ui_page(StatusCode::OK, ui::query(&r, self.show_sql(&request))),
+                None => http::error(StatusCode::NOT_FOUND, format!("no query {id} in the history")),
+            },
+            // Trino's own address of a query's page, which each response's infoUri names.
+            (&Method::GET, ["ui", "query.html"]) => {
+                let id = request.uri().query().unwrap_or_default();
+                let mut response = http::with_type(StatusCode::SEE_OTHER, "text/plain", Bytes::new());
+                if let Ok(location) = HeaderValue::from_str(&format!("/ui/query/{id}")) {
+                    response.headers_mut().insert(hyper::header::LOCATION, location);
+                }
+                response
+            }
+            (&Method::GET, ["ui", "console"]) => ui_page(StatusCode::OK, ui::console("", None)),
+            (&Method::POST, ["ui", "console"]) => self.console(request).await,
+            (&Method::GET, ["ui", "app.js"]) => ui_asset("text/javascript; charset=utf-8", ui::SCRIPT),
+            (&Method::GET, ["ui", "style.css"]) => ui_asset("text/css; charset=utf-8", ui::STYLE),
+            (
+                _,
+                ["v1", "statement", ..] | ["v1", "info"] | ["v1", "query", ..] | ["health"] | ["metrics"] | ["ui", ..],
+            ) => http::not_routed(false),
             _ => http::not_routed(true),
         }
     }
@@ -349,10 +425,7 @@ impl App {
             schema: header("x-trino-schema"),
         };
         let source = header("x-trino-source");
-        let base_url = self.public_url.clone().unwrap_or_else(|| {
-            let host = header("host").filter(|h| h.parse::<hyper::http::uri::Authority>().is_ok());
-            format!("http://{}", host.unwrap_or_else(|| self.local.to_string()))
-        });
+        let base_url = self.base_url(&request);
         let body = Limited::new(request.into_body(), self.max_query_bytes).collect();
         let body = match tokio::time::timeout(self.body_read_timeout, body).await {
             Ok(Ok(body)) => body.to_bytes(),
@@ -383,7 +456,126 @@ impl App {
             );
         }
         tracing::debug!(source = source.as_deref().unwrap_or("-"), "statement received");
-        respond(&queries.submit(sql, session, base_url))
+        respond(&queries.submit(sql, session, source, base_url))
+    }
+
+    /// Where the client reached this server: `--public-url`, else http:// and the Host it asked
+    /// for, as Trino does.
+    fn base_url<B>(&self, request: &Request<B>) -> String {
+        self.public_url.clone().unwrap_or_else(|| {
+            let host = request
+                .headers()
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .filter(|h| h.parse::<hyper::http::uri::Authority>().is_ok())
+                .map(str::to_owned);
+            format!("http://{}", host.unwrap_or_else(|| self.local.to_string()))
+        })
+    }
+
+    /// Whether the asker may read other clients' SQL: a peer on this host, or any peer when
+    /// the operator said so (`--ui-remote-sql`).
+    fn show_sql<B>(&self, request: &Request<B>) -> bool {
+        self.ui_remote_sql
+            || request
+                .extensions()
+                .get::<http::Peer>()
+                .is_some_and(|peer| peer.0.ip().is_loopback())
+    }
+
+    async fn overview<B>(&self, request: &Request<B>) -> Response<Body> {
+        let table = match self.queries.get() {
+            Some(queries) => catalog::summary(queries.engine().catalog.as_ref(), &TABLE)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("the Iceberg catalog is not reachable yet".to_owned()),
+        };
+        let records = self.history.list();
+        let overview = ui::Overview {
+            version: concat!("query-server ", env!("CARGO_PKG_VERSION")),
+            uptime: self.started.elapsed(),
+            catalog: &self.catalog_url,
+            table,
+            records: &records,
+            show_sql: self.show_sql(request),
+        };
+        ui_page(StatusCode::OK, ui::overview(&overview))
+    }
+
+    /// The console's Run: the form's `sql`, run as any client's statement, its first rows shown.
+    async fn console(&self, request: Request<Incoming>) -> Response<Body> {
+        let body = Limited::new(request.into_body(), self.max_query_bytes.saturating_mul(3)).collect();
+        let body = match tokio::time::timeout(self.body_read_timeout, body).await {
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(_)) => return http::error(StatusCode::PAYLOAD_TOO_LARGE, "the SQL text is too large"),
+            Err(_) => return http::error(StatusCode::REQUEST_TIMEOUT, "the SQL text did not arrive in time"),
+        };
+        let sql = form_urlencoded::parse(&body)
+            .find(|(name, _)| name == "sql")
+            .map(|(_, sql)| sql.into_owned())
+            .unwrap_or_default();
+        let Some(queries) = self.queries.get().filter(|_| !self.draining.is_cancelled()) else {
+            return http::error(StatusCode::SERVICE_UNAVAILABLE, "the server is starting or stopping");
+        };
+        let session = Session {
+            user: "console".to_owned(),
+            catalog: None,
+            schema: None,
+        };
+        let started = std::time::Instant::now();
+        let collected = queries.collect(sql.clone(), session, CONSOLE_ROWS).await;
+        let ran = ui::Ran {
+            id: collected.id,
+            columns: collected
+                .columns
+                .iter()
+                .map(|c| (c.name.clone(), c.type_name.clone()))
+                .collect(),
+            rows: collected
+                .rows
+                .iter()
+                .map(|row| row.iter().map(shown_value).collect())
+                .collect(),
+            total_rows: collected.total_rows,
+            elapsed: started.elapsed(),
+            failure: collected.failure,
+        };
+        ui_page(StatusCode::OK, ui::console(&sql, Some(&ran)))
+    }
+}
+
+/// A UI page, under the UI's Content-Security-Policy.
+fn ui_page(status: StatusCode, markup: maud::Markup) -> Response<Body> {
+    ui_headers(http::with_type(
+        status,
+        "text/html; charset=utf-8",
+        markup.into_string(),
+    ))
+}
+
+fn ui_asset(content_type: &'static str, text: &'static str) -> Response<Body> {
+    ui_headers(http::with_type(StatusCode::OK, content_type, text))
+}
+
+fn ui_headers(mut response: Response<Body>) -> Response<Body> {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (hyper::header::CONTENT_SECURITY_POLICY, ui::CONTENT_SECURITY_POLICY),
+        (hyper::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (hyper::header::REFERRER_POLICY, "no-referrer"),
+        (hyper::header::CACHE_CONTROL, "no-store"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// A value of a result as the console shows it.
+fn shown_value(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Null => "NULL".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 

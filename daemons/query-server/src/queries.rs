@@ -19,6 +19,7 @@ use crate::{
     Metrics,
     engine::{Engine, Session, SessionUpdate},
     errors::failure,
+    history::{Entry, History},
     protocol::{self, Column, ErrorCode, Failure, QueryResults, State, Stats},
 };
 
@@ -47,6 +48,8 @@ pub struct Query {
     /// A random part of every `nextUri`: knowing a query's id is not enough to read it.
     slug: String,
     created: Instant,
+    /// Its record in the history the UI shows.
+    entry: Entry,
     cancel: CancellationToken,
     cursor: tokio::sync::Mutex<Cursor>,
     touched: Mutex<Instant>,
@@ -81,16 +84,32 @@ pub struct Queries {
     limits: Limits,
     running: Mutex<HashMap<String, Arc<Query>>>,
     metrics: Arc<Metrics>,
+    history: Arc<History>,
+}
+
+/// What [`Queries::collect`] gathered of a query.
+pub struct Collected {
+    pub id: String,
+    pub columns: Vec<Column>,
+    pub rows: Vec<Vec<Value>>,
+    /// All the rows the query returned; `rows` holds the first of them.
+    pub total_rows: u64,
+    pub failure: Option<Failure>,
 }
 
 impl Queries {
-    pub fn new(engine: Arc<Engine>, limits: Limits, metrics: Arc<Metrics>) -> Self {
+    pub fn new(engine: Arc<Engine>, limits: Limits, metrics: Arc<Metrics>, history: Arc<History>) -> Self {
         Self {
             engine,
             limits,
             running: Mutex::new(HashMap::new()),
             metrics,
+            history,
         }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     pub fn count(&self) -> usize {
@@ -102,19 +121,27 @@ impl Queries {
         self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Starts `sql`; the first response, whose `nextUri` (on `base_url`) leads to the results.
-    pub fn submit(&self, sql: String, session: Session, base_url: String) -> Page {
+    /// Starts `sql`, sent by client `source`; the first response, whose `nextUri` (on
+    /// `base_url`) leads to the results.
+    pub fn submit(&self, sql: String, session: Session, source: Option<String>, base_url: String) -> Page {
+        self.start(sql, session, source, base_url).0
+    }
+
+    fn start(&self, sql: String, session: Session, source: Option<String>, base_url: String) -> (Page, Entry) {
         let id = query_id();
+        let entry = self.history.begin(&id, &sql, &session.user, source);
+        entry.update(|r| {
+            r.catalog = session.catalog.clone();
+            r.schema = session.schema.clone();
+        });
         if self.count() >= self.limits.max_queries {
             self.metrics.finished(State::Failed);
-            return failed_page(
-                &id,
-                &base_url,
-                &Failure::new(
-                    ErrorCode::QueryQueueFull,
-                    format!("Too many queries: {} are running", self.limits.max_queries),
-                ),
+            let failure = Failure::new(
+                ErrorCode::QueryQueueFull,
+                format!("Too many queries: {} are running", self.limits.max_queries),
             );
+            entry.end(State::Failed, Some(&failure));
+            return (failed_page(&id, &base_url, &failure), entry);
         }
         let cancel = CancellationToken::new();
         let (sender, receiver) = mpsc::channel(2);
@@ -123,6 +150,7 @@ impl Queries {
             base_url,
             slug: uuid::Uuid::new_v4().simple().to_string(),
             created: Instant::now(),
+            entry: entry.clone(),
             cancel: cancel.clone(),
             cursor: tokio::sync::Mutex::new(Cursor {
                 receiver,
@@ -146,7 +174,7 @@ impl Queries {
         let timeout = self.limits.query_timeout;
         tokio::spawn(async move {
             let late = tokio::select! {
-                () = execute(&engine, &sql, &session, &sender) => None,
+                () = execute(&engine, &sql, &session, &entry, &sender) => None,
                 () = tokio::time::sleep(timeout) => Some(Failure::new(
                     ErrorCode::ExceededTimeLimit,
                     format!("Query exceeded the maximum execution time limit of {}", humantime::format_duration(timeout)),
@@ -171,10 +199,11 @@ impl Queries {
             warnings: vec![],
             update_type: None,
         };
-        Page {
+        let page = Page {
             results: Arc::new(results),
             session: SessionUpdate::default(),
-        }
+        };
+        (page, query.entry.clone())
     }
 
     fn find(&self, id: &str, slug: &str) -> Option<Arc<Query>> {
@@ -195,7 +224,7 @@ impl Queries {
         if token != cursor.token + 1 {
             return None;
         }
-        self.fill(&mut cursor).await;
+        self.fill(&query, &mut cursor).await;
         let data: Vec<Vec<Value>> = {
             let take = cursor.pending.len().min(self.limits.page_rows);
             cursor.pending.drain(..take).collect()
@@ -236,6 +265,11 @@ impl Queries {
         };
         cursor.token = token;
         cursor.last = Some(page.clone());
+        let rows = cursor.rows;
+        query.entry.update(|r| {
+            r.rows = rows;
+            r.pages += 1;
+        });
         if finished {
             self.finish(&query, state, cursor.failed.as_ref());
         }
@@ -244,7 +278,7 @@ impl Queries {
 
     /// Reads what the query has ready: waits up to `max_wait` for the first message, then
     /// takes what is there without waiting, until a page is full.
-    async fn fill(&self, cursor: &mut Cursor) {
+    async fn fill(&self, query: &Query, cursor: &mut Cursor) {
         let deadline = tokio::time::Instant::now() + self.limits.max_wait;
         while !cursor.done && cursor.failed.is_none() && cursor.pending.len() < self.limits.page_rows {
             let message = if cursor.pending.is_empty() {
@@ -265,6 +299,13 @@ impl Queries {
                     session,
                     update_type,
                 }) => {
+                    let planned = query.created.elapsed();
+                    let names = columns.iter().map(|c| c.name.clone()).collect();
+                    query.entry.update(|r| {
+                        r.planning = Some(planned);
+                        r.state = State::Running;
+                        r.columns = names;
+                    });
                     cursor.columns = Some(columns);
                     cursor.session = session;
                     cursor.update_type = update_type;
@@ -277,6 +318,7 @@ impl Queries {
     }
 
     fn finish(&self, query: &Query, state: State, failure: Option<&Failure>) {
+        query.entry.end(state, failure);
         if self.lock().remove(&query.id).is_some() {
             self.metrics.running.dec();
             self.metrics.finished(state);
@@ -301,6 +343,10 @@ impl Queries {
             self.metrics.canceled.inc();
             tracing::info!(query = %id, "query canceled by the client");
         }
+        query.entry.end(
+            State::Failed,
+            Some(&Failure::new(ErrorCode::UserCanceled, "Query was canceled")),
+        );
         query.cancel.cancel();
         true
     }
@@ -320,6 +366,13 @@ impl Queries {
                 self.metrics.abandoned.inc();
                 tracing::warn!(query = %query.id, "query abandoned: no client fetched its results");
             }
+            query.entry.end(
+                State::Failed,
+                Some(&Failure::new(
+                    ErrorCode::AbandonedQuery,
+                    "Query was abandoned: no client fetched its results",
+                )),
+            );
             query.cancel.cancel();
         }
     }
@@ -329,8 +382,56 @@ impl Queries {
         let all: Vec<Arc<Query>> = self.lock().drain().map(|(_, q)| q).collect();
         for query in all {
             self.metrics.running.dec();
+            query.entry.end(
+                State::Failed,
+                Some(&Failure::new(
+                    ErrorCode::ServerShuttingDown,
+                    "the server is shutting down",
+                )),
+            );
             query.cancel.cancel();
         }
+    }
+
+    /// Runs `sql` as a client of its own would (same limits, same history) and gathers its
+    /// first `max_rows` rows: the SQL console's way to run a statement.
+    pub async fn collect(&self, sql: String, session: Session, max_rows: usize) -> Collected {
+        let (first, entry) = self.start(sql, session, Some("query-server console".to_owned()), String::new());
+        let id = first.results.id.clone();
+        let mut collected = Collected {
+            id: id.clone(),
+            columns: Vec::new(),
+            rows: Vec::new(),
+            total_rows: 0,
+            failure: None,
+        };
+        let slug = first
+            .results
+            .next_uri
+            .as_deref()
+            .and_then(|u| u.rsplit('/').nth(1))
+            .map(str::to_owned);
+        let mut token = 1;
+        while let Some(page) = match &slug {
+            Some(slug) => self.fetch(&id, slug, token).await,
+            None => None,
+        } {
+            let results = &page.results;
+            if let Some(columns) = &results.columns {
+                collected.columns.clone_from(columns);
+            }
+            if let Some(data) = &results.data {
+                collected.total_rows += data.len() as u64;
+                let room = max_rows.saturating_sub(collected.rows.len());
+                collected.rows.extend(data.iter().take(room).cloned());
+            }
+            if results.next_uri.is_none() {
+                break;
+            }
+            token += 1;
+        }
+        collected.failure = entry.record().failure;
+        collected
     }
 }
 
@@ -367,8 +468,8 @@ pub fn failed_page(id: &str, base_url: &str, failure: &Failure) -> Page {
 }
 
 /// Runs the statement and sends its columns, then its batches, to the pages.
-async fn execute(engine: &Engine, sql: &str, session: &Session, sender: &mpsc::Sender<Message>) {
-    let outcome = match engine.run(sql, session).await {
+async fn execute(engine: &Engine, sql: &str, session: &Session, entry: &Entry, sender: &mpsc::Sender<Message>) {
+    let outcome = match engine.run(sql, session, Some(entry)).await {
         Ok(outcome) => outcome,
         Err(failure) => {
             let _ = sender.send(Message::Failed(failure)).await;

@@ -28,7 +28,7 @@ use iceberg::{
     table::Table,
 };
 
-use crate::Metrics;
+use crate::{Metrics, history::Entry};
 
 pub fn external(e: iceberg::Error) -> DataFusionError {
     DataFusionError::External(Box::new(e))
@@ -126,6 +126,19 @@ impl TableProvider for IcebergTable {
         self.metrics
             .files_skipped
             .inc_by(total_files.saturating_sub(tasks.len()) as u64);
+        if let Some(entry) = state.config().get_extension::<Entry>() {
+            let (rows, bytes) = tasks.iter().fold((0, 0), |(rows, bytes), t| {
+                (rows + t.record_count.unwrap_or(0), bytes + t.length)
+            });
+            let filter = predicate.as_ref().map(ToString::to_string);
+            entry.update(|r| {
+                r.files_scanned += tasks.len() as u64;
+                r.files_total += total_files as u64;
+                r.rows_scanned += rows;
+                r.bytes_scanned += bytes;
+                r.filter = filter;
+            });
+        }
         let partitions = state.config().target_partitions().clamp(1, tasks.len().max(1));
         Ok(Arc::new(IcebergScan {
             table: self.table.clone(),

@@ -313,3 +313,236 @@ async fn queries_over_their_time_or_memory_fail_and_sigterm_drains() {
     let status = server2.wait(Duration::from_secs(10)).expect("exits after the drain");
     assert!(status.success(), "{status}");
 }
+
+/// Trino's REST view of queries, `GET /v1/query` and `GET /v1/query/{id}`, with the field names
+/// of Trino's `BasicQueryInfo`, `SessionRepresentation`, `BasicQueryStats` and `ErrorCode`
+/// (`io.trino.server`, `io.trino.spi`), for the tools that poll them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_view_of_queries_has_trinos_field_names() {
+    let mut harness = Harness::start().await;
+    harness.commit(0, 300).await;
+    let (_server, addr) = harness.server(&[]);
+    statement(&addr, "SELECT count(*) FROM iceberg.default.weather").await;
+    statement(&addr, "SELECT no_such_column FROM iceberg.default.weather").await;
+
+    let list = http_get(&addr, "/v1/query").await.expect("/v1/query");
+    assert_eq!(list.status, 200, "{}", list.body);
+    let list = list.json();
+    let list = list.as_array().expect("a list");
+    assert_eq!(list.len(), 2, "{list:?}");
+    let keys = |value: &Value| -> Vec<String> {
+        let mut keys: Vec<String> = value.as_object().expect("an object").keys().cloned().collect();
+        keys.sort();
+        keys
+    };
+    let sorted = |names: &[&str]| -> Vec<String> {
+        let mut names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        names.sort();
+        names
+    };
+    // Every field of Trino's BasicQueryInfo but preparedQuery and updateType (absent there too
+    // when empty).
+    let basic = sorted(&[
+        "queryId",
+        "session",
+        "resourceGroupId",
+        "state",
+        "scheduled",
+        "self",
+        "query",
+        "queryStats",
+        "errorType",
+        "errorCode",
+        "queryType",
+        "retryPolicy",
+    ]);
+    let (failed, finished) = (&list[0], &list[1]);
+    assert_eq!(keys(finished), basic);
+    assert_eq!(finished["state"], "FINISHED");
+    assert_eq!(finished["query"], "SELECT count(*) FROM iceberg.default.weather");
+    assert_eq!(finished["session"]["user"], "test");
+    assert_eq!(
+        finished["self"],
+        format!("http://{addr}/v1/query/{}", finished["queryId"].as_str().expect("id"))
+    );
+    for field in [
+        "createTime",
+        "endTime",
+        "queuedTime",
+        "elapsedTime",
+        "executionTime",
+        "totalDrivers",
+        "queuedDrivers",
+        "runningDrivers",
+        "completedDrivers",
+        "rawInputDataSize",
+        "rawInputPositions",
+        "physicalInputDataSize",
+        "totalCpuTime",
+        "totalScheduledTime",
+        "fullyBlocked",
+        "blockedReasons",
+        "progressPercentage",
+    ] {
+        assert!(
+            finished["queryStats"].get(field).is_some(),
+            "queryStats.{field} missing"
+        );
+    }
+    let elapsed = finished["queryStats"]["elapsedTime"].as_str().expect("a duration");
+    assert!(
+        elapsed.ends_with("ms") || elapsed.ends_with('s'),
+        "airlift's form, as 1.50s: {elapsed}"
+    );
+    assert!(
+        finished["queryStats"]["rawInputPositions"].as_u64() > Some(0),
+        "{finished}"
+    );
+    assert_eq!(failed["state"], "FAILED");
+    assert_eq!(failed["errorType"], "USER_ERROR");
+    assert_eq!(
+        failed["errorCode"],
+        serde_json::json!({ "code": 47, "name": "COLUMN_NOT_FOUND", "type": "USER_ERROR" })
+    );
+
+    let id = failed["queryId"].as_str().expect("id");
+    let info = http_get(&addr, &format!("/v1/query/{id}"))
+        .await
+        .expect("one query")
+        .json();
+    for field in ["fieldNames", "failureInfo", "finalQueryInfo", "warnings"] {
+        assert!(info.get(field).is_some(), "QueryInfo.{field} missing: {info}");
+    }
+    assert_eq!(info["finalQueryInfo"], true);
+    assert_eq!(http_get(&addr, "/v1/query/nope").await.expect("404").status, 404);
+}
+
+/// The web UI as a person uses it, in headless Chromium: the overview lists a query Trino's
+/// Python client ran, its page shows the plan and what it read, the console runs statements
+/// and names a failure as Trino does, and hostile text stays text. With `UI_SCREENSHOTS` set
+/// to a directory, the overview and a query page are saved there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_ui_lists_queries_shows_them_and_runs_the_console() {
+    let mut harness = Harness::start().await;
+    for seed in 0..3 {
+        harness.commit(seed, 1_000).await;
+    }
+    let (_server, addr) = harness.server(&[]);
+    let python = find_tool("PYTHON", "python3").expect("python3");
+    let ran = Command::new(python)
+        .args([
+            "-c",
+            "import sys, trino\n\
+             c = trino.dbapi.connect(host=sys.argv[1], port=int(sys.argv[2]), user='analyst', catalog='iceberg', schema='default').cursor()\n\
+             c.execute(\"SELECT city, count(*) FROM weather WHERE city <> '<b>x</b>' GROUP BY city\")\n\
+             print(len(c.fetchall()))",
+        ])
+        .args(addr.split(':'))
+        .output()
+        .expect("trino client");
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+
+    let browser = weather_testkit::Browser::start().await.expect("browser");
+    let until = async |script: &str| {
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(15) {
+            if browser.eval(script).await.expect("eval") == Value::Bool(true) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    browser.goto(&format!("http://{addr}/")).await.expect("overview");
+    assert!(
+        until("return [...document.querySelectorAll('#queries td')].some(td => td.textContent === 'analyst')").await,
+        "the client's query is listed"
+    );
+    let overview = browser.eval("return document.body.innerText").await.expect("text");
+    let overview = overview.as_str().expect("text");
+    assert!(overview.contains("trino-python-client"), "{overview}");
+    assert!(overview.contains("<b>x</b>"), "the SQL as text: {overview}");
+    assert_eq!(
+        browser
+            .eval("return document.querySelectorAll('#queries b').length")
+            .await
+            .expect("eval"),
+        0
+    );
+    let screenshots = std::env::var_os("UI_SCREENSHOTS").map(std::path::PathBuf::from);
+    if let Some(dir) = &screenshots {
+        browser
+            .screenshot(&dir.join("query-server-overview.png"))
+            .await
+            .expect("screenshot");
+    }
+
+    // Its page: what it read and how it ran.
+    browser
+        .eval("document.querySelector('#queries a').click(); return true")
+        .await
+        .expect("click");
+    assert!(until("return document.getElementById('state')?.textContent === 'FINISHED'").await);
+    let page = browser.eval("return document.body.innerText").await.expect("text");
+    let page = page.as_str().expect("text");
+    assert!(page.contains("IcebergScan"), "the plan: {page}");
+    let files = browser
+        .eval("return document.getElementById('files').textContent")
+        .await
+        .expect("files");
+    let files: Vec<u64> = files
+        .as_str()
+        .unwrap_or_default()
+        .split(" of ")
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    // Three commits, each a file in each of four hours; the filter keeps every city.
+    assert_eq!(files, [12, 12], "data files read of the table's: {page}");
+    if let Some(dir) = &screenshots {
+        browser
+            .screenshot(&dir.join("query-server-query.png"))
+            .await
+            .expect("screenshot");
+    }
+
+    // The console: rows with their types, a failure by Trino's name, hostile text as text.
+    let run = async |sql: &str| {
+        browser
+            .goto(&format!("http://{addr}/ui/console"))
+            .await
+            .expect("console");
+        let set = format!(
+            "document.querySelector('textarea').value = {}; document.querySelector('form').submit(); return true",
+            serde_json::to_string(sql).expect("json")
+        );
+        browser.eval(&set).await.expect("submit");
+        assert!(
+            until("return document.getElementById('count') !== null || document.getElementById('error') !== null")
+                .await
+        );
+        browser
+            .eval("return document.body.innerText")
+            .await
+            .expect("text")
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let shown = run("SELECT city, count(*) AS n FROM iceberg.default.weather GROUP BY city ORDER BY city").await;
+    assert!(shown.contains(&format!("{} rows", DEMO_CITIES.len())), "{shown}");
+    assert!(
+        shown.contains("bigint") && shown.contains("varchar"),
+        "column types: {shown}"
+    );
+    let shown = run("SELECT nope FROM iceberg.default.weather").await;
+    assert!(shown.contains("COLUMN_NOT_FOUND"), "{shown}");
+    let shown = run("SELECT '<img src=x onerror=alert(1)>' AS hostile").await;
+    assert!(shown.contains("<img src=x onerror=alert(1)>"), "{shown}");
+    assert_eq!(
+        browser
+            .eval("return document.querySelectorAll('#results img').length")
+            .await
+            .expect("eval"),
+        0
+    );
+}
