@@ -1,6 +1,9 @@
 """Times the plan's per-city average and a one-hour range query, through the `trino` client
 against the query-server and in PyIceberg + PyArrow, on the same table, and checks that both
-give the same answers.
+give the same answers. Then times the statements of the comparison with DuckDB (count(*), the
+per-city average, `SELECT *` of `hour(ts) = HOUR`, a `TIMESTAMP` range outside the data) on the
+query-server and in DuckDB's `iceberg_scan` of the same current metadata file (directory
+warehouses only), checking that both count alike.
 
 usage: query_bench.py SERVER_URL CATALOG_URL DAY HOUR RUNS
 
@@ -27,6 +30,56 @@ def timed(runs, f):
         result = f()
         times.append(time.perf_counter() - started)
     return statistics.median(times), result
+
+
+def duckdb_connection():
+    """DuckDB with the Iceberg extension the duckdb-ext-* wheels ship (nothing is downloaded)."""
+    import os
+
+    import duckdb
+    import duckdb_ext
+
+    return duckdb.connect(config={
+        "extension_directory": os.path.join(list(duckdb_ext.__path__)[0], "extensions"),
+        "autoinstall_known_extensions": False,
+    })
+
+
+def against_duckdb(sql, catalog, hour, runs):
+    """Median seconds of each comparison statement on the query-server and in DuckDB, and the
+    row count each gives (which must agree)."""
+    location = catalog.load_table("default.weather").metadata_location
+    assert location.startswith("file://"), location
+    con = duckdb_connection()
+    con.execute("LOAD iceberg")
+    # hour(ts) of a timestamptz in UTC, as the query-server (and Trino with a UTC session) reads it.
+    con.execute("SET TimeZone = 'UTC'")
+    scan = f"iceberg_scan('{location[len('file://'):]}')"
+    table = "iceberg.default.weather"
+    statements = {
+        "count": (f"SELECT count(*) FROM {table}", f"SELECT count(*) FROM {scan}"),
+        "average": (
+            f"SELECT city, AVG(CAST(temperature AS DOUBLE)) FROM {table} GROUP BY city",
+            f"SELECT city, AVG(CAST(temperature AS DOUBLE)) FROM {scan} GROUP BY city",
+        ),
+        "hour": (f"SELECT * FROM {table} WHERE hour(ts) = {int(hour)}", f"SELECT * FROM {scan} WHERE hour(ts) = {int(hour)}"),
+        "pruned": (
+            f"SELECT * FROM {table} WHERE ts >= TIMESTAMP '2030-01-01 00:00:00' AND ts < TIMESTAMP '2030-01-01 01:00:00'",
+            f"SELECT * FROM {scan} WHERE ts >= TIMESTAMPTZ '2030-01-01 00:00:00+00' AND ts < TIMESTAMPTZ '2030-01-01 01:00:00+00'",
+        ),
+    }
+    found = {}
+    for name, (ours, theirs) in statements.items():
+        server_s, server_rows = timed(runs, lambda: sql(ours))
+        duck_s, duck_rows = timed(runs, lambda: con.execute(theirs).fetchall())
+        if name == "count":
+            server_rows, duck_rows = server_rows[0][0], duck_rows[0][0]
+        else:
+            server_rows, duck_rows = len(server_rows), len(duck_rows)
+        if server_rows != duck_rows:
+            sys.exit(f"{name}: the query-server gives {server_rows} rows, DuckDB {duck_rows}")
+        found[name] = {"server_s": server_s, "duckdb_s": duck_s, "rows": server_rows}
+    return found
 
 
 def main() -> None:
@@ -88,6 +141,8 @@ def main() -> None:
         "pyiceberg_range_s": their_range,
         "server_range_count_s": server_count,
         "pyiceberg_range_pylist_s": their_objects,
+        "duckdb": against_duckdb(sql, catalog, hour, runs),
+        "duckdb_version": __import__("duckdb").__version__,
     }))
 
 

@@ -122,6 +122,28 @@ pub(crate) async fn benchmark(args: &Args, rows: &mut Vec<Row>) -> anyhow::Resul
             seconds("server_range_count_s"),
         ),
     });
+    let duck = |name: &str| {
+        let part = &found["duckdb"][name];
+        format!(
+            "{:.3} s / {:.3} s ({} rows)",
+            part["server_s"].as_f64().unwrap_or(f64::NAN),
+            part["duckdb_s"].as_f64().unwrap_or(f64::NAN),
+            part["rows"]
+        )
+    };
+    rows.push(Row {
+        what: format!(
+            "SQL against DuckDB {} `iceberg_scan` of the same metadata file ({table_note}), median of {RUNS}: query-server via the trino client / DuckDB in process",
+            found["duckdb_version"].as_str().unwrap_or("")
+        ),
+        value: format!(
+            "`count(*)` {}; per-city average {}; `SELECT *` where `hour(ts) = 14` {}; a `TIMESTAMP` range outside the data {}",
+            duck("count"),
+            duck("average"),
+            duck("hour"),
+            duck("pruned"),
+        ),
+    });
     rows.push(Row {
         what: "SQL: query-server memory".into(),
         value: format!("peak RSS {peak:.0} MiB over the runs above"),
