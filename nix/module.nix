@@ -144,11 +144,12 @@ let
     ];
   clashes = lib.filterAttrs (_: users: lib.length users > 1) (lib.groupBy (l: toString l.port) listeners);
 
-  # Where the weather-client finds the logging-server: its listener, through loopback when it
-  # listens on every address.
-  loggingServerUrl =
+  # The URL of daemon `name` on this host: its listener (`default` when unset), through
+  # loopback when it listens on every address.
+  localUrl =
+    name: default:
     let
-      listen = if cfg.logging-server.listen != null then cfg.logging-server.listen else "127.0.0.1:9998";
+      listen = if cfg.${name}.listen != null then cfg.${name}.listen else default;
       port = lib.last (lib.splitString ":" listen);
     in
     if lib.hasPrefix "0.0.0.0:" listen then
@@ -470,7 +471,7 @@ in
     weather-client = daemonOptions "weather-client" null // {
       loggingServerUrl = mkOption {
         type = types.str;
-        default = loggingServerUrl;
+        default = localUrl "logging-server" "127.0.0.1:9998";
         defaultText = lib.literalMD "the `listen` address of `logging-server` on this host (its loopback address when it listens on all)";
         description = "The logging-server the client sends its readings to (LOGGING_SERVER_URL).";
       };
@@ -521,7 +522,13 @@ in
       );
     })
     (mkIf cfg.dashboard.enable {
-      systemd.services.weather-pipeline-dashboard = unit "dashboard" { DATABASE_URL = cfg.databaseUrl; };
+      systemd.services.weather-pipeline-dashboard = unit "dashboard" (
+        {
+          DATABASE_URL = cfg.databaseUrl;
+        }
+        # The page links to the SQL web UI on this host.
+        // lib.optionalAttrs cfg.query-server.enable { SQL_URL = "${localUrl "query-server" "127.0.0.1:8080"}/"; }
+      );
     })
     (mkIf cfg.weather-client.enable {
       # mkMerge, not //: the unit keeps its own after/wants (network-online.target).
