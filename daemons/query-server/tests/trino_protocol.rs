@@ -469,6 +469,19 @@ async fn the_web_ui_lists_queries_shows_them_and_runs_the_console() {
             .expect("eval"),
         0
     );
+    // A query run while the page is open appears in the list without a reload.
+    browser
+        .eval("window.__kept = true; return true")
+        .await
+        .expect("mark the page");
+    statement(&addr, "SELECT 4242 AS later").await;
+    assert!(
+        until(
+            "return window.__kept === true && document.getElementById('queries').textContent.includes('SELECT 4242')"
+        )
+        .await,
+        "the list updates live"
+    );
     let screenshots = std::env::var_os("UI_SCREENSHOTS").map(std::path::PathBuf::from);
     if let Some(dir) = &screenshots {
         browser
@@ -479,7 +492,9 @@ async fn the_web_ui_lists_queries_shows_them_and_runs_the_console() {
 
     // Its page: what it read and how it ran.
     browser
-        .eval("document.querySelector('#queries a').click(); return true")
+        .eval(
+            "[...document.querySelectorAll('#queries tr')].find(tr => tr.textContent.includes('analyst')).querySelector('a').click(); return true",
+        )
         .await
         .expect("click");
     assert!(until("return document.getElementById('state')?.textContent === 'FINISHED'").await);
