@@ -125,11 +125,15 @@ impl Metrics {
         metrics
     }
 
+    /// Sets `family` to each checkpoint's next offset.
     pub(super) fn show(family: &Family<PartitionLabel, Gauge>, checkpoints: &Checkpoints) {
-        for (&partition, checkpoint) in checkpoints {
-            family
-                .get_or_create(&PartitionLabel { partition })
-                .set(checkpoint.next_offset);
+        Self::show_offsets(family, checkpoints.iter().map(|(&p, c)| (p, c.next_offset)));
+    }
+
+    /// Sets `family` to each `(partition, offset)`.
+    pub(super) fn show_offsets(family: &Family<PartitionLabel, Gauge>, offsets: impl IntoIterator<Item = (i32, i64)>) {
+        for (partition, offset) in offsets {
+            family.get_or_create(&PartitionLabel { partition }).set(offset);
         }
     }
 

@@ -233,12 +233,8 @@ impl<'a> Worker<'a> {
     }
 
     fn show_read(&self) {
-        for (&partition, state) in &self.owned {
-            self.metrics
-                .read_offset
-                .get_or_create(&PartitionLabel { partition })
-                .set(state.read.next_offset);
-        }
+        let read = self.owned.iter().map(|(&p, state)| (p, state.read.next_offset));
+        Metrics::show_offsets(&self.metrics.read_offset, read);
     }
 
     /// Learns which records past each newly positioned checkpoint already have their dead
