@@ -124,7 +124,9 @@ impl History {
     }
 
     pub fn get(&self, id: &str) -> Option<Record> {
-        lock(&self.records).iter().map(|r| lock(r).clone()).find(|r| r.id == id)
+        let records = lock(&self.records);
+        let record = records.iter().find(|r| lock(r).id == id)?;
+        Some(lock(record).clone())
     }
 }
 

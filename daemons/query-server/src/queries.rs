@@ -214,6 +214,11 @@ impl Queries {
     /// The page `token` of query `id`; `None` when there is no such query or page.
     pub async fn fetch(&self, id: &str, slug: &str, token: u64) -> Option<Page> {
         let query = self.find(id, slug)?;
+        self.page(&query, token).await
+    }
+
+    /// The page `token` of `query`; `None` when there is no such page.
+    async fn page(&self, query: &Query, token: u64) -> Option<Page> {
         *query.touched.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         let mut cursor = query.cursor.lock().await;
         if let Some(last) = &cursor.last
@@ -224,7 +229,7 @@ impl Queries {
         if token != cursor.token + 1 {
             return None;
         }
-        self.fill(&query, &mut cursor).await;
+        self.fill(query, &mut cursor).await;
         let data: Vec<Vec<Value>> = {
             let take = cursor.pending.len().min(self.limits.page_rows);
             cursor.pending.drain(..take).collect()
@@ -242,7 +247,7 @@ impl Queries {
         let results = QueryResults {
             id: query.id.clone(),
             info_uri: info_uri(&query.base_url, &query.id),
-            next_uri: (!finished).then(|| next_uri(&query, token + 1)),
+            next_uri: (!finished).then(|| next_uri(query, token + 1)),
             columns: cursor.columns.clone(),
             data: (!data.is_empty()).then_some(data),
             stats: Stats {
@@ -271,7 +276,7 @@ impl Queries {
             r.pages += 1;
         });
         if finished {
-            self.finish(&query, state, cursor.failed.as_ref());
+            self.finish(query, state, cursor.failed.as_ref());
         }
         Some(page)
     }
@@ -405,15 +410,11 @@ impl Queries {
             total_rows: 0,
             failure: None,
         };
-        let slug = first
-            .results
-            .next_uri
-            .as_deref()
-            .and_then(|u| u.rsplit('/').nth(1))
-            .map(str::to_owned);
+        // Not running when it was refused (the queue was full): its failure is in `entry`.
+        let query = self.lock().get(&id).cloned();
         let mut token = 1;
-        while let Some(page) = match &slug {
-            Some(slug) => self.fetch(&id, slug, token).await,
+        while let Some(page) = match &query {
+            Some(query) => self.page(query, token).await,
             None => None,
         } {
             let results = &page.results;
