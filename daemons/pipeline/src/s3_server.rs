@@ -8,15 +8,16 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
 use crate::{
     host::{free_port, on_path},
     http_client::{HttpAnswer, http_request},
     supervisor::{Spec, Supervised},
 };
-use anyhow::Context;
-use chrono::{DateTime, Utc};
-use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
 
 /// The bucket the Iceberg warehouse lives in.
 pub const BUCKET: &str = "warehouse";

@@ -6,12 +6,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
+
 use crate::{
     host::{free_port, on_path},
     http_client::get,
     supervisor::{Spec, Supervised},
 };
-use anyhow::Context;
 
 /// The JVM settings of the `trino/` configuration the compose file uses.
 const JVM_CONFIG: &str = include_str!("../../../trino/etc/jvm.config");
@@ -76,6 +77,9 @@ pub async fn start(launcher: &Path, dir: &Path, notify_dir: &Path, catalog: &Cat
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    // Given up on: stopped, not left running (and restarted) beside the pipeline that goes on
+    // without it.
+    trino.server.stop(Duration::from_secs(30)).await;
     anyhow::bail!("Trino was still starting after 3 minutes; see {}", log.display())
 }
 
