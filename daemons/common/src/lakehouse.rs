@@ -158,6 +158,99 @@ impl CatalogConfig {
     }
 }
 
+/// The SQL catalog's own rows, read and written with SQL where `iceberg-catalog-sql` 0.10.1
+/// has no call for what a daemon needs: the sink's maintenance commit (a compare-and-set of a
+/// table's `metadata_location`) and the query-server's one read of every table's current
+/// metadata file per statement. The layout is the JDBC catalog's, which Trino and PyIceberg
+/// share: tables and views in `iceberg_tables`, told apart by `iceberg_type` (NULL in catalogs
+/// made before views); a nested namespace is its parts joined by dots.
+pub struct CatalogRows {
+    pub pool: sqlx::AnyPool,
+    /// `$1`-style placeholders (PostgreSQL) rather than `?` (SQLite).
+    numbered: bool,
+    pub catalog_name: String,
+}
+
+/// A table of the catalog and where its current metadata file is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRow {
+    pub namespace: String,
+    pub name: String,
+    pub metadata_location: String,
+}
+
+/// What [`CatalogRows::layout`] reads: the namespaces (with or without tables) and the tables.
+#[derive(Debug, Clone, Default)]
+pub struct Layout {
+    pub namespaces: Vec<String>,
+    pub tables: Vec<TableRow>,
+}
+
+impl CatalogRows {
+    /// A pool of up to `connections`, connected on first use.
+    pub fn connect(url: &str, catalog_name: &str, connections: u32) -> anyhow::Result<Self> {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(connections.max(1))
+            .connect_lazy(url)
+            .context("the catalog database URL")?;
+        Ok(Self {
+            pool,
+            numbered: !url.starts_with("sqlite:"),
+            catalog_name: catalog_name.to_owned(),
+        })
+    }
+
+    /// `sql` with its `?` placeholders as the database writes them.
+    pub fn statement(&self, sql: &str) -> String {
+        if !self.numbered {
+            return sql.to_owned();
+        }
+        let mut out = String::with_capacity(sql.len() + 8);
+        for (n, part) in sql.split('?').enumerate() {
+            if n > 0 {
+                out.push_str(&format!("${n}"));
+            }
+            out.push_str(part);
+        }
+        out
+    }
+
+    /// Every namespace and table of the catalog with its current metadata file, in one
+    /// statement (one snapshot of the catalog).
+    pub async fn layout(&self) -> Result<Layout, sqlx::Error> {
+        let sql = self.statement(
+            "SELECT table_namespace, table_name, metadata_location FROM iceberg_tables \
+             WHERE catalog_name = ? AND (iceberg_type = 'TABLE' OR iceberg_type IS NULL) \
+             UNION ALL SELECT DISTINCT namespace, CAST(NULL AS VARCHAR(255)), CAST(NULL AS VARCHAR(1000)) \
+             FROM iceberg_namespace_properties WHERE catalog_name = ?",
+        );
+        let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(&sql)
+            .bind(&self.catalog_name)
+            .bind(&self.catalog_name)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut layout = Layout::default();
+        for (namespace, name, location) in rows {
+            if !layout.namespaces.contains(&namespace) {
+                layout.namespaces.push(namespace.clone());
+            }
+            if let (Some(name), Some(metadata_location)) = (name, location) {
+                layout.tables.push(TableRow {
+                    namespace,
+                    name,
+                    metadata_location,
+                });
+            }
+        }
+        layout.namespaces.sort();
+        layout
+            .tables
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        Ok(layout)
+    }
+}
+
 /// Whether `error` is PostgreSQL's answer to creating what another session created at the same
 /// moment: a unique violation (23505, on its catalog of types), a duplicate object (42710, the
 /// table's row type) or a duplicate table (42P07).
@@ -196,5 +289,14 @@ mod tests {
             "postgresql://weather@db/iceberg"
         );
         assert_eq!(shown("sqlite://catalog.db"), "sqlite://catalog.db");
+    }
+
+    #[tokio::test]
+    async fn placeholders_are_numbered_for_postgresql_only() {
+        let sql = "UPDATE t SET a = ? WHERE b = ? AND c = ?";
+        let postgres = CatalogRows::connect("postgresql://localhost/x", "weather", 1).expect("lazy");
+        assert_eq!(postgres.statement(sql), "UPDATE t SET a = $1 WHERE b = $2 AND c = $3");
+        let sqlite = CatalogRows::connect("sqlite::memory:", "weather", 1).expect("lazy");
+        assert_eq!(sqlite.statement(sql), sql);
     }
 }

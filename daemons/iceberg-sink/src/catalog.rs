@@ -1,11 +1,11 @@
 //! The two places the sink works around `iceberg` 0.10.1's catalog commit, each named with the
-//! behaviour it works around and when it can go: [`Pinned`] (appends) and [`CatalogRow`]
+//! behaviour it works around and when it can go: [`Pinned`] (appends) and [`swap`]
 //! (maintenance's own commit).
 
 use std::{collections::HashMap, sync::Arc};
 
-use anyhow::Context;
 use iceberg::{Catalog, Namespace, NamespaceIdent, TableCommit, TableCreation, TableIdent, table::Table};
+use weather_common::lakehouse::CatalogRows;
 
 /// The catalog as one commit sees it: its table as of the base the commit was built on.
 ///
@@ -100,55 +100,25 @@ impl Catalog for Pinned {
     }
 }
 
-/// Where the catalog keeps the table's current metadata file, for the compare-and-set.
-pub struct CatalogRow {
-    pub pool: sqlx::AnyPool,
-    /// `$1`-style placeholders (PostgreSQL) rather than `?` (SQLite).
-    pub numbered: bool,
-    pub catalog_name: String,
-}
-
-impl CatalogRow {
-    pub fn connect(url: &str, catalog_name: &str) -> anyhow::Result<Self> {
-        sqlx::any::install_default_drivers();
-        // Connected on first use: with maintenance off, never.
-        let pool = sqlx::any::AnyPoolOptions::new()
-            .max_connections(1)
-            .connect_lazy(url)
-            .context("the catalog database URL")?;
-        Ok(Self {
-            pool,
-            numbered: !url.starts_with("sqlite:"),
-            catalog_name: catalog_name.to_owned(),
-        })
-    }
-
-    /// Points the table at `new` if it still points at `old`; false when another commit came
-    /// first. The statement is `iceberg-catalog-sql` 0.10.1's own commit (`update_table`),
-    /// which cannot be called with a `TableCommit` built here; the JDBC catalog's layout, which
-    /// Trino and PyIceberg share, keeps tables and views in one table told apart by
-    /// `iceberg_type` (NULL in catalogs made before views). It can go once iceberg-rust commits
-    /// a manifest rewrite itself.
-    pub(crate) async fn swap(&self, table: &Table, old: &str, new: &str) -> anyhow::Result<bool> {
-        let mut sql = "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
-                       WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? \
-                       AND (iceberg_type = 'TABLE' OR iceberg_type IS NULL) AND metadata_location = ?"
-            .to_owned();
-        if self.numbered {
-            for n in 1..=6 {
-                sql = sql.replacen('?', &format!("${n}"), 1);
-            }
-        }
-        let ident = table.identifier();
-        let done = sqlx::query(&sql)
-            .bind(new)
-            .bind(old)
-            .bind(&self.catalog_name)
-            .bind(ident.namespace().join("."))
-            .bind(ident.name())
-            .bind(old)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
-    }
+/// Points `table` at metadata file `new` if the catalog still points it at `old`; false when
+/// another commit came first. The statement is `iceberg-catalog-sql` 0.10.1's own commit
+/// (`update_table`), which cannot be called with a `TableCommit` built here. It can go once
+/// iceberg-rust commits a manifest rewrite itself.
+pub(crate) async fn swap(rows: &CatalogRows, table: &Table, old: &str, new: &str) -> anyhow::Result<bool> {
+    let sql = rows.statement(
+        "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
+         WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? \
+         AND (iceberg_type = 'TABLE' OR iceberg_type IS NULL) AND metadata_location = ?",
+    );
+    let ident = table.identifier();
+    let done = sqlx::query(&sql)
+        .bind(new)
+        .bind(old)
+        .bind(&rows.catalog_name)
+        .bind(ident.namespace().join("."))
+        .bind(ident.name())
+        .bind(old)
+        .execute(&rows.pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
 }

@@ -18,11 +18,11 @@ use iceberg::{
 use weather_common::{
     WeatherReading,
     consumer::{Checkpoints, Claim, Epochs, Fenced},
-    lakehouse::CatalogConfig,
+    lakehouse::{CatalogConfig, CatalogRows},
 };
 
 use crate::{
-    catalog::{CatalogRow, Pinned},
+    catalog::Pinned,
     files,
     maintenance::{Maintenance, Policy, Report},
     manifests::{entry_hour, manifests_of},
@@ -86,7 +86,7 @@ pub fn schema() -> iceberg::Result<Schema> {
 pub struct WeatherTable {
     catalog: Arc<dyn Catalog>,
     /// The catalog's row for the table, for maintenance commits.
-    row: CatalogRow,
+    row: CatalogRows,
     maintenance: Maintenance,
     /// FileIO properties, for the orphan sweep's listing.
     storage: HashMap<String, String>,
@@ -145,7 +145,8 @@ impl WeatherTable {
                 Err(e) => return Err(e.into()),
             }
         };
-        let row = CatalogRow::connect(&config.url, &config.name)?;
+        // Connected on first use: with maintenance off, never.
+        let row = CatalogRows::connect(&config.url, &config.name, 1)?;
         let mut maintenance = Maintenance::default();
         maintenance.observe(&table);
         Ok(Self {

@@ -27,10 +27,10 @@ use std::{
 
 use iceberg::table::Table;
 
-use crate::catalog::CatalogRow;
 use plan::Keep;
 pub use plan::Policy;
 use rewrite::rewrite_manifests;
+use weather_common::lakehouse::CatalogRows;
 
 /// How often the orphan sweep runs after the first (which is at the first maintenance run).
 const SWEEP_INTERVAL: Duration = Duration::from_secs(24 * 3600);
@@ -71,7 +71,7 @@ impl Maintenance {
     pub async fn run(
         &mut self,
         catalog: &dyn iceberg::Catalog,
-        row: &CatalogRow,
+        row: &CatalogRows,
         mut table: Table,
         policy: &Policy,
         lineage: usize,

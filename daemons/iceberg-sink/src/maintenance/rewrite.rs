@@ -6,7 +6,7 @@
 //! crate, so this is a small snapshot producer of its own: it writes the manifests (and
 //! compacted files), a manifest list and the next metadata file, then swaps the table's
 //! `metadata_location` in the SQL catalog with the compare-and-set the catalog uses
-//! ([`CatalogRow`]). It can go once iceberg-rust ships a `rewrite_manifests`/`rewrite_files`
+//! ([`crate::catalog::swap`]). It can go once iceberg-rust ships a `rewrite_manifests`/`rewrite_files`
 //! action that takes a caller's snapshot summary.
 
 use std::{
@@ -27,8 +27,9 @@ use iceberg::{
 };
 
 use super::plan::{Manifest, Partitions, Policy, RewritePlan};
-use crate::catalog::CatalogRow;
+use crate::catalog::swap;
 use crate::manifests::{manifests_of, partition_key};
+use weather_common::lakehouse::CatalogRows;
 
 /// A rewrite committed by [`rewrite_manifests`].
 pub struct Rewrite {
@@ -49,7 +50,7 @@ pub struct Rewrite {
 /// one, not the table's age. `None` when there was nothing to do or another commit came first.
 pub async fn rewrite_manifests(
     catalog: &dyn iceberg::Catalog,
-    row: &CatalogRow,
+    row: &CatalogRows,
     table: &Table,
     policy: &Policy,
 ) -> anyhow::Result<Option<Rewrite>> {
@@ -190,7 +191,7 @@ enum Listed {
 /// every other manifest of `base`, among them those appended since the plan was made, stays as
 /// it is. The snapshot carries `base`'s Kafka checkpoints, the newest (see [`checkpoints_of`]).
 async fn list_rewrite(
-    row: &CatalogRow,
+    row: &CatalogRows,
     base: &Table,
     plan: &[Listing],
     consumed: &BTreeSet<String>,
@@ -300,7 +301,7 @@ async fn list_rewrite(
     written.push(new_location.clone());
     next.write_to(file_io, &location).await?;
 
-    if !row.swap(base, old_location, &new_location).await? {
+    if !swap(row, base, old_location, &new_location).await? {
         tracing::debug!("another commit came first; the manifest rewrite is listed again on it");
         for path in written {
             file_io.delete(&path).await?;
