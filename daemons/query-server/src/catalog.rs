@@ -17,6 +17,7 @@ use iceberg::{Catalog, TableIdent, spec::PrimitiveLiteral, table::Table};
 use crate::{
     Metrics,
     scan::{IcebergTable, external, planned_files},
+    tables::Tables,
 };
 
 /// The catalog's namespaces as DataFusion schemas.
@@ -42,12 +43,13 @@ impl CatalogProvider for IcebergCatalog {
     }
 }
 
-/// A namespace's tables, each loaded from the catalog when a query names it, and Trino's
+/// A namespace's tables, each loaded when a query names it (see [`Tables`]), and Trino's
 /// metadata tables `"<table>$snapshots"` and `"<table>$files"`.
 #[derive(Debug)]
 pub(crate) struct IcebergSchema {
-    pub(crate) catalog: Arc<dyn Catalog>,
-    pub(crate) tables: Vec<TableIdent>,
+    pub(crate) loaded: Arc<Tables>,
+    /// The namespace's tables and their metadata files, as the statement found them.
+    pub(crate) tables: Vec<(TableIdent, String)>,
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -58,7 +60,7 @@ impl SchemaProvider for IcebergSchema {
     }
 
     fn table_names(&self) -> Vec<String> {
-        self.tables.iter().map(|t| t.name.clone()).collect()
+        self.tables.iter().map(|(t, _)| t.name.clone()).collect()
     }
 
     async fn table(&self, name: &str) -> datafusion::common::Result<Option<Arc<dyn TableProvider>>> {
@@ -66,10 +68,10 @@ impl SchemaProvider for IcebergSchema {
             Some((base, suffix)) => (base, Some(suffix)),
             None => (name, None),
         };
-        let Some(ident) = self.tables.iter().find(|t| t.name == base) else {
+        let Some((ident, location)) = self.tables.iter().find(|(t, _)| t.name == base) else {
             return Ok(None);
         };
-        let table = self.catalog.load_table(ident).await.map_err(external)?;
+        let table = self.loaded.table(ident, location).await.map_err(external)?;
         Ok(Some(match suffix {
             None => Arc::new(IcebergTable::new(table, self.metrics.clone())?),
             Some("snapshots") => snapshots(&table).await?,
@@ -80,7 +82,7 @@ impl SchemaProvider for IcebergSchema {
 
     fn table_exist(&self, name: &str) -> bool {
         let base = name.split_once('$').map_or(name, |(base, _)| base);
-        self.tables.iter().any(|t| t.name == base)
+        self.tables.iter().any(|(t, _)| t.name == base)
     }
 }
 

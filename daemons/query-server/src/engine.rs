@@ -36,6 +36,7 @@ use crate::{
     protocol::{ErrorCode, Failure},
     scan::IcebergTable,
     statements::{Meta, like_match, meta, words},
+    tables::{self, Tables},
 };
 
 /// Who asks, and where unqualified names point (`X-Trino-Catalog`, `X-Trino-Schema`).
@@ -77,6 +78,7 @@ impl Outcome {
 
 pub struct Engine {
     pub catalog: Arc<dyn Catalog>,
+    pub tables: Arc<Tables>,
     pub memory_limit: usize,
     pub target_partitions: usize,
     pub metrics: Arc<Metrics>,
@@ -149,14 +151,19 @@ impl Engine {
             .build_arc()
             .map_err(failure)?;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let layout = self.tables.layout().await?;
         let mut schemas = HashMap::new();
-        for namespace in self.catalog.list_namespaces(None).await.map_err(iceberg_failure)? {
-            let tables = self.catalog.list_tables(&namespace).await.map_err(iceberg_failure)?;
-            let name = namespace.to_url_string();
+        for stored in &layout.namespaces {
+            let tables = layout
+                .tables
+                .iter()
+                .filter(|t| &t.namespace == stored)
+                .map(|t| (tables::identifier(stored, &t.name), t.metadata_location.clone()))
+                .collect();
             schemas.insert(
-                name,
+                tables::namespace(stored).to_url_string(),
                 Arc::new(IcebergSchema {
-                    catalog: self.catalog.clone(),
+                    loaded: self.tables.clone(),
                     tables,
                     metrics: self.metrics.clone(),
                 }) as Arc<dyn SchemaProvider>,

@@ -3,9 +3,9 @@
 //! DataFusion plans and runs the queries; the table is read through the same SQL catalog the
 //! iceberg-sink commits to, so a query sees every committed snapshot and nothing else.
 //!
-//! The protocol: `POST /v1/statement` with the SQL as body starts a query and answers with a
-//! `nextUri`; each `GET` of it gives the next page of rows and the next `nextUri`, until the
-//! last page has none; `DELETE` of a `nextUri` cancels. `GET /v1/info` says whether the server
+//! The protocol: `POST /v1/statement` with the SQL as body starts a query and answers with its
+//! first page (its rows, if they are ready at once) and a `nextUri`; each `GET` of it gives the
+//! next page of rows and the next `nextUri`, until the last page has none; `DELETE` of a `nextUri` cancels. `GET /v1/info` says whether the server
 //! has started, as Trino's does.
 //!
 //! Beside the protocol, as on Trino's port: a web UI (`/`, [`ui`]) with the recent queries
@@ -21,6 +21,7 @@ pub mod queries;
 pub mod query_info;
 pub mod scan;
 pub mod statements;
+pub mod tables;
 pub mod ui;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -37,7 +38,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use weather_common::{
     http::{self, Body},
-    lakehouse::CatalogArgs,
+    lakehouse::{CatalogArgs, CatalogRows},
     runtime::{self, Backoff},
 };
 
@@ -46,6 +47,7 @@ use crate::{
     history::History,
     protocol::{ErrorCode, Failure},
     queries::{Limits, Page, Queries},
+    tables::Tables,
 };
 
 #[derive(clap::Parser, Debug, Clone)]
@@ -264,7 +266,9 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
         }
     };
     if let Some(catalog) = catalog {
+        let rows = CatalogRows::connect(&config.url, &config.name, args.max_queries.clamp(1, 16) as u32)?;
         let engine = Arc::new(Engine {
+            tables: Arc::new(Tables::new(catalog.clone(), rows)),
             catalog,
             memory_limit: args.query_memory_limit,
             target_partitions: args
@@ -456,7 +460,7 @@ impl App {
             );
         }
         tracing::debug!(source = source.as_deref().unwrap_or("-"), "statement received");
-        respond(&queries.submit(sql, session, source, base_url))
+        respond(&queries.submit(sql, session, source, base_url).await)
     }
 
     /// Where the client reached this server: `--public-url`, else http:// and the Host it asked

@@ -23,6 +23,12 @@ use crate::{
     protocol::{self, Column, ErrorCode, Failure, QueryResults, State, Stats},
 };
 
+/// How long the response to a statement waits for its first rows. Trino answers at once with
+/// a `nextUri`; answering with the rows when they come this soon saves short statements a
+/// round trip, and clients read rows from any response. Kept short so that a client has the
+/// query's id (to cancel it) soon.
+const FIRST_PAGE_WAIT: Duration = Duration::from_millis(100);
+
 /// What a query's task hands to the pages.
 enum Message {
     Start {
@@ -121,10 +127,16 @@ impl Queries {
         self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Starts `sql`, sent by client `source`; the first response, whose `nextUri` (on
-    /// `base_url`) leads to the results.
-    pub fn submit(&self, sql: String, session: Session, source: Option<String>, base_url: String) -> Page {
-        self.start(sql, session, source, base_url).0
+    /// Starts `sql`, sent by client `source`, and answers with its first page: the rows when
+    /// they are ready within [`FIRST_PAGE_WAIT`] (a short statement then takes one round trip),
+    /// else a `nextUri` (on `base_url`) that leads to them.
+    pub async fn submit(&self, sql: String, session: Session, source: Option<String>, base_url: String) -> Page {
+        let (queued, _) = self.start(sql, session, source, base_url);
+        // Not running when it was refused (the queue was full): `queued` says so.
+        let Some(query) = self.lock().get(&queued.results.id).cloned() else {
+            return queued;
+        };
+        self.page(&query, 1, FIRST_PAGE_WAIT).await.unwrap_or(queued)
     }
 
     fn start(&self, sql: String, session: Session, source: Option<String>, base_url: String) -> (Page, Entry) {
@@ -214,11 +226,12 @@ impl Queries {
     /// The page `token` of query `id`; `None` when there is no such query or page.
     pub async fn fetch(&self, id: &str, slug: &str, token: u64) -> Option<Page> {
         let query = self.find(id, slug)?;
-        self.page(&query, token).await
+        self.page(&query, token, self.limits.max_wait).await
     }
 
-    /// The page `token` of `query`; `None` when there is no such page.
-    async fn page(&self, query: &Query, token: u64) -> Option<Page> {
+    /// The page `token` of `query`, waiting up to `wait` for rows; `None` when there is no
+    /// such page.
+    async fn page(&self, query: &Query, token: u64, wait: Duration) -> Option<Page> {
         *query.touched.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         let mut cursor = query.cursor.lock().await;
         if let Some(last) = &cursor.last
@@ -229,7 +242,7 @@ impl Queries {
         if token != cursor.token + 1 {
             return None;
         }
-        self.fill(query, &mut cursor).await;
+        self.fill(query, &mut cursor, wait).await;
         let data: Vec<Vec<Value>> = {
             let take = cursor.pending.len().min(self.limits.page_rows);
             cursor.pending.drain(..take).collect()
@@ -281,10 +294,10 @@ impl Queries {
         Some(page)
     }
 
-    /// Reads what the query has ready: waits up to `max_wait` for the first message, then
-    /// takes what is there without waiting, until a page is full.
-    async fn fill(&self, query: &Query, cursor: &mut Cursor) {
-        let deadline = tokio::time::Instant::now() + self.limits.max_wait;
+    /// Reads what the query has ready: waits up to `wait` for the first message, then takes
+    /// what is there without waiting, until a page is full.
+    async fn fill(&self, query: &Query, cursor: &mut Cursor, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
         while !cursor.done && cursor.failed.is_none() && cursor.pending.len() < self.limits.page_rows {
             let message = if cursor.pending.is_empty() {
                 match tokio::time::timeout_at(deadline, cursor.receiver.recv()).await {
@@ -414,7 +427,7 @@ impl Queries {
         let query = self.lock().get(&id).cloned();
         let mut token = 1;
         while let Some(page) = match &query {
-            Some(query) => self.page(query, token).await,
+            Some(query) => self.page(query, token, self.limits.max_wait).await,
             None => None,
         } {
             let results = &page.results;

@@ -9,7 +9,7 @@ use arrow_schema::{Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::{
     catalog::Session,
-    common::{DataFusionError, Result, ScalarValue},
+    common::{DataFusionError, Result, ScalarValue, Statistics, stats::Precision},
     datasource::{TableProvider, TableType},
     execution::{SendableRecordBatchStream, TaskContext},
     logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown},
@@ -24,7 +24,7 @@ use futures::{StreamExt, TryStreamExt};
 use iceberg::{
     expr::{Predicate, Reference},
     scan::{FileScanTask, TableScan},
-    spec::{Datum, PrimitiveType, Type},
+    spec::{Datum, Literal, PrimitiveLiteral, PrimitiveType, Transform, Type},
     table::Table,
 };
 
@@ -79,13 +79,14 @@ impl TableProvider for IcebergTable {
         TableType::Base
     }
 
-    /// Every filter that becomes a predicate prunes partitions and files; DataFusion still
-    /// applies it to the rows read (Inexact), as a file holds rows on both sides of a bound.
+    /// Every filter that becomes a predicate (or an hour of day) prunes partitions and files;
+    /// DataFusion still applies it to the rows read (Inexact), as a file holds rows on both
+    /// sides of a bound.
     fn supports_filters_pushdown(&self, filters: &[&Expr]) -> Result<Vec<TableProviderFilterPushDown>> {
         Ok(filters
             .iter()
             .map(|f| {
-                if predicate(&self.table, f).is_some() {
+                if predicate(&self.table, f).is_some() || hour_of_day(&self.table, f).is_some() {
                     TableProviderFilterPushDown::Inexact
                 } else {
                     TableProviderFilterPushDown::Unsupported
@@ -120,17 +121,26 @@ impl TableProvider for IcebergTable {
         }
         let scan = builder.build().map_err(external)?;
         // The snapshot's file count only feeds EXPLAIN and the metrics: read beside the planning.
-        let (tasks, total_files) =
+        let (mut tasks, total_files) =
             futures::try_join!(planned_files(&scan), data_files(&self.table)).map_err(external)?;
+        let hours: Vec<HourOfDay> = filters.iter().filter_map(|f| hour_of_day(&self.table, f)).collect();
+        tasks.retain(|task| hours.iter().all(|h| h.may_match(task)));
         self.metrics.files_scanned.inc_by(tasks.len() as u64);
         self.metrics
             .files_skipped
             .inc_by(total_files.saturating_sub(tasks.len()) as u64);
+        // What prunes files: the Iceberg predicate and the hours of day.
+        let filter = predicate
+            .as_ref()
+            .map(ToString::to_string)
+            .into_iter()
+            .chain(hours.iter().map(ToString::to_string))
+            .reduce(|a, b| format!("{a} AND {b}"));
         if let Some(entry) = state.config().get_extension::<Entry>() {
             let (rows, bytes) = tasks.iter().fold((0, 0), |(rows, bytes), t| {
                 (rows + t.record_count.unwrap_or(0), bytes + t.length)
             });
-            let filter = predicate.as_ref().map(ToString::to_string);
+            let filter = filter.clone();
             entry.update(|r| {
                 r.files_scanned += tasks.len() as u64;
                 r.files_total += total_files as u64;
@@ -145,6 +155,7 @@ impl TableProvider for IcebergTable {
             output: output.clone(),
             read,
             predicate,
+            filter,
             groups: spread(tasks, partitions),
             total_files,
             properties: Arc::new(PlanProperties::new(
@@ -162,17 +173,43 @@ pub async fn planned_files(scan: &TableScan) -> iceberg::Result<Vec<FileScanTask
     scan.plan_files().await?.try_collect().await
 }
 
-/// Data files of the current snapshot, for reporting how many a scan skipped.
+/// Data files of the current snapshot, for reporting how many a scan skipped: as its writer
+/// summed them up (`total-data-files`), else counted from its manifest list.
 async fn data_files(table: &Table) -> iceberg::Result<usize> {
     let Some(snapshot) = table.metadata().current_snapshot() else {
         return Ok(0);
     };
+    let total = snapshot.summary().additional_properties.get("total-data-files");
+    if let Some(total) = total.and_then(|t| t.parse().ok()) {
+        return Ok(total);
+    }
     let list = table.manifest_list_reader(snapshot).load().await?;
     Ok(list
         .entries()
         .iter()
         .map(|m| (m.added_files_count.unwrap_or(0) + m.existing_files_count.unwrap_or(0)) as usize)
         .sum())
+}
+
+/// What a planned file says about the rows a scan of it gives.
+struct FileRows {
+    /// As its manifest entry records them.
+    records: Option<u64>,
+    /// The task reads the whole file, not a split of it.
+    whole: bool,
+    /// Row-level deletes apply to it.
+    deletes: bool,
+}
+
+/// The rows a scan gives, when the manifests say it exactly: every file read whole, with its
+/// record count known, no row-level deletes, and no predicate filtering rows as they are read.
+fn exact_rows(files: impl Iterator<Item = FileRows>, filtered: bool) -> Option<u64> {
+    if filtered {
+        return None;
+    }
+    files
+        .map(|f| if f.whole && !f.deletes { f.records } else { None })
+        .sum()
 }
 
 /// Deals the files round-robin, largest first, so the partitions get similar work.
@@ -183,6 +220,107 @@ fn spread(mut tasks: Vec<FileScanTask>, partitions: usize) -> Vec<Vec<FileScanTa
         groups[i % partitions].push(task);
     }
     groups
+}
+
+/// `hour(column) <op> hour`, where the table is partitioned by the column's `hour` transform:
+/// every row of a file has the hour of day of its partition (hours since the epoch, UTC), so a
+/// file whose partition's hour fails the comparison has no matching row. `hour()` reads a
+/// timestamp in its own zone, which for the table's columns is UTC (or none).
+#[derive(Debug)]
+struct HourOfDay {
+    column: String,
+    /// Where the hour is in a file's partition: the table has one partition spec, so every
+    /// file's partition is of that spec (iceberg's planned files do not name theirs).
+    position: usize,
+    op: Operator,
+    hour: i64,
+}
+
+impl HourOfDay {
+    /// Whether `task`'s file may hold a matching row: yes unless its partition says no.
+    fn may_match(&self, task: &FileScanTask) -> bool {
+        let Some(partition) = &task.partition else {
+            return true;
+        };
+        match partition.iter().nth(self.position).flatten() {
+            Some(Literal::Primitive(PrimitiveLiteral::Int(hours))) => {
+                compares(i64::from(*hours).rem_euclid(24), self.op, self.hour)
+            }
+            _ => true,
+        }
+    }
+}
+
+impl fmt::Display for HourOfDay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "hour({}) {} {} (by partition)", self.column, self.op, self.hour)
+    }
+}
+
+/// `hour(column) <op> literal` (or the other way round) on a timestamp column in UTC.
+fn hour_of_day(table: &Table, expr: &Expr) -> Option<HourOfDay> {
+    let Expr::BinaryExpr(BinaryExpr { left, op, right }) = expr else {
+        return None;
+    };
+    let hour_of = |e: &Expr| match e {
+        Expr::ScalarFunction(f) if f.func.name() == "hour" => match f.args.as_slice() {
+            [Expr::Column(c)] => Some(c.name.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    let number = |e: &Expr| match e {
+        Expr::Literal(ScalarValue::Int64(Some(v)), _) => Some(*v),
+        _ => None,
+    };
+    let (column, op, hour) = match (hour_of(left), hour_of(right)) {
+        (Some(c), None) => (c, *op, number(right)?),
+        (None, Some(c)) => (c, flip(*op)?, number(left)?),
+        _ => return None,
+    };
+    let field = table.metadata().current_schema().field_by_name(&column)?;
+    let utc = matches!(
+        field.field_type.as_ref(),
+        Type::Primitive(
+            PrimitiveType::Timestamptz
+                | PrimitiveType::Timestamp
+                | PrimitiveType::TimestamptzNs
+                | PrimitiveType::TimestampNs
+        )
+    );
+    let mut specs = table.metadata().partition_specs_iter();
+    let (Some(spec), None) = (specs.next(), specs.next()) else {
+        return None;
+    };
+    let position = spec
+        .fields()
+        .iter()
+        .position(|f| f.source_id == field.id && f.transform == Transform::Hour)?;
+    (utc && compare_op(op)).then_some(HourOfDay {
+        column,
+        position,
+        op,
+        hour,
+    })
+}
+
+fn compare_op(op: Operator) -> bool {
+    matches!(
+        op,
+        Operator::Eq | Operator::NotEq | Operator::Lt | Operator::LtEq | Operator::Gt | Operator::GtEq
+    )
+}
+
+fn compares(left: i64, op: Operator, right: i64) -> bool {
+    match op {
+        Operator::Eq => left == right,
+        Operator::NotEq => left != right,
+        Operator::Lt => left < right,
+        Operator::LtEq => left <= right,
+        Operator::Gt => left > right,
+        Operator::GtEq => left >= right,
+        _ => true,
+    }
 }
 
 /// `column <op> literal` (or the other way round), `AND`, `OR`, `IN` lists and `IS [NOT]
@@ -283,6 +421,8 @@ struct IcebergScan {
     /// Columns read from the files (one, when the query needs only the row count).
     read: Vec<String>,
     predicate: Option<Predicate>,
+    /// The predicate and the hours of day, as EXPLAIN and the query's page show them.
+    filter: Option<String>,
     groups: Vec<Vec<FileScanTask>>,
     total_files: usize,
     properties: Arc<PlanProperties>,
@@ -305,9 +445,7 @@ impl DisplayAs for IcebergScan {
             self.table.identifier(),
             self.total_files,
             self.read.join(", "),
-            self.predicate
-                .as_ref()
-                .map_or_else(|| "none".to_owned(), ToString::to_string),
+            self.filter.as_deref().unwrap_or("none"),
         )
     }
 }
@@ -331,6 +469,25 @@ impl ExecutionPlan for IcebergScan {
 
     fn with_new_children(self: Arc<Self>, _: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
         Ok(self)
+    }
+
+    /// The row count, exact when the files are read whole and as they are: DataFusion then
+    /// answers `count(*)` from it without reading a row.
+    fn partition_statistics(&self, partition: Option<usize>) -> Result<Statistics> {
+        let tasks: Vec<&FileScanTask> = match partition {
+            Some(i) => self.groups.get(i).into_iter().flatten().collect(),
+            None => self.groups.iter().flatten().collect(),
+        };
+        let mut statistics = Statistics::new_unknown(&self.output);
+        let files = tasks.iter().map(|t| FileRows {
+            records: t.record_count,
+            whole: t.start == 0 && t.length == t.file_size_in_bytes,
+            deletes: !t.deletes.is_empty(),
+        });
+        if let Some(rows) = exact_rows(files, self.predicate.is_some()) {
+            statistics.num_rows = Precision::Exact(rows as usize);
+        }
+        Ok(statistics)
     }
 
     fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
@@ -357,5 +514,47 @@ impl ExecutionPlan for IcebergScan {
                 }
             });
         Ok(Box::pin(RecordBatchStreamAdapter::new(self.output.clone(), stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_hour_of_day_compares_as_sql_does() {
+        assert!(compares(14, Operator::Eq, 14));
+        assert!(!compares(13, Operator::Eq, 14));
+        assert!(compares(13, Operator::Lt, 14) && !compares(14, Operator::Lt, 14));
+        assert!(compares(14, Operator::GtEq, 14) && compares(3, Operator::NotEq, 14));
+        // Hours before the epoch are hours of their day too.
+        assert_eq!((-1_i64).rem_euclid(24), 23);
+    }
+
+    fn file(records: Option<u64>, whole: bool, deletes: bool) -> FileRows {
+        FileRows {
+            records,
+            whole,
+            deletes,
+        }
+    }
+
+    #[test]
+    fn the_row_count_is_exact_only_for_whole_files_without_deletes_read_unfiltered() {
+        let plain = || vec![file(Some(10), true, false), file(Some(5), true, false)].into_iter();
+        assert_eq!(exact_rows(plain(), false), Some(15));
+        assert_eq!(
+            exact_rows(plain(), true),
+            None,
+            "a predicate drops rows as they are read"
+        );
+        assert_eq!(exact_rows(std::iter::empty(), false), Some(0), "an empty table");
+        for odd in [
+            file(None, true, false),
+            file(Some(5), false, false),
+            file(Some(5), true, true),
+        ] {
+            assert_eq!(exact_rows(plain().chain([odd]), false), None);
+        }
     }
 }
