@@ -45,16 +45,22 @@ def duckdb_connection():
     })
 
 
-def against_duckdb(sql, catalog, hour, runs):
-    """Median seconds of each comparison statement on the query-server and in DuckDB, and the
-    row count each gives (which must agree)."""
+def duckdb_of(catalog):
+    """DuckDB ready to scan the table's current metadata file, and that file's path."""
     location = catalog.load_table("default.weather").metadata_location
     assert location.startswith("file://"), location
     con = duckdb_connection()
     con.execute("LOAD iceberg")
     # hour(ts) of a timestamptz in UTC, as the query-server (and Trino with a UTC session) reads it.
     con.execute("SET TimeZone = 'UTC'")
-    scan = f"iceberg_scan('{location[len('file://'):]}')"
+    return con, location[len("file://"):]
+
+
+def against_duckdb(sql, catalog, hour, runs):
+    """Median seconds of each comparison statement on the query-server and in DuckDB, and the
+    row count each gives (which must agree)."""
+    con, location = duckdb_of(catalog)
+    scan = f"iceberg_scan('{location}')"
     table = "iceberg.default.weather"
     statements = {
         "count": (f"SELECT count(*) FROM {table}", f"SELECT count(*) FROM {scan}"),
@@ -80,6 +86,63 @@ def against_duckdb(sql, catalog, hour, runs):
             sys.exit(f"{name}: the query-server gives {server_rows} rows, DuckDB {duck_rows}")
         found[name] = {"server_s": server_s, "duckdb_s": duck_s, "rows": server_rows}
     return found
+
+
+def delivery(server, con, location, hour, runs):
+    """Where the time of a large result goes: the trino client end to end; the same pages with
+    plain HTTP and JSON (what the server and the protocol deliver); the client's conversion of
+    those rows to Python objects alone; DuckDB's rows as Python objects and as Arrow; and the
+    time to the first row of `SELECT *` of the whole table."""
+    import requests
+    from trino.mapper import RowMapperFactory
+
+    statement = f"SELECT * FROM iceberg.default.weather WHERE hour(ts) = {int(hour)}"
+    cursor = trino.dbapi.connect(host=server, user="bench").cursor()
+
+    def client():
+        cursor.execute(statement)
+        return cursor.fetchall()
+
+    session = requests.Session()
+    headers = {"X-Trino-User": "bench"}
+
+    def pages():
+        page = session.post(f"{server}/v1/statement", data=statement, headers=headers).json()
+        columns, rows = page.get("columns"), list(page.get("data", []))
+        while "nextUri" in page:
+            page = session.get(page["nextUri"], headers=headers).json()
+            columns = columns or page.get("columns")
+            rows.extend(page.get("data", []))
+        if "error" in page:
+            sys.exit(f"{statement}: {page['error']}")
+        return columns, rows
+
+    client_s, mapped = timed(runs, client)
+    pages_s, (columns, raw) = timed(runs, pages)
+    mapper = RowMapperFactory().create(columns=columns, legacy_primitive_types=False)
+    mapping_s, _ = timed(runs, lambda: mapper.map(raw))
+    theirs = f"SELECT * FROM iceberg_scan('{location}') WHERE hour(ts) = {int(hour)}"
+    duckdb_s, duck_rows = timed(runs, lambda: con.execute(theirs).fetchall())
+    duckdb_arrow_s, _ = timed(runs, lambda: con.execute(theirs).fetch_arrow_table())
+    if not len(mapped) == len(raw) == len(duck_rows):
+        sys.exit(f"{statement}: {len(mapped)} rows through the client, {len(raw)} in the pages, {len(duck_rows)} in DuckDB")
+
+    def first_row():
+        cursor.execute("SELECT * FROM iceberg.default.weather")
+        row = cursor.fetchone()
+        cursor.cancel()
+        return row
+
+    first_row_s, _ = timed(runs, first_row)
+    return {
+        "rows": len(raw),
+        "client_s": client_s,
+        "pages_s": pages_s,
+        "mapping_s": mapping_s,
+        "duckdb_s": duckdb_s,
+        "duckdb_arrow_s": duckdb_arrow_s,
+        "first_row_s": first_row_s,
+    }
 
 
 def main() -> None:
@@ -142,6 +205,7 @@ def main() -> None:
         "server_range_count_s": server_count,
         "pyiceberg_range_pylist_s": their_objects,
         "duckdb": against_duckdb(sql, catalog, hour, runs),
+        "delivery": delivery(server, *duckdb_of(catalog), hour, runs),
         "duckdb_version": __import__("duckdb").__version__,
     }))
 

@@ -58,9 +58,9 @@ struct Args {
     /// Snapshot retention in the soak benchmark, whose commits come faster than real ones.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     soak_retention: Duration,
-    /// Readings in the table the SQL benchmark queries.
-    #[arg(long, default_value_t = 1_000_000)]
-    query_rows: usize,
+    /// Readings in the tables the SQL benchmark queries, one table per size.
+    #[arg(long, value_delimiter = ',', default_value = "1000000,10000000")]
+    query_rows: Vec<usize>,
     /// Readings the scale-out benchmark feeds to 1, 2 and 4 instances of each consumer.
     #[arg(long, default_value_t = 500_000)]
     scale_readings: usize,
@@ -142,9 +142,14 @@ async fn main() -> anyhow::Result<()> {
         args.soak_maintenance_every,
         humantime::format_duration(args.soak_retention),
     ) + &format!(
-        "\nThe SQL rows: a day of {} readings written by the iceberg-sink's table code in 10 commits, each touching all 24 hours, then maintained as the sink does (manifests merged, the 23 closed hours compacted to one file each; the newest hour keeps its 10), in a directory warehouse with a PostgreSQL catalog. Each query runs 5 times through Trino's Python client (DBAPI) against the query-server and 5 times in PyIceberg + PyArrow reading the same table, each loading the table from the catalog every time; the median is shown, and the script checks that both give the same averages and the same rows. Through the Trino protocol rows arrive as JSON and become Python objects in the client, which is most of the range query's time (`count(*)` of the same range shows the server's own planning and scan); PyIceberg hands over an Arrow table, and its `to_pylist()` is shown for rows as Python objects. The DuckDB row runs `count(*)`, the per-city average, `SELECT *` of `hour(ts) = 14` and a `TIMESTAMP` range outside the data 5 times each through the trino client against the query-server and in DuckDB in process (`iceberg_scan` of the table's current metadata file, found once from the catalog; time zone UTC); the script checks that both count the same rows, and both hand them to Python as Python objects.\n\n\
+        "\nThe SQL rows: for each size ({}), a day of that many readings written by the iceberg-sink's table code in commits of 100,000, each touching all 24 hours, then maintained as the sink does (manifests merged, the 23 closed hours compacted to one file each; the newest hour keeps one file per commit), in a directory warehouse with a PostgreSQL catalog. Each query runs 5 times through Trino's Python client (DBAPI) against the query-server and 5 times in PyIceberg + PyArrow reading the same table; the median is shown, and the script checks that both give the same averages and the same rows. PyIceberg loads the table from the catalog for each query; the query-server reads the catalog's row for each statement and reuses what it loaded while the table's metadata file is unchanged. Through the Trino protocol rows arrive as JSON and become Python objects in the client, which is most of the range query's time (`count(*)` of the same range shows the server's own planning and scan); PyIceberg hands over an Arrow table, and its `to_pylist()` is shown for rows as Python objects. The DuckDB row runs `count(*)`, the per-city average, `SELECT *` of `hour(ts) = 14` and a `TIMESTAMP` range outside the data 5 times each through the trino client against the query-server and in DuckDB in process (`iceberg_scan` of the table's current metadata file, found once from the catalog; time zone UTC); the script checks that both count the same rows, and both hand them to Python as Python objects. The delivery row splits the `hour(ts) = 14` statement: the same pages fetched with plain HTTP and decoded from JSON (what the server and the protocol deliver), the trino client's own conversion of those rows to Python objects (its row mapper, timed alone), and DuckDB's rows as Python objects and as Arrow; the first row is `fetchone()` after `execute()` of `SELECT *` of the whole table, which is then canceled.\n\n\
          The rows with several instances: for 1, 2 and 4 instances of each consumer, on a topic of 6 partitions in nisshi (log on disk), a database and a table of their own, the instances start, the group spreads the partitions over them, then {} readings of 60 cities are produced at once (faster than the consumers read) and timed until the instances together have aggregated them (window-aggregator) or committed them to Iceberg (iceberg-sink, commit interval 2 s, so its times move in steps of up to 2 s). CPU is the instances' together: readings per CPU-second is the per-core rate; the machine's 2 cores are shared by the instances, the broker and the benchmark, so more instances cannot add cores. Then 4 sinks run a minute at 200 readings/s with the default 10 s commit interval, counting how often one sink's commit met another's (a conflict: checked and merged again on the newer snapshot, never a rewrite).\n",
-        args.query_rows, args.scale_readings,
+        args.query_rows
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        args.scale_readings,
     );
     std::fs::write(&args.output, report).with_context(|| format!("writing {}", args.output.display()))?;
     println!("written to {}", args.output.display());
