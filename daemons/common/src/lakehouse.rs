@@ -291,6 +291,35 @@ mod tests {
         assert_eq!(shown("sqlite://catalog.db"), "sqlite://catalog.db");
     }
 
+    /// The layout read from an SQLite catalog in the JDBC layout: a table, a view (left out), a
+    /// namespace without tables, another catalog's table (left out).
+    #[tokio::test]
+    async fn the_layout_has_every_namespace_and_each_tables_metadata_file() {
+        let rows = CatalogRows::connect("sqlite::memory:", "weather", 1).expect("lazy");
+        for statement in [
+            "CREATE TABLE iceberg_tables (catalog_name VARCHAR(255), table_namespace VARCHAR(255), \
+             table_name VARCHAR(255), metadata_location VARCHAR(1000), previous_metadata_location VARCHAR(1000), \
+             iceberg_type VARCHAR(5))",
+            "CREATE TABLE iceberg_namespace_properties (catalog_name VARCHAR(255), namespace VARCHAR(255), \
+             property_key VARCHAR(255), property_value VARCHAR(1000))",
+            "INSERT INTO iceberg_tables VALUES ('weather', 'default', 'weather', 'm1.json', NULL, 'TABLE'), \
+             ('weather', 'default', 'old', 'm0.json', NULL, NULL), ('weather', 'default', 'v', 'v.json', NULL, 'VIEW'), \
+             ('other', 'default', 'theirs', 'x.json', NULL, 'TABLE')",
+            "INSERT INTO iceberg_namespace_properties VALUES ('weather', 'default', 'exists', 'true'), \
+             ('weather', 'empty', 'exists', 'true'), ('weather', 'empty', 'location', 's3://w/empty')",
+        ] {
+            sqlx::query(statement).execute(&rows.pool).await.expect(statement);
+        }
+        let layout = rows.layout().await.expect("layout");
+        assert_eq!(layout.namespaces, ["default", "empty"]);
+        let table = |name: &str, location: &str| TableRow {
+            namespace: "default".into(),
+            name: name.into(),
+            metadata_location: location.into(),
+        };
+        assert_eq!(layout.tables, [table("old", "m0.json"), table("weather", "m1.json")]);
+    }
+
     #[tokio::test]
     async fn placeholders_are_numbered_for_postgresql_only() {
         let sql = "UPDATE t SET a = ? WHERE b = ? AND c = ?";
