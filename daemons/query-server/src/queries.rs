@@ -93,6 +93,14 @@ pub struct Queries {
     history: Arc<History>,
 }
 
+/// A statement as [`Queries::start`] left it: its first response, its record, and the running
+/// query, or none when it was refused (the queue was full).
+struct Started {
+    page: Page,
+    entry: Entry,
+    query: Option<Arc<Query>>,
+}
+
 /// What [`Queries::collect`] gathered of a query.
 pub struct Collected {
     pub id: String,
@@ -131,15 +139,14 @@ impl Queries {
     /// they are ready within [`FIRST_PAGE_WAIT`] (a short statement then takes one round trip),
     /// else a `nextUri` (on `base_url`) that leads to them.
     pub async fn submit(&self, sql: String, session: Session, source: Option<String>, base_url: String) -> Page {
-        let (queued, _) = self.start(sql, session, source, base_url);
-        // Not running when it was refused (the queue was full): `queued` says so.
-        let Some(query) = self.lock().get(&queued.results.id).cloned() else {
-            return queued;
-        };
-        self.page(&query, 1, FIRST_PAGE_WAIT).await.unwrap_or(queued)
+        let Started { page, query, .. } = self.start(sql, session, source, base_url);
+        match query {
+            Some(query) => self.page(&query, 1, FIRST_PAGE_WAIT).await.unwrap_or(page),
+            None => page,
+        }
     }
 
-    fn start(&self, sql: String, session: Session, source: Option<String>, base_url: String) -> (Page, Entry) {
+    fn start(&self, sql: String, session: Session, source: Option<String>, base_url: String) -> Started {
         let id = query_id();
         let entry = self.history.begin(&id, &sql, &session.user, source);
         entry.update(|r| {
@@ -153,7 +160,11 @@ impl Queries {
                 format!("Too many queries: {} are running", self.limits.max_queries),
             );
             entry.end(State::Failed, Some(&failure));
-            return (failed_page(&id, &base_url, &failure), entry);
+            return Started {
+                page: failed_page(&id, &base_url, &failure),
+                entry,
+                query: None,
+            };
         }
         let cancel = CancellationToken::new();
         let (sender, receiver) = mpsc::channel(2);
@@ -215,7 +226,11 @@ impl Queries {
             results: Arc::new(results),
             session: SessionUpdate::default(),
         };
-        (page, query.entry.clone())
+        Started {
+            page,
+            entry: query.entry.clone(),
+            query: Some(query),
+        }
     }
 
     fn find(&self, id: &str, slug: &str) -> Option<Arc<Query>> {
@@ -414,8 +429,9 @@ impl Queries {
     /// Runs `sql` as a client of its own would (same limits, same history) and gathers its
     /// first `max_rows` rows: the SQL console's way to run a statement.
     pub async fn collect(&self, sql: String, session: Session, max_rows: usize) -> Collected {
-        let (first, entry) = self.start(sql, session, Some("query-server console".to_owned()), String::new());
-        let id = first.results.id.clone();
+        let Started { page, entry, query } =
+            self.start(sql, session, Some("query-server console".to_owned()), String::new());
+        let id = page.results.id.clone();
         let mut collected = Collected {
             id: id.clone(),
             columns: Vec::new(),
@@ -423,8 +439,7 @@ impl Queries {
             total_rows: 0,
             failure: None,
         };
-        // Not running when it was refused (the queue was full): its failure is in `entry`.
-        let query = self.lock().get(&id).cloned();
+        // No query when it was refused (the queue was full): its failure is in `entry`.
         let mut token = 1;
         while let Some(page) = match &query {
             Some(query) => self.page(query, token, self.limits.max_wait).await,
