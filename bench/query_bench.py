@@ -56,10 +56,9 @@ def duckdb_of(catalog):
     return con, location[len("file://"):]
 
 
-def against_duckdb(sql, catalog, hour, runs):
+def against_duckdb(sql, con, location, hour, runs):
     """Median seconds of each comparison statement on the query-server and in DuckDB, and the
     row count each gives (which must agree)."""
-    con, location = duckdb_of(catalog)
     scan = f"iceberg_scan('{location}')"
     table = "iceberg.default.weather"
     statements = {
@@ -194,6 +193,7 @@ def main() -> None:
         sys.exit(f"the averages differ: {averages} against {theirs}")
     if in_range != their_rows or counted != their_rows:
         sys.exit(f"the range differs: {in_range} rows against {their_rows}")
+    con, location = duckdb_of(catalog)
     print(json.dumps({
         "rows": total,
         "cities": len(averages),
@@ -204,8 +204,8 @@ def main() -> None:
         "pyiceberg_range_s": their_range,
         "server_range_count_s": server_count,
         "pyiceberg_range_pylist_s": their_objects,
-        "duckdb": against_duckdb(sql, catalog, hour, runs),
-        "delivery": delivery(server, *duckdb_of(catalog), hour, runs),
+        "duckdb": against_duckdb(sql, con, location, hour, runs),
+        "delivery": delivery(server, con, location, hour, runs),
         "duckdb_version": __import__("duckdb").__version__,
     }))
 
