@@ -84,15 +84,20 @@ impl Postgres {
 
     /// Stops the server, dropping every connection (`-m fast`).
     pub fn stop(&self) -> anyhow::Result<()> {
-        let status = self
-            .command(&self.bin.join("pg_ctl"))
-            .args(["-D"])
-            .arg(&self.data)
-            .args(["-m", "fast", "-w", "stop"])
-            .stdout(Stdio::null())
-            .status()?;
+        let status = self.pg_ctl_stop("fast").status()?;
         anyhow::ensure!(status.success(), "pg_ctl stop failed: {status}");
         Ok(())
+    }
+
+    /// `pg_ctl stop` in shutdown `mode`, waiting for it.
+    fn pg_ctl_stop(&self, mode: &str) -> Command {
+        let mut command = self.command(&self.bin.join("pg_ctl"));
+        command
+            .args(["-D"])
+            .arg(&self.data)
+            .args(["-m", mode, "-w", "stop"])
+            .stdout(Stdio::null());
+        command
     }
 
     /// Freezes the postmaster and every backend (SIGSTOP), the way a stalled machine looks to
@@ -139,14 +144,7 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let _ = self
-            .command(&self.bin.join("pg_ctl"))
-            .args(["-D"])
-            .arg(&self.data)
-            .args(["-m", "immediate", "-w", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = self.pg_ctl_stop("immediate").stderr(Stdio::null()).status();
     }
 }
 
@@ -161,17 +159,7 @@ fn postgres_bin_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("PG_BIN") {
         return Some(PathBuf::from(dir));
     }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
-        .filter(|(_, bin)| bin.join("postgres").is_file())
-        .collect();
-    versions.sort();
-    versions
-        .pop()
-        .map(|(_, bin)| bin)
+    weather_common::postgres_install::debian_bin()
         .or_else(|| find_tool("INITDB", "initdb").and_then(|p| p.parent().map(Path::to_path_buf)))
 }
 

@@ -11,6 +11,7 @@ pub mod http;
 pub mod kafka;
 #[cfg(feature = "iceberg")]
 pub mod lakehouse;
+pub mod postgres_install;
 pub mod reading;
 pub mod runtime;
 #[cfg(feature = "postgres")]

@@ -35,15 +35,7 @@ fn postgres_bin() -> Option<PathBuf> {
             return Some(dir);
         }
     }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
-        .filter(|(_, bin)| bin.join("postgres").is_file())
-        .collect();
-    versions.sort();
-    versions.pop().map(|(_, bin)| bin)
+    weather_common::postgres_install::debian_bin()
 }
 
 /// PostgreSQL refuses to run as root; as root it runs as the `postgres` user (set directly on
