@@ -67,18 +67,68 @@ nisshi_toolchain() {
   done
 }
 
-install_nisshi() {
-  local root="$cache/nisshi-$nisshi_version-libsql"
-  if [ ! -x "$root/bin/nisshi" ]; then
-    local toolchain
-    toolchain=$(nisshi_toolchain)
-    [ -n "$toolchain" ] ||
-      die "building the broker, nisshi $nisshi_version, needs Rust $nisshi_rust or later, and $(rustc --version) is older: \
+nisshi_root="$cache/nisshi-$nisshi_version-libsql"
+
+# Starts building the broker in the background when it is missing, so that the workspace build
+# can run beside it (each leaves a core idle at times: linking, build scripts); wait_nisshi
+# waits for it. Its target directory is kept until it succeeds, so an interrupted build resumes.
+start_nisshi() {
+  nisshi_pid=
+  [ ! -x "$nisshi_root/bin/nisshi" ] || return 0
+  local toolchain
+  toolchain=$(nisshi_toolchain)
+  [ -n "$toolchain" ] ||
+    die "building the broker, nisshi $nisshi_version, needs Rust $nisshi_rust or later, and $(rustc --version) is older: \
 run 'rustup toolchain install stable' (or any toolchain from $nisshi_rust on), then run again"
-    say "building the broker, nisshi $nisshi_version with SQLite storage, into $root with Rust $(rustc ${toolchain%+} --version 2>/dev/null | awk '{print $2}') (it needs $nisshi_rust or later; about 15 minutes on 2 cores, once)"
-    # `cargo +TOOLCHAIN`, or plain `cargo` when the default toolchain is new enough.
-    cargo ${toolchain%+} install --root "$root" "nisshi@$nisshi_version" --locked \
-      --no-default-features --features dynostore,libsql
+  mkdir -p "$cache"
+  nisshi_log="$cache/nisshi-$nisshi_version-build.log"
+  say "building the broker, nisshi $nisshi_version with SQLite storage, in the background into $nisshi_root with Rust $(rustc ${toolchain%+} --version 2>/dev/null | awk '{print $2}') (it needs $nisshi_rust or later; once; log: $nisshi_log)"
+  # `cargo +TOOLCHAIN`, or plain `cargo` when the default toolchain is new enough.
+  cargo ${toolchain%+} install --root "$nisshi_root" "nisshi@$nisshi_version" --locked \
+    --no-default-features --features dynostore,libsql \
+    --target-dir "$cache/nisshi-$nisshi_version-target" >"$nisshi_log" 2>&1 &
+  nisshi_pid=$!
+  # A failed or interrupted script stops the build with it.
+  trap '[ -z "${nisshi_pid:-}" ] || kill "$nisshi_pid" 2>/dev/null || true' EXIT
+}
+
+wait_nisshi() {
+  if [ -n "${nisshi_pid:-}" ]; then
+    wait "$nisshi_pid" || {
+      tail -n 30 "$nisshi_log" >&2
+      die "building the broker failed (above, the end of $nisshi_log)"
+    }
+    nisshi_pid=
+    rm -rf "$cache/nisshi-$nisshi_version-target"
   fi
-  export PATH="$root/bin:$PATH"
+  export PATH="$nisshi_root/bin:$PATH"
+}
+
+install_nisshi() {
+  start_nisshi
+  [ -z "$nisshi_pid" ] || say "waiting for the broker's build (about 15 minutes on 2 cores, once)"
+  wait_nisshi
+}
+
+# The daemons `pipeline` runs; scripts/run builds these and nothing else (not the test kit, not
+# the benchmark).
+daemons=(pipeline logging-server weather-client window-aggregator iceberg-sink dashboard query-server)
+
+# A line per stage of a run, with the time it took and the time since the start.
+run_started=$SECONDS
+stage_name=
+stage_started=$SECONDS
+minutes() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+stage_end() {
+  [ -z "$stage_name" ] ||
+    printf '    %s took %s (%s since the start)\n' "$stage_name" "$(minutes $((SECONDS - stage_started)))" \
+      "$(minutes $((SECONDS - run_started)))" >&2
+  stage_name=
+}
+# stage NAME [EXPECTED]: ends the stage before and starts NAME.
+stage() {
+  stage_end
+  stage_name=$1
+  stage_started=$SECONDS
+  say "$1${2:+ (expected: $2)}"
 }
