@@ -16,5 +16,7 @@ pub mod reading;
 pub mod runtime;
 #[cfg(feature = "postgres")]
 pub mod schema;
+#[cfg(all(feature = "iceberg", feature = "kafka"))]
+pub mod snapshot_summary;
 
 pub use reading::{ReadingError, WeatherReading};

@@ -20,7 +20,6 @@ pub mod maintenance;
 pub mod manifests;
 pub mod orphans;
 pub mod resume;
-pub mod summary;
 pub mod table;
 
 use std::{

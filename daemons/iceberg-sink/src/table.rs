@@ -1,6 +1,6 @@
 //! The `weather` table: created or opened through the catalog, its checkpoints found by walking
 //! its snapshots, and appends committed with the Kafka offsets they account for (files are
-//! written by [`crate::files`], the summary by [`crate::summary`]).
+//! written by [`crate::files`], the summary by [`weather_common::snapshot_summary`]).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -13,12 +13,12 @@ use iceberg::{
     spec::{DataFile, NestedField, PrimitiveType, Schema, Transform, Type, UnboundPartitionSpec},
     table::Table,
     transaction::{ApplyTransactionAction, Transaction},
-    util::snapshot::ancestors_of,
 };
 use weather_common::{
     WeatherReading,
     consumer::{Checkpoints, Claim, Epochs, Fenced},
     lakehouse::{CatalogConfig, CatalogRows},
+    snapshot_summary::{self, Lineage},
 };
 
 use crate::{
@@ -26,7 +26,6 @@ use crate::{
     files,
     maintenance::{Maintenance, Policy, Report},
     manifests::{entry_hour, manifests_of},
-    summary,
 };
 
 /// Size of the table's metadata.
@@ -176,28 +175,19 @@ impl WeatherTable {
         let Some(current) = metadata.current_snapshot_id() else {
             return Ok(Recorded::default());
         };
-        let mut oldest = None;
-        for (depth, snapshot) in ancestors_of(&metadata, current).enumerate() {
-            if let Some((checkpoints, epochs)) = summary::decode(&snapshot.summary().additional_properties, topic)? {
-                return Ok(Recorded {
-                    checkpoints,
-                    epochs,
-                    depth: depth + 1,
-                });
-            }
-            oldest = Some(snapshot);
-        }
-        // The walk ended at a snapshot without a parent in the metadata: the table's first
-        // (no parent, sequence number 1 in format v2, 0 in v1), or one whose parent was expired,
-        // its id kept or dropped with it (PyIceberg drops it).
-        match oldest {
-            Some(oldest) if oldest.parent_snapshot_id().is_some() || oldest.sequence_number() > 1 => {
-                Err(BrokenLineage {
-                    snapshot: oldest.snapshot_id(),
-                }
-                .into())
-            }
-            _ => Ok(Recorded::default()),
+        match snapshot_summary::lineage(&metadata, current, topic)? {
+            Lineage::Recorded {
+                depth,
+                checkpoints,
+                epochs,
+                ..
+            } => Ok(Recorded {
+                checkpoints,
+                epochs,
+                depth,
+            }),
+            Lineage::Unrecorded => Ok(Recorded::default()),
+            Lineage::Broken { oldest } => Err(BrokenLineage { snapshot: oldest }.into()),
         }
     }
 
@@ -209,7 +199,7 @@ impl WeatherTable {
             .metadata()
             .snapshot_by_id(id)
             .with_context(|| format!("snapshot {id} is not in the table's metadata"))?;
-        let (checkpoints, _) = summary::decode(&snapshot.summary().additional_properties, topic)?
+        let (checkpoints, _) = snapshot_summary::decode(&snapshot.summary().additional_properties, topic)?
             .with_context(|| format!("snapshot {id} records no checkpoints of topic {topic}"))?;
         Ok(checkpoints)
     }
@@ -394,7 +384,7 @@ impl WeatherTable {
             for &partition in change.claim {
                 *epochs.entry(partition).or_default() += 1;
             }
-            let summary = summary::encode(topic, &checkpoints, &epochs)?;
+            let summary = snapshot_summary::encode(topic, &checkpoints, &epochs)?;
             let transaction = Transaction::new(&self.table);
             let action = transaction
                 .fast_append()

@@ -125,8 +125,9 @@ fn checkpoints_of(metadata: &TableMetadataRef) -> HashMap<String, String> {
     metadata
         .current_snapshot_id()
         .and_then(|current| {
-            ancestors_of(metadata, current)
-                .find_map(|snapshot| crate::summary::checkpoint_properties(&snapshot.summary().additional_properties))
+            ancestors_of(metadata, current).find_map(|snapshot| {
+                weather_common::snapshot_summary::checkpoint_properties(&snapshot.summary().additional_properties)
+            })
         })
         .unwrap_or_default()
 }

@@ -14,7 +14,6 @@ pub use chrono::{DateTime, TimeDelta, Utc};
 pub use futures::TryStreamExt;
 pub use iceberg_sink::{
     maintenance::Policy,
-    summary::offsets_key,
     table::{BrokenLineage, WeatherTable},
 };
 pub use rdkafka::Message;
@@ -24,6 +23,7 @@ pub use weather_common::{
     kafka::KafkaArgs,
     lakehouse::CatalogConfig,
     reading::DEMO_CITIES,
+    snapshot_summary::offsets_key,
 };
 pub use weather_testkit::{
     ChildGuard, MockKafka, Nisshi, Postgres, S3Server, consume, free_port, http_get, metric, produce, produce_readings,

@@ -1,10 +1,13 @@
-//! The snapshot-summary codec: where an Iceberg snapshot's summary records the Kafka
-//! checkpoints and owner epochs of the data it holds. Each is a JSON object of partition → value
-//! under a key named after the topic, as the Iceberg Kafka Connect sink keeps its offsets.
+//! Where an Iceberg snapshot's summary records the Kafka checkpoints and owner epochs of the
+//! data it holds, written by the iceberg-sink and read by it and by the window-aggregator's
+//! rebuild. Each is a JSON object of partition → value under a key named after the topic, as the
+//! Iceberg Kafka Connect sink keeps its offsets.
 
 use std::collections::{BTreeMap, HashMap};
 
-use weather_common::consumer::{Checkpoint, Checkpoints, Epochs};
+use iceberg::{spec::TableMetadataRef, util::snapshot::ancestors_of};
+
+use crate::consumer::{Checkpoint, Checkpoints, Epochs};
 
 /// Where the Kafka position is kept: snapshot summary key `kafka.offsets.<topic>`, value a JSON
 /// object of partition → next offset to read, as the Iceberg Kafka Connect sink does.
@@ -93,6 +96,50 @@ pub fn decode(summary: &HashMap<String, String>, topic: &str) -> anyhow::Result<
         .map(|(p, epoch)| Ok((p.parse()?, epoch)))
         .collect::<anyhow::Result<Epochs>>()?;
     Ok(Some((checkpoints, epochs)))
+}
+
+/// What the line of snapshots from one snapshot back says of a topic's partitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lineage {
+    /// `snapshot`, `depth` snapshots back (the first one is 1), is the newest on the line that
+    /// records them.
+    Recorded {
+        snapshot: i64,
+        depth: usize,
+        checkpoints: Checkpoints,
+        epochs: Epochs,
+    },
+    /// None on the line does, back to the table's first snapshot: no Kafka record is in it.
+    Unrecorded,
+    /// None does back to `oldest`, whose parent is no longer in the metadata (expired, by the
+    /// sink or another engine): where the partitions stand is unknown.
+    Broken { oldest: i64 },
+}
+
+/// Walks back from snapshot `from` of `metadata` to the newest snapshot recording `topic`'s
+/// checkpoints.
+pub fn lineage(metadata: &TableMetadataRef, from: i64, topic: &str) -> anyhow::Result<Lineage> {
+    let mut oldest = None;
+    for (depth, snapshot) in ancestors_of(metadata, from).enumerate() {
+        if let Some((checkpoints, epochs)) = decode(&snapshot.summary().additional_properties, topic)? {
+            return Ok(Lineage::Recorded {
+                snapshot: snapshot.snapshot_id(),
+                depth: depth + 1,
+                checkpoints,
+                epochs,
+            });
+        }
+        oldest = Some(snapshot);
+    }
+    // The walk ended at a snapshot without a parent in the metadata: the table's first (no
+    // parent, sequence number 1 in format v2, 0 in v1), or one whose parent was expired, its id
+    // kept or dropped with it (PyIceberg drops it).
+    Ok(match oldest {
+        Some(oldest) if oldest.parent_snapshot_id().is_some() || oldest.sequence_number() > 1 => Lineage::Broken {
+            oldest: oldest.snapshot_id(),
+        },
+        _ => Lineage::Unrecorded,
+    })
 }
 
 /// The `kafka.*` properties of `summary` when it records the checkpoints of any topic: what a
