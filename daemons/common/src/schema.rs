@@ -20,6 +20,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "006_dead_letter_marks",
         include_str!("../../../sql/006_dead_letter_marks.sql"),
     ),
+    ("007_rebuilds", include_str!("../../../sql/007_rebuilds.sql")),
 ];
 
 /// Arbitrary constant naming the migration lock, so concurrent daemons migrate one at a time.
@@ -48,6 +49,22 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), tokio_po
                 .await?;
             tracing::info!(version, "applied migration");
         }
+    }
+    tx.commit().await
+}
+
+/// Applies every migration again, recorded or not, each being idempotent: what a table dropped
+/// since it was recorded needs to exist again (a rebuild of the windows after the loss of the
+/// window table).
+pub async fn reapply(client: &mut tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    migrate(client).await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    // "already exists, skipping" for each part that is there: expected, not worth a line.
+    tx.batch_execute("SET LOCAL client_min_messages = warning").await?;
+    for (_, sql) in MIGRATIONS {
+        tx.batch_execute(sql).await?;
     }
     tx.commit().await
 }

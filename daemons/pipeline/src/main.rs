@@ -51,6 +51,13 @@ enum Command {
     Run,
     /// Show each component's state, Kafka lag, last Iceberg snapshot and last window.
     Status,
+    /// Rebuild the PostgreSQL windows from the Iceberg table, while the pipeline runs or not:
+    /// `window-aggregator rebuild` on this state directory's databases and warehouse. Its flags
+    /// (`--snapshot`, `--all`, ...) follow.
+    RebuildWindows {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -141,7 +148,7 @@ impl RunArgs {
     }
 }
 
-/// What `pipeline status` reads back.
+/// What `pipeline status` and `pipeline rebuild-windows` read back.
 #[derive(Serialize, Deserialize, Debug)]
 struct State {
     components: Vec<(String, String)>,
@@ -153,6 +160,11 @@ struct State {
     /// Trino's URL, when the pipeline started it.
     #[serde(default)]
     trino: Option<String>,
+    /// Where the table is (absent in state written before rebuilds).
+    #[serde(default)]
+    catalog_url: Option<String>,
+    #[serde(default)]
+    warehouse: Option<String>,
 }
 
 #[tokio::main]
@@ -161,6 +173,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Status) => status(&cli.state_dir).await,
+        Some(Command::RebuildWindows { args }) => rebuild_windows(&cli.state_dir, &args).await,
         Some(Command::Run) | None => run(cli.state_dir, cli.run).await,
     }
 }
@@ -379,7 +392,15 @@ impl State {
             s3_endpoint: backbone.s3_endpoint.clone(),
             s3_credentials_file: backbone.s3.as_ref().map(|s3| s3.credentials_file.clone()),
             trino: None,
+            catalog_url: Some(backbone.catalog_url.clone()),
+            warehouse: Some(backbone.warehouse.clone()),
         }
+    }
+
+    fn read(state_dir: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read(state_dir.join("state.json"))
+            .with_context(|| format!("no pipeline state in {}: has it run here?", state_dir.display()))?;
+        Ok(serde_json::from_slice(&text)?)
     }
 
     fn write(&self, state_dir: &std::path::Path) -> anyhow::Result<()> {
@@ -476,10 +497,36 @@ fn query_hint(url: Option<String>) -> String {
     )
 }
 
+/// `window-aggregator rebuild` on the databases and warehouse of the pipeline that ran (or
+/// runs) in `state_dir`; the passwords and keys go by environment, as to the daemons.
+async fn rebuild_windows(state_dir: &std::path::Path, args: &[String]) -> anyhow::Result<()> {
+    let state = State::read(state_dir)?;
+    let (Some(catalog_url), Some(warehouse)) = (&state.catalog_url, &state.warehouse) else {
+        anyhow::bail!(
+            "{} was written by an earlier version, which did not record where the table is: run `pipeline` once with this version",
+            state_dir.join("state.json").display()
+        );
+    };
+    let mut command = tokio::process::Command::new(daemon("window-aggregator")?);
+    command
+        .arg("rebuild")
+        .args(args)
+        .env("DATABASE_URL", &state.database_url)
+        .env("CATALOG_URL", catalog_url)
+        .env("WAREHOUSE", warehouse);
+    if let Some(endpoint) = &state.s3_endpoint {
+        command.env("S3_ENDPOINT", endpoint);
+    }
+    if let Some(file) = &state.s3_credentials_file {
+        command.env("S3_CREDENTIALS_FILE", file);
+    }
+    let status = command.status().await.context("starting window-aggregator rebuild")?;
+    anyhow::ensure!(status.success(), "window-aggregator rebuild failed ({status})");
+    Ok(())
+}
+
 async fn status(state_dir: &std::path::Path) -> anyhow::Result<()> {
-    let text = std::fs::read(state_dir.join("state.json"))
-        .with_context(|| format!("no pipeline state in {}: is it running?", state_dir.display()))?;
-    let state: State = serde_json::from_slice(&text)?;
+    let state = State::read(state_dir)?;
     for (name, url) in &state.components {
         let addr = url.trim_start_matches("http://");
         let health = get(addr, "/health")

@@ -10,6 +10,7 @@
 //! windows live in one partition. Each instance holds the windows of the partitions it owns and
 //! commits only those, fenced by their owner epochs ([`store::Store::claim`]).
 
+pub mod rebuild;
 pub mod store;
 pub mod window;
 
@@ -44,6 +45,7 @@ use crate::{
 #[command(
     version,
     about,
+    after_help = "`window-aggregator rebuild --help`: rebuild the windows from the Iceberg table.",
     mut_arg("group_id", |a| a.default_value("window-aggregator")),
     mut_arg("commit_interval", |a| a.default_value("500ms")),
     // `--max-batch` was this daemon's name for `--max-records` before the consumers shared
@@ -58,6 +60,25 @@ pub struct Args {
     #[command(flatten)]
     pub consumer: ConsumerArgs,
 
+    #[command(flatten)]
+    pub windows: WindowArgs,
+
+    /// Watermark lag behind the highest event time seen in a partition.
+    #[arg(long, env = "ALLOWED_LATENESS", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub allowed_lateness: Duration,
+
+    /// How long after its end an emitted window still accepts late readings.
+    #[arg(long, env = "MAX_LATENESS", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub max_lateness: Duration,
+
+    /// A partition quiet for this long emits its windows by the wall clock.
+    #[arg(long, env = "IDLE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+}
+
+/// What the windows are and where they are kept: the same for the aggregator and a rebuild.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WindowArgs {
     /// PostgreSQL connection URL.
     #[arg(
         long,
@@ -73,25 +94,13 @@ pub struct Args {
     /// Length of the tumbling windows.
     #[arg(long, env = "WINDOW", default_value = "5s", value_parser = humantime::parse_duration)]
     pub window: Duration,
-
-    /// Watermark lag behind the highest event time seen in a partition.
-    #[arg(long, env = "ALLOWED_LATENESS", default_value = "2s", value_parser = humantime::parse_duration)]
-    pub allowed_lateness: Duration,
-
-    /// How long after its end an emitted window still accepts late readings.
-    #[arg(long, env = "MAX_LATENESS", default_value = "1m", value_parser = humantime::parse_duration)]
-    pub max_lateness: Duration,
-
-    /// A partition quiet for this long emits its windows by the wall clock.
-    #[arg(long, env = "IDLE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
-    pub idle_timeout: Duration,
 }
 
 impl Args {
     fn window_config(&self) -> anyhow::Result<WindowConfig> {
         let delta = |d: Duration, name: &str| TimeDelta::from_std(d).with_context(|| format!("--{name} too large"));
         let config = WindowConfig {
-            size: delta(self.window, "window")?,
+            size: delta(self.windows.window, "window")?,
             allowed_lateness: delta(self.allowed_lateness, "allowed-lateness")?,
             max_lateness: delta(self.max_lateness, "max-lateness")?,
         };
@@ -121,10 +130,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let (listen, admin) = http::spawn_admin(args.listen, Arc::new(registry), shutdown.clone())
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(%listen, topic = %args.consumer.topic, window = ?args.window, "window-aggregator starting");
+    tracing::info!(%listen, topic = %args.consumer.topic, window = ?args.windows.window, "window-aggregator starting");
     let retention = tokio::spawn(store::enforce_retention(
-        args.database_url.clone(),
-        args.retention,
+        args.windows.database_url.clone(),
+        args.windows.retention,
         metrics.retention_deleted.clone(),
         shutdown.clone(),
     ));
@@ -149,7 +158,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
 async fn connect(args: &Args, shutdown: &CancellationToken) -> Option<Store> {
     let mut backoff = Backoff::default();
     loop {
-        match Store::connect(&args.database_url, &args.consumer.topic).await {
+        match Store::connect(&args.windows.database_url, &args.consumer.topic).await {
             Ok(store) => return Some(store),
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "PostgreSQL unavailable"),
         }

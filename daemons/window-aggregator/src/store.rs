@@ -3,11 +3,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Transaction};
 
-use weather_common::consumer::{Checkpoint, Claim, Fenced};
+use weather_common::consumer::{Checkpoint, Checkpoints, Claim, Fenced};
 
-use crate::window::{Agg, Batch, PartitionState};
+use crate::window::{Agg, Batch, PartitionState, WindowRow};
 
 /// What is stored of one partition's position: where the consumer is, and the event-time
 /// high mark the windows were judged by; stored only while the partition's owner epoch is
@@ -26,6 +26,18 @@ pub struct Claimed {
     pub state: BTreeMap<i32, PartitionState>,
     /// Their checkpoints and the owner epochs they now have: this instance's.
     pub claim: Claim,
+}
+
+/// A rebuild ([`crate::rebuild`]) took these partitions over since this instance claimed them:
+/// their windows and checkpoints are the rebuild's now. Unlike an owner change ([`Fenced`]),
+/// which leaves them to the new owner, they are claimed again at once, from the rebuild's
+/// checkpoints.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the windows were rebuilt from the Iceberg table meanwhile; partitions {partitions:?} are read again from its checkpoints"
+)]
+pub struct Rebuilt {
+    pub partitions: Vec<i32>,
 }
 
 /// Channel the dashboard listens on; notified in the transaction that changed rows.
@@ -145,7 +157,22 @@ impl Store {
                 .collect();
             let fenced: Vec<i32> = ids.into_iter().filter(|p| !stored.contains(p)).collect();
             if !fenced.is_empty() {
-                return Err(Fenced { partitions: fenced }.into());
+                // Which of them a rebuild took over last (and no instance since).
+                let rebuilt: BTreeSet<i32> = tx
+                    .query(
+                        "SELECT partition FROM aggregator_offsets
+                         WHERE topic = $1 AND partition = ANY($2) AND owner_epoch = rebuilt_epoch",
+                        &[&self.topic, &fenced],
+                    )
+                    .await?
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect();
+                let (rebuilt, moved): (Vec<i32>, Vec<i32>) = fenced.into_iter().partition(|p| rebuilt.contains(p));
+                if !moved.is_empty() {
+                    return Err(Fenced { partitions: moved }.into());
+                }
+                return Err(Rebuilt { partitions: rebuilt }.into());
             }
         }
         if !batch.deltas.is_empty() {
@@ -210,6 +237,112 @@ impl Store {
                 .await?;
         }
         tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// A rebuild's one transaction: every partition of the topic taken over, every window deleted,
+/// the rebuilt windows inserted as they come, then each partition's state set to the table's
+/// checkpoints ([`Replace::finish`]). Until it commits, nothing changes for readers, and a
+/// running aggregator's commits wait on its partitions' rows; dropped (a crash), it changes
+/// nothing.
+pub struct Replace<'a> {
+    tx: Transaction<'a>,
+    topic: &'a str,
+    pub windows: u64,
+}
+
+impl Store {
+    /// Re-creates whatever of the schema is missing (a dropped table) and begins the rebuild's
+    /// transaction: the partitions of `topic` known here or in `checkpoints` are taken over (the
+    /// owner epoch raised, as a claim does, and recorded as a rebuild's) and every window row is
+    /// deleted.
+    pub async fn replace(&mut self, checkpoints: &Checkpoints) -> anyhow::Result<Replace<'_>> {
+        weather_common::schema::reapply(&mut self.client).await?;
+        let tx = self.client.transaction().await?;
+        let partitions: Vec<i32> = checkpoints.keys().copied().collect();
+        tx.execute(
+            "INSERT INTO aggregator_offsets (topic, partition, next_offset)
+             SELECT $1, p, 0 FROM UNNEST($2::int4[]) AS p
+             ON CONFLICT (topic, partition) DO NOTHING",
+            &[&self.topic, &partitions],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE aggregator_offsets SET owner_epoch = owner_epoch + 1, rebuilt_epoch = owner_epoch + 1
+             WHERE topic = $1",
+            &[&self.topic],
+        )
+        .await?;
+        tx.execute("DELETE FROM weather", &[]).await?;
+        Ok(Replace {
+            tx,
+            topic: &self.topic,
+            windows: 0,
+        })
+    }
+}
+
+impl Replace<'_> {
+    /// Inserts finished windows (each `(city, start)` once in a rebuild).
+    pub async fn insert(&mut self, windows: &[WindowRow]) -> anyhow::Result<()> {
+        if windows.is_empty() {
+            return Ok(());
+        }
+        let city: Vec<&str> = windows.iter().map(|r| r.city.as_str()).collect();
+        let start: Vec<NaiveDateTime> = windows.iter().map(|r| r.start.naive_utc()).collect();
+        let end: Vec<NaiveDateTime> = windows.iter().map(|r| r.end.naive_utc()).collect();
+        let count: Vec<i64> = windows.iter().map(|r| r.agg.count).collect();
+        let sum: Vec<f64> = windows.iter().map(|r| r.agg.sum).collect();
+        self.tx
+            .execute(
+                "INSERT INTO weather
+                     (city, window_start, window_end, record_count, temperature_sum, avg_temperature, last_updated)
+                 SELECT city, ws, we, n, s, s / n, now() AT TIME ZONE 'UTC'
+                 FROM UNNEST($1::varchar[], $2::timestamp[], $3::timestamp[], $4::int8[], $5::float8[])
+                     AS d(city, ws, we, n, s)",
+                &[&city, &start, &end, &count, &sum],
+            )
+            .await?;
+        self.windows += windows.len() as u64;
+        Ok(())
+    }
+
+    /// Sets every partition of the topic to where the table stands: its checkpoint in
+    /// `checkpoints`, or the start of the log for a partition the table holds nothing of; no
+    /// window open, no event-time high mark (the next readings set it); the dead-letter mark
+    /// unknown, so a claim reads the dead letters back from the start rather than miss this
+    /// aggregator's own. Then commits, telling the dashboard.
+    pub async fn finish(self, checkpoints: &Checkpoints) -> anyhow::Result<()> {
+        let partitions: Vec<i32> = checkpoints.keys().copied().collect();
+        let offsets: Vec<i64> = checkpoints.values().map(|c| c.next_offset).collect();
+        let records: Vec<Option<&str>> = checkpoints.values().map(|c| c.last_record.as_deref()).collect();
+        self.tx
+            .execute(
+                "UPDATE aggregator_offsets SET
+                     next_offset = 0, last_record = NULL, max_event_time = NULL, dead_letters_from = NULL
+                 WHERE topic = $1",
+                &[&self.topic],
+            )
+            .await?;
+        self.tx
+            .execute(
+                "UPDATE aggregator_offsets AS o SET next_offset = c.next_offset, last_record = c.last_record
+                 FROM UNNEST($2::int4[], $3::int8[], $4::text[]) AS c(partition, next_offset, last_record)
+                 WHERE o.topic = $1 AND o.partition = c.partition",
+                &[&self.topic, &partitions, &offsets, &records],
+            )
+            .await?;
+        self.tx
+            .execute("DELETE FROM aggregator_open_windows WHERE topic = $1", &[&self.topic])
+            .await?;
+        self.tx
+            .execute(
+                "SELECT pg_notify($1, $2)",
+                &[&NOTIFY_CHANNEL, &self.windows.to_string()],
+            )
+            .await?;
+        self.tx.commit().await?;
         Ok(())
     }
 }

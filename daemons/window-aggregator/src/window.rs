@@ -24,6 +24,15 @@ pub struct WindowConfig {
     pub max_lateness: TimeDelta,
 }
 
+/// The window of length `size` that `ts` falls in, `[start, end)`, aligned to the Unix epoch:
+/// the live windows and a rebuild's agree on it.
+pub fn window_of(size: TimeDelta, ts: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    let millis = size.num_milliseconds().max(1);
+    let start_ms = ts.timestamp_millis().div_euclid(millis) * millis;
+    let start = DateTime::from_timestamp_millis(start_ms).unwrap_or(ts);
+    (start, start + size)
+}
+
 /// Sum and count of temperatures; the average is `sum / count`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Agg {
@@ -32,7 +41,7 @@ pub struct Agg {
 }
 
 impl Agg {
-    fn add(&mut self, other: Agg) {
+    pub fn add(&mut self, other: Agg) {
         self.sum += other.sum;
         self.count += other.count;
     }
@@ -125,10 +134,7 @@ impl Aggregator {
 
     /// The window `ts` falls in, aligned to the Unix epoch.
     pub fn window_of(&self, ts: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
-        let size = self.config.size.num_milliseconds().max(1);
-        let start_ms = ts.timestamp_millis().div_euclid(size) * size;
-        let start = DateTime::from_timestamp_millis(start_ms).unwrap_or(ts);
-        (start, start + self.config.size)
+        window_of(self.config.size, ts)
     }
 
     /// Applies a reading of `partition`.
