@@ -2,9 +2,11 @@
 catalog tables Trino's JDBC catalog uses) and prints what it finds as JSON.
 
 usage: pyiceberg_check.py CATALOG_URL CATALOG_NAME S3_ENDPOINT NAMESPACE.TABLE [--readings]
-                          [--credentials FILE] [--duckdb]
+                          [--credentials FILE] [--duckdb] [--windows SECONDS]
 
 With --readings the output also lists every row as [city, temperature], for exactly-once checks.
+With --windows the output also lists the tumbling windows of that many seconds per city, aligned
+to the Unix epoch, as [city, start in epoch milliseconds, readings, temperature sum].
 With --duckdb, DuckDB's iceberg_scan reads the same metadata file as a third reader (directory
 warehouses only) and its counts are under "duckdb".
 S3 keys come from FILE (AWS_ACCESS_KEY_ID=... and AWS_SECRET_ACCESS_KEY=... lines, the
@@ -58,6 +60,20 @@ def duckdb_counts(metadata_location: str) -> dict:
     return {"rows": rows, "distinct_ts": distinct_ts, "per_city": per_city}
 
 
+def windows(data, size_ms: int) -> list:
+    """[city, start_ms, count, sum] per window, computed here from the rows alone."""
+    import math
+
+    import pyarrow as pa
+
+    micros = pc.cast(data["ts"], pa.int64()).to_pylist()
+    sums = {}
+    for city, temperature, us in zip(data["city"].to_pylist(), data["temperature"].to_pylist(), micros):
+        start = (us // 1000) // size_ms * size_ms
+        sums.setdefault((city, start), []).append(temperature)
+    return [[city, start, len(t), math.fsum(t)] for (city, start), t in sorted(sums.items())]
+
+
 def main() -> None:
     url, name, endpoint, table_name = sys.argv[1:5]
     options = sys.argv[5:]
@@ -93,6 +109,8 @@ def main() -> None:
     }
     if "--duckdb" in options:
         found["duckdb"] = duckdb_counts(table.metadata_location)
+    if "--windows" in options:
+        found["windows"] = windows(data, int(float(options[options.index("--windows") + 1]) * 1000))
     if with_readings:
         found["readings"] = [list(r) for r in zip(data["city"].to_pylist(), data["temperature"].to_pylist())]
     print(json.dumps(found))

@@ -149,6 +149,54 @@ impl Stack {
         self.running.insert(instance, guard);
     }
 
+    /// `window-aggregator rebuild` on the stack's databases and table, with `args`.
+    pub fn rebuild(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(workspace_binary("window-aggregator"));
+        command
+            .arg("rebuild")
+            .args(["--database-url", &self.database_url])
+            .args(["--catalog-url", &self.catalog_url, "--s3-endpoint", &self.s3.endpoint])
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("RUST_LOG", "info");
+        command
+    }
+
+    /// The window rows as `(city, start in epoch milliseconds) → (readings, temperature sum)`.
+    pub async fn windows(&self) -> BTreeMap<(String, i64), (i64, f64)> {
+        let client = connect(&self.database_url).await.expect("connect");
+        client
+            .query(
+                "SELECT city, (extract(epoch FROM window_start) * 1000)::int8, record_count, temperature_sum FROM weather",
+                &[],
+            )
+            .await
+            .expect("windows")
+            .iter()
+            .map(|row| ((row.get(0), row.get(1)), (row.get(2), row.get(3))))
+            .collect()
+    }
+
+    /// The windows of `seconds` that PyIceberg computes from the table's rows, in the shape of
+    /// [`Stack::windows`].
+    pub fn table_windows(&self, seconds: u64) -> BTreeMap<(String, i64), (i64, f64)> {
+        let found = crate::pyiceberg_check_with(&[
+            &self.catalog_url,
+            "weather",
+            &self.s3.endpoint,
+            "default.weather",
+            "--windows",
+            &seconds.to_string(),
+        ])
+        .expect("PyIceberg");
+        serde_json::from_value::<Vec<(String, i64, i64, f64)>>(found["windows"].clone())
+            .expect("windows")
+            .into_iter()
+            .map(|(city, start, count, sum)| ((city, start), (count, sum)))
+            .collect()
+    }
+
     /// SIGKILL of the first instance of `name`.
     pub fn kill9(&mut self, name: &'static str) {
         self.kill9_instance((name, 0));
