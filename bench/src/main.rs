@@ -16,6 +16,7 @@ use std::{
 
 mod end_to_end;
 mod query;
+mod rebuild;
 mod scale;
 mod soak;
 
@@ -64,7 +65,8 @@ struct Args {
     /// Readings the scale-out benchmark feeds to 1, 2 and 4 instances of each consumer.
     #[arg(long, default_value_t = 500_000)]
     scale_readings: usize,
-    /// Run only these parts (http, consumers, scale, end-to-end, soak, query); all by default.
+    /// Run only these parts (http, consumers, scale, end-to-end, soak, query: SQL and a rebuild of
+    /// the windows on the same tables); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the results table.

@@ -2,7 +2,8 @@
 //! iceberg-sink's table code in commits of 100,000 and maintained as the sink does (manifests
 //! merged, closed hours compacted), then the plan's per-city average and a one-hour range query, each through the
 //! `trino` Python client against the query-server and in PyIceberg + PyArrow, side by side
-//! (bench/query_bench.py, which also checks that both answer alike).
+//! (bench/query_bench.py, which also checks that both answer alike); then the windows rebuilt
+//! from the same table ([`crate::rebuild`]).
 
 use std::{collections::HashMap, process::Command, time::Duration};
 
@@ -106,9 +107,8 @@ async fn table_of(size: usize, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let found: serde_json::Value = serde_json::from_slice(&output.stdout)?;
     let peak = crate::peak_rss_mib(server.pid() as u32);
     drop(server);
-    std::fs::remove_dir_all(&warehouse)?;
-    let seconds = |key: &str| found[key].as_f64().unwrap_or(f64::NAN);
     let table_note = format!("{} rows, {files} data files", found["rows"]);
+    let seconds = |key: &str| found[key].as_f64().unwrap_or(f64::NAN);
     rows.push(Row {
         what: format!("SQL: per-city average ({table_note}), median of {RUNS}"),
         value: format!(
@@ -182,5 +182,7 @@ async fn table_of(size: usize, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             "peak RSS {peak:.0} MiB over the runs above (each query may hold up to `--query-memory-limit`, 1 GiB by default)"
         ),
     });
+    crate::rebuild::measure(&postgres, &catalog_url, &config.warehouse, size, &table_note, rows).await?;
+    std::fs::remove_dir_all(&warehouse)?;
     Ok(())
 }
