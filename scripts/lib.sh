@@ -104,12 +104,6 @@ wait_nisshi() {
   export PATH="$nisshi_root/bin:$PATH"
 }
 
-install_nisshi() {
-  start_nisshi
-  [ -z "$nisshi_pid" ] || say "waiting for the broker's build (about 15 minutes on 2 cores, once)"
-  wait_nisshi
-}
-
 # The daemons `pipeline` runs; scripts/run builds these and nothing else (not the test kit, not
 # the benchmark).
 daemons=(pipeline logging-server weather-client window-aggregator iceberg-sink dashboard query-server)
