@@ -71,13 +71,7 @@ impl Store {
     /// finds the epoch raised and stores nothing.
     pub async fn claim(&mut self, partitions: &[i32]) -> anyhow::Result<Claimed> {
         let tx = self.client.transaction().await?;
-        tx.execute(
-            "INSERT INTO aggregator_offsets (topic, partition, next_offset)
-             SELECT $1, p, 0 FROM UNNEST($2::int4[]) AS p
-             ON CONFLICT (topic, partition) DO NOTHING",
-            &[&self.topic, &partitions],
-        )
-        .await?;
+        add_partitions(&tx, &self.topic, partitions).await?;
         let mut claimed = Claimed::default();
         for row in tx
             .query(
@@ -261,13 +255,7 @@ impl Store {
         weather_common::schema::reapply(&mut self.client).await?;
         let tx = self.client.transaction().await?;
         let partitions: Vec<i32> = checkpoints.keys().copied().collect();
-        tx.execute(
-            "INSERT INTO aggregator_offsets (topic, partition, next_offset)
-             SELECT $1, p, 0 FROM UNNEST($2::int4[]) AS p
-             ON CONFLICT (topic, partition) DO NOTHING",
-            &[&self.topic, &partitions],
-        )
-        .await?;
+        add_partitions(&tx, &self.topic, &partitions).await?;
         tx.execute(
             "UPDATE aggregator_offsets SET owner_epoch = owner_epoch + 1, rebuilt_epoch = owner_epoch + 1
              WHERE topic = $1",
@@ -345,6 +333,17 @@ impl Replace<'_> {
         self.tx.commit().await?;
         Ok(())
     }
+}
+
+/// Rows for `partitions` of `topic` not stored yet: at offset 0, owner epoch 0.
+async fn add_partitions(tx: &Transaction<'_>, topic: &str, partitions: &[i32]) -> Result<u64, tokio_postgres::Error> {
+    tx.execute(
+        "INSERT INTO aggregator_offsets (topic, partition, next_offset)
+         SELECT $1, p, 0 FROM UNNEST($2::int4[]) AS p
+         ON CONFLICT (topic, partition) DO NOTHING",
+        &[&topic, &partitions],
+    )
+    .await
 }
 
 /// Rows one retention statement deletes: small enough that no statement holds locks long.
