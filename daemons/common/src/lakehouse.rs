@@ -158,6 +158,28 @@ impl CatalogConfig {
     }
 }
 
+/// Where `hour(field)` is in the partition of every file of the table: only when the table has
+/// one partition spec, as iceberg's planned files do not say which spec theirs is of.
+pub fn hour_partition(metadata: &iceberg::spec::TableMetadata, field_id: i32) -> Option<usize> {
+    let mut specs = metadata.partition_specs_iter();
+    let (Some(spec), None) = (specs.next(), specs.next()) else {
+        return None;
+    };
+    spec.fields()
+        .iter()
+        .position(|f| f.source_id == field_id && f.transform == iceberg::spec::Transform::Hour)
+}
+
+/// The hour (since the epoch) of a planned file's partition at `position` (from
+/// [`hour_partition`]), when it has one.
+pub fn file_hour(task: &iceberg::scan::FileScanTask, position: usize) -> Option<i32> {
+    use iceberg::spec::{Literal, PrimitiveLiteral};
+    match task.partition.as_ref()?.iter().nth(position).flatten() {
+        Some(Literal::Primitive(PrimitiveLiteral::Int(hour))) => Some(*hour),
+        _ => None,
+    }
+}
+
 /// The SQL catalog's own rows, read and written with SQL where `iceberg-catalog-sql` 0.10.1
 /// has no call for what a daemon needs: the sink's maintenance commit (a compare-and-set of a
 /// table's `metadata_location`) and the query-server's one read of every table's current

@@ -55,9 +55,8 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), tokio_po
 
 /// Applies every migration again, recorded or not, each being idempotent: what a table dropped
 /// since it was recorded needs to exist again (a rebuild of the windows after the loss of the
-/// window table).
+/// window table). After [`migrate`], which records them.
 pub async fn reapply(client: &mut tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
-    migrate(client).await?;
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;

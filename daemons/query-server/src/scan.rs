@@ -24,9 +24,11 @@ use futures::{StreamExt, TryStreamExt};
 use iceberg::{
     expr::{Predicate, Reference},
     scan::{FileScanTask, TableScan},
-    spec::{Datum, Literal, PrimitiveLiteral, PrimitiveType, Transform, Type},
+    spec::{Datum, PrimitiveType, Type},
     table::Table,
 };
+
+use weather_common::lakehouse;
 
 use crate::{Metrics, history::Entry};
 
@@ -239,15 +241,8 @@ struct HourOfDay {
 impl HourOfDay {
     /// Whether `task`'s file may hold a matching row: yes unless its partition says no.
     fn may_match(&self, task: &FileScanTask) -> bool {
-        let Some(partition) = &task.partition else {
-            return true;
-        };
-        match partition.iter().nth(self.position).flatten() {
-            Some(Literal::Primitive(PrimitiveLiteral::Int(hours))) => {
-                compares(i64::from(*hours).rem_euclid(24), self.op, self.hour)
-            }
-            _ => true,
-        }
+        lakehouse::file_hour(task, self.position)
+            .is_none_or(|hours| compares(i64::from(hours).rem_euclid(24), self.op, self.hour))
     }
 }
 
@@ -288,14 +283,7 @@ fn hour_of_day(table: &Table, expr: &Expr) -> Option<HourOfDay> {
                 | PrimitiveType::TimestampNs
         )
     );
-    let mut specs = table.metadata().partition_specs_iter();
-    let (Some(spec), None) = (specs.next(), specs.next()) else {
-        return None;
-    };
-    let position = spec
-        .fields()
-        .iter()
-        .position(|f| f.source_id == field.id && f.transform == Transform::Hour)?;
+    let position = lakehouse::hour_partition(table.metadata(), field.id)?;
     (utc && compare_op(op)).then_some(HourOfDay {
         column,
         position,

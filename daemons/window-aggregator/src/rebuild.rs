@@ -24,17 +24,11 @@ use arrow_array::{
 };
 use chrono::{DateTime, TimeDelta, Utc};
 use futures::{StreamExt, TryStreamExt};
-use iceberg::{
-    TableIdent,
-    expr::Reference,
-    scan::FileScanTask,
-    spec::{Datum, Literal, PrimitiveLiteral, Transform},
-    table::Table,
-};
+use iceberg::{TableIdent, expr::Reference, scan::FileScanTask, spec::Datum, table::Table};
 use weather_common::{
     consumer::Checkpoints,
     kafka::WEATHER_TOPIC,
-    lakehouse::CatalogArgs,
+    lakehouse::{self, CatalogArgs},
     snapshot_summary::{self, Lineage},
 };
 
@@ -76,19 +70,8 @@ pub struct RebuildArgs {
     pub hold_before_commit: Option<Duration>,
 }
 
-/// What a rebuild did.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Report {
-    /// The snapshot read; `None` for a table without one.
-    pub snapshot: Option<i64>,
-    pub readings: u64,
-    pub windows: u64,
-    pub hours: usize,
-    pub elapsed: Duration,
-}
-
 /// Rebuilds the windows and sets the checkpoints, in one transaction.
-pub async fn rebuild(args: &RebuildArgs) -> anyhow::Result<Report> {
+pub async fn rebuild(args: &RebuildArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let size = TimeDelta::from_std(args.windows.window).context("--window too large")?;
     anyhow::ensure!(size >= TimeDelta::milliseconds(1), "--window must be at least 1ms");
@@ -161,21 +144,14 @@ pub async fn rebuild(args: &RebuildArgs) -> anyhow::Result<Report> {
     }
     let written = replace.windows;
     replace.finish(&checkpoints).await.context("committing the rebuild")?;
-    let report = Report {
-        snapshot,
-        readings,
-        windows: written,
-        hours: total,
-        elapsed: started.elapsed(),
-    };
     tracing::info!(
-        snapshot = ?report.snapshot,
+        snapshot = ?snapshot,
         readings,
         windows = written,
-        seconds = report.elapsed.as_secs_f64(),
+        seconds = started.elapsed().as_secs_f64(),
         "windows rebuilt; aggregators read on from the table's checkpoints"
     );
-    Ok(report)
+    Ok(())
 }
 
 /// The checkpoints of `topic` the snapshot's line records, which its readings are exactly the
@@ -211,32 +187,20 @@ async fn hour_groups(table: &Table, snapshot: i64, cutoff: Option<DateTime<Utc>>
         );
     }
     let tasks: Vec<FileScanTask> = scan.build()?.plan_files().await?.try_collect().await?;
-    let position = hour_position(table);
+    let position = table
+        .metadata()
+        .current_schema()
+        .field_by_name("ts")
+        .and_then(|ts| lakehouse::hour_partition(table.metadata(), ts.id));
     let mut groups: BTreeMap<Option<i32>, Vec<FileScanTask>> = BTreeMap::new();
     for task in tasks {
-        let hour = position.and_then(|p| match task.partition.as_ref()?.iter().nth(p).flatten() {
-            Some(Literal::Primitive(PrimitiveLiteral::Int(hour))) => Some(*hour),
-            _ => None,
-        });
+        let hour = position.and_then(|p| lakehouse::file_hour(&task, p));
         groups.entry(hour).or_default().push(task);
     }
     Ok(groups
         .into_iter()
         .map(|(hour, tasks)| HourGroup { hour, tasks })
         .collect())
-}
-
-/// Where `hour(ts)` is in the partition of every file: only when the table has one partition
-/// spec (iceberg's planned files do not say which spec theirs is of).
-fn hour_position(table: &Table) -> Option<usize> {
-    let ts = table.metadata().current_schema().field_by_name("ts")?.id;
-    let mut specs = table.metadata().partition_specs_iter();
-    let (Some(spec), None) = (specs.next(), specs.next()) else {
-        return None;
-    };
-    spec.fields()
-        .iter()
-        .position(|f| f.source_id == ts && f.transform == Transform::Hour)
 }
 
 /// The start of an hour partition (hours since the epoch).
@@ -300,12 +264,7 @@ impl Hours {
             sum: temperature,
             count: 1,
         };
-        match self.open.get_mut(&(start, city.to_owned())) {
-            Some(window) => window.add(agg),
-            None => {
-                self.open.insert((start, city.to_owned()), agg);
-            }
-        }
+        self.open.entry((start, city.to_owned())).or_default().add(agg);
         true
     }
 
