@@ -40,7 +40,12 @@ impl Ports {
 /// `pipeline` on `state` and `ports` with its defaults, in a process group of its own as a
 /// shell runs a job, with `args` added; the caller adds what else it wants and spawns it.
 pub fn command(state: &Path, ports: &Ports, args: &[&str]) -> Command {
-    let mut command = Command::new(workspace_binary("pipeline"));
+    command_of(&workspace_binary("pipeline"), state, ports, args)
+}
+
+/// [`command`] with the `pipeline` binary at `program` (it runs the daemons it finds beside it).
+pub fn command_of(program: &Path, state: &Path, ports: &Ports, args: &[&str]) -> Command {
+    let mut command = Command::new(program);
     command
         .arg("--state-dir")
         .arg(state)

@@ -5,6 +5,7 @@
 mod apache_kafka;
 mod backbone;
 mod broker;
+mod built_later;
 mod drain;
 mod host;
 mod http_client;
@@ -128,6 +129,13 @@ struct RunArgs {
     #[arg(long)]
     in_memory_broker: bool,
 
+    /// Start this daemon once its binary appears next to `pipeline`, after the run is ready,
+    /// instead of before (repeatable): a first `scripts/run` builds the iceberg-sink and the
+    /// query-server after the others, so that the dashboard does not wait for them. Readings
+    /// wait in Kafka meanwhile.
+    #[arg(long, value_name = "DAEMON", value_parser = ["iceberg-sink", "query-server"])]
+    when_built: Vec<String>,
+
     /// How long a stop waits for the consumers to read what the logging-server acknowledged.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -205,11 +213,19 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         readable
     });
     let addresses = Addresses::new(&args, trino_launcher.is_none())?;
-    let specs = plan::specs(&addresses.daemons(&args, &backbone), |name| daemon(daemon_of(name)))?;
+    let later = |name: &str| args.when_built.iter().any(|daemon| daemon == daemon_of(name));
+    let specs = plan::specs(&addresses.daemons(&args, &backbone), |name| {
+        if later(name) {
+            Ok(std::env::current_exe()?.with_file_name(daemon_of(name)))
+        } else {
+            daemon(daemon_of(name))
+        }
+    })?;
+    let (specs_later, specs): (Vec<_>, Vec<_>) = specs.into_iter().partition(|spec| later(spec.name));
     let mut state = State::new(&addresses, &backbone);
     state.write(&state_dir)?;
 
-    let (running, failure) = start_in_order(specs, &notify_dir, &shutdown).await;
+    let (mut running, failure) = start_in_order(specs, &notify_dir, &shutdown).await;
     let mut trino = None;
     if let Some(launcher) = &trino_launcher
         && failure.is_none()
@@ -227,6 +243,9 @@ async fn run(state_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
             (None, None) => None,
         };
         eprintln!("{}", addresses.banner(&backbone, sql));
+        for spec in specs_later {
+            running.extend(built_later::start(spec, &notify_dir, READY_TIMEOUT, &shutdown).await);
+        }
         shutdown.cancelled().await;
     }
 
@@ -268,6 +287,9 @@ fn prepare_state_dir(state_dir: PathBuf, local_postgres: bool) -> anyhow::Result
     Ok(state_dir.canonicalize()?)
 }
 
+/// How long a daemon has to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Starts `specs` one after the other, each once the one before is ready, until all run, one
 /// fails (returned beside those started) or `shutdown`.
 async fn start_in_order(
@@ -281,7 +303,7 @@ async fn start_in_order(
             break;
         }
         let name = spec.name;
-        match Supervised::start(spec, notify_dir, Duration::from_secs(120)).await {
+        match Supervised::start(spec, notify_dir, READY_TIMEOUT).await {
             Ok(child) => {
                 tracing::info!("{name} ready");
                 running.push(child);
