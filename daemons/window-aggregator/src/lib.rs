@@ -10,6 +10,7 @@
 //! windows live in one partition. Each instance holds the windows of the partitions it owns and
 //! commits only those, fenced by their owner epochs ([`store::Store::claim`]).
 
+#[cfg(feature = "rebuild")]
 pub mod rebuild;
 pub mod store;
 pub mod window;
