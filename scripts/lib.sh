@@ -108,8 +108,8 @@ wait_nisshi() {
 }
 
 # The daemons `pipeline` runs; scripts/run builds these and nothing else (not the test kit, not
-# the benchmark): first those the dashboard needs but the window-aggregator, then the three that
-# need Arrow, Parquet and iceberg (DataFusion too for the query-server), most of the build.
+# the benchmark), in two sets: the daemons that do without the Iceberg table, then the three that
+# read or write it (Arrow, Parquet, iceberg; DataFusion for the query-server), most of the build.
 daemons_first=(pipeline logging-server weather-client dashboard)
 daemons_later=(window-aggregator iceberg-sink query-server)
 
