@@ -15,7 +15,7 @@ use std::{
 };
 
 use rdkafka::{
-    Message, Offset, TopicPartitionList,
+    ClientConfig, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
     message::{Header, Headers, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
@@ -28,7 +28,9 @@ use crate::kafka::{KafkaArgs, partition_count};
 /// `original.partition`, `original.offset`.
 pub struct DeadLetters {
     producer: FutureProducer,
-    reader: BaseConsumer,
+    /// A reader is made for each read-back: one kept idle between claims came back from a
+    /// broker's restart unable to answer for as long as its timeout (10 s), stalling the claim.
+    reader: ClientConfig,
     topic: String,
     source: &'static str,
     /// Partitions of the dead-letter topic.
@@ -54,13 +56,12 @@ impl DeadLetters {
             .set("message.timeout.ms", "30000")
             .create()?;
         // Assigned, never subscribed: the group id only satisfies librdkafka.
-        let reader: BaseConsumer = kafka
-            .client_config()
+        let mut reader = kafka.client_config();
+        reader
             .set("group.id", "weather-dead-letters")
             .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .create()?;
-        let partitions = partition_count(&reader, topic)?;
+            .set("enable.auto.offset.store", "false");
+        let partitions = partition_count(&reader.create::<BaseConsumer>()?, topic)?;
         anyhow::ensure!(partitions > 0, "the dead-letter topic {topic} does not exist");
         Ok(Self {
             producer,
@@ -127,7 +128,8 @@ impl DeadLetters {
     pub fn sent_since(&self, topic: &str, partition: i32, next_offset: i64, from: Option<i64>) -> anyhow::Result<Sent> {
         let timeout = Duration::from_secs(10);
         let letters = self.partition_of(partition);
-        let (low, end) = self.reader.fetch_watermarks(&self.topic, letters, timeout)?;
+        let reader: BaseConsumer = self.reader.create()?;
+        let (low, end) = reader.fetch_watermarks(&self.topic, letters, timeout)?;
         let start = from.filter(|f| *f <= end).unwrap_or(low).max(low);
         let mut sent = Sent {
             offsets: BTreeSet::new(),
@@ -138,7 +140,7 @@ impl DeadLetters {
         }
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(&self.topic, letters, Offset::Offset(start))?;
-        self.reader.assign(&assignment)?;
+        reader.assign(&assignment)?;
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut next = start;
         while next < end {
@@ -147,7 +149,7 @@ impl DeadLetters {
                 "reading back {}/{letters} from {start} to {end}: stopped at {next}",
                 self.topic
             );
-            let message = match self.reader.poll(Duration::from_millis(100)) {
+            let message = match reader.poll(Duration::from_millis(100)) {
                 None => continue,
                 Some(message) => message?,
             };
@@ -158,7 +160,6 @@ impl DeadLetters {
                 }
             }
         }
-        self.reader.unassign()?;
         Ok(sent)
     }
 }

@@ -64,6 +64,11 @@ impl KafkaArgs {
         // librdkafka backs off up to 10 s between reconnects; a broker that is back should be
         // used within a second (the logging-server answers 503 until then).
         config.set("reconnect.backoff.max.ms", "1000");
+        // librdkafka waits 60 s by default for a request's answer before it drops the connection.
+        // A fetch left unanswered across a broker's restart held every partition of a consumer
+        // that long (one fetch in flight per broker), and the dead-letter reader's requests the
+        // same; a fetch is a long poll of `fetch.wait.max.ms` (500 ms) on top of this.
+        config.set("socket.timeout.ms", "10000");
         for (key, value) in defaults {
             config.set(*key, *value);
         }
