@@ -66,8 +66,8 @@ impl KafkaArgs {
         config.set("reconnect.backoff.max.ms", "1000");
         // librdkafka waits 60 s by default for a request's answer before it drops the connection.
         // A fetch left unanswered across a broker's restart held every partition of a consumer
-        // that long (one fetch in flight per broker), and the dead-letter reader's requests the
-        // same; a fetch is a long poll of `fetch.wait.max.ms` (500 ms) on top of this.
+        // that long (one fetch in flight per broker); a fetch is a long poll of
+        // `fetch.wait.max.ms` (500 ms) on top of this.
         config.set("socket.timeout.ms", "10000");
         for (key, value) in defaults {
             config.set(*key, *value);
