@@ -14,6 +14,7 @@
 pub mod catalog;
 pub mod engine;
 pub mod errors;
+pub mod files;
 pub mod functions;
 pub mod history;
 pub mod protocol;

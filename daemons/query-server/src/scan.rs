@@ -1,11 +1,11 @@
 //! The Iceberg table as a DataFusion table: filters on columns become an Iceberg predicate, so
 //! iceberg's planning skips the `hour(ts)` partitions and files a filter rules out, and the
-//! files left are read by iceberg's own Parquet reader, spread over the engine's partitions.
+//! files left are read (`files.rs`) spread over the engine's partitions. Strings are string
+//! views (`Utf8View`) throughout.
 
 use std::{any::Any, fmt, sync::Arc};
 
-use arrow_array::{RecordBatch, RecordBatchOptions};
-use arrow_schema::{Schema, SchemaRef};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::{
     catalog::Session,
@@ -30,7 +30,7 @@ use iceberg::{
 
 use weather_common::lakehouse;
 
-use crate::{Metrics, history::Entry};
+use crate::{Metrics, files::Reading, history::Entry};
 
 pub fn external(e: iceberg::Error) -> DataFusionError {
     DataFusionError::External(Box::new(e))
@@ -56,13 +56,20 @@ impl IcebergTable {
     }
 }
 
-/// The schema without iceberg's field-id metadata, which DataFusion would carry into results.
+/// The schema without iceberg's field-id metadata, which DataFusion would carry into results,
+/// and with strings as string views.
 fn without_metadata(schema: &Schema) -> Schema {
     Schema::new(
         schema
             .fields()
             .iter()
-            .map(|f| f.as_ref().clone().with_metadata(Default::default()))
+            .map(|f| {
+                let field = f.as_ref().clone().with_metadata(Default::default());
+                match f.data_type() {
+                    DataType::Utf8 | DataType::LargeUtf8 => field.with_data_type(DataType::Utf8View),
+                    _ => field,
+                }
+            })
             .collect::<Vec<_>>(),
     )
 }
@@ -109,10 +116,20 @@ impl TableProvider for IcebergTable {
             None => self.schema.as_ref().clone(),
         });
         // An empty projection (`count(*)`) still needs rows: read the narrowest column.
-        let read: Vec<String> = match output.fields().len() {
-            0 => vec![self.schema.field(0).name().clone()],
-            _ => output.fields().iter().map(|f| f.name().clone()).collect(),
+        let read: Vec<Field> = match output.fields().len() {
+            0 => vec![self.schema.field(0).clone()],
+            _ => output.fields().iter().map(|f| f.as_ref().clone()).collect(),
         };
+        let iceberg_schema = self.table.metadata().current_schema();
+        let columns = read
+            .iter()
+            .map(|f| {
+                let id = iceberg_schema.field_by_name(f.name()).map(|c| c.id);
+                id.map(|id| (id, f.clone()))
+                    .ok_or_else(|| DataFusionError::Plan(format!("no column {} in the table", f.name())))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let read: Vec<String> = read.iter().map(|f| f.name().clone()).collect();
         let predicate = filters
             .iter()
             .filter_map(|f| predicate(&self.table, f))
@@ -156,6 +173,7 @@ impl TableProvider for IcebergTable {
             table: self.table.clone(),
             output: output.clone(),
             read,
+            columns,
             predicate,
             filter,
             groups: spread(tasks, partitions),
@@ -408,6 +426,8 @@ struct IcebergScan {
     output: SchemaRef,
     /// Columns read from the files (one, when the query needs only the row count).
     read: Vec<String>,
+    /// The same with their field ids and types.
+    columns: Vec<(i32, Field)>,
     predicate: Option<Predicate>,
     /// The predicate and the hours of day, as EXPLAIN and the query's page show them.
     filter: Option<String>,
@@ -480,27 +500,20 @@ impl ExecutionPlan for IcebergScan {
 
     fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
         let tasks = self.groups.get(partition).cloned().unwrap_or_default();
-        let reader = self
-            .table
-            .reader_builder()
-            .with_batch_size(context.session_config().batch_size())
-            .build();
-        let output = self.output.clone();
-        let rows_only = output.fields().is_empty();
-        let stream = reader
-            .read(futures::stream::iter(tasks.into_iter().map(Ok)).boxed())
-            .map_err(external)?
-            .stream()
-            .map(move |batch| {
-                let batch = batch.map_err(external)?;
-                if rows_only {
-                    let options = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
-                    Ok(RecordBatch::try_new_with_options(output.clone(), vec![], &options)?)
-                } else {
-                    // iceberg's batches carry field ids in their schema; results must not.
-                    Ok(RecordBatch::try_new(output.clone(), batch.columns().to_vec())?)
-                }
-            });
+        let batch_size = context.session_config().batch_size();
+        let reading = Reading {
+            file_io: self.table.file_io().clone(),
+            iceberg: self.table.reader_builder().with_batch_size(batch_size).build(),
+            batch_size,
+            columns: self.columns.clone(),
+            output: self.output.clone(),
+        };
+        // The next file is opened (its footer read) while this one's rows are read.
+        let stream = futures::stream::iter(tasks)
+            .map(move |task| reading.clone().file(task))
+            .buffered(2)
+            .try_flatten()
+            .map_err(external);
         Ok(Box::pin(RecordBatchStreamAdapter::new(self.output.clone(), stream)))
     }
 }

@@ -5,6 +5,11 @@
 use std::{collections::HashMap, process::Command, time::Duration};
 
 use chrono::{DateTime, TimeDelta, Utc};
+use iceberg::{
+    TableIdent,
+    spec::{PrimitiveType, Type},
+    transaction::{AddColumn, ApplyTransactionAction, Transaction},
+};
 use iceberg_sink::table::WeatherTable;
 use serde_json::Value;
 use weather_common::{
@@ -27,6 +32,7 @@ struct Harness {
     _postgres: Postgres,
     s3: S3Server,
     catalog_url: String,
+    config: CatalogConfig,
     table: WeatherTable,
     committed: Checkpoints,
     offset: i64,
@@ -56,6 +62,7 @@ impl Harness {
             _postgres: postgres,
             s3,
             catalog_url,
+            config,
             table,
             committed: Checkpoints::new(),
             offset: 0,
@@ -205,6 +212,41 @@ async fn trinos_python_client_gets_what_pyiceberg_reads() {
             "{sql}"
         );
     }
+
+    // A column added after the files were written: they are read by iceberg's reader, which
+    // gives it as nulls, rather than straight from Parquet (`files.rs`), as before it was added.
+    let catalog = harness.config.connect().await.expect("catalog");
+    let table = catalog
+        .load_table(&TableIdent::from_strs(["default", "weather"]).expect("ident"))
+        .await
+        .expect("table");
+    let tx = Transaction::new(&table);
+    let tx = tx
+        .update_schema()
+        .add_column(AddColumn::optional("station", Type::Primitive(PrimitiveType::String)))
+        .apply(tx)
+        .expect("add column");
+    tx.commit(catalog.as_ref()).await.expect("schema commit");
+    // The sink goes on appending; its snapshot has the new schema (a scan reads its snapshot's).
+    harness.commit(COMMITS + 1, 10).await;
+    assert_eq!(
+        rows(
+            &statement(
+                &addr,
+                "SELECT station, count(*) FROM iceberg.default.weather GROUP BY station"
+            )
+            .await
+        ),
+        vec![serde_json::json!([null, total + 20])]
+    );
+    let cities = rows(
+        &statement(
+            &addr,
+            "SELECT city, count(*) FROM iceberg.default.weather GROUP BY city ORDER BY city",
+        )
+        .await,
+    );
+    assert_eq!(cities.len(), DEMO_CITIES.len(), "{cities:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
