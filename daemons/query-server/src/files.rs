@@ -59,7 +59,7 @@ impl Reading {
 
     /// `task`'s file through the Parquet reader, if it is plain; `None` if it is not.
     async fn plain(&self, task: &FileScanTask) -> iceberg::Result<Option<Batches>> {
-        let whole = (task.start == 0 && (task.length == 0 || task.length == task.file_size_in_bytes))
+        let whole = whole_file(task)
             && task.deletes.is_empty()
             && task.predicate.is_none()
             && task.data_file_format == DataFileFormat::Parquet;
@@ -135,17 +135,23 @@ fn same_type(file: &DataType, wanted: &DataType) -> bool {
     }
 }
 
+/// Whether `task` reads its whole file (iceberg plans a file from 0 to its size), not a split.
+pub fn whole_file(task: &FileScanTask) -> bool {
+    task.start == 0 && task.length == task.file_size_in_bytes
+}
+
+/// `field`, a string as a string view.
+pub fn as_string_view(field: &Field) -> Field {
+    match field.data_type() {
+        DataType::Utf8 | DataType::LargeUtf8 => field.clone().with_data_type(DataType::Utf8View),
+        _ => field.clone(),
+    }
+}
+
 /// `schema` with its top-level strings read as string views.
 fn with_string_views(schema: &Schema) -> Schema {
     Schema::new_with_metadata(
-        schema
-            .fields()
-            .iter()
-            .map(|f| match f.data_type() {
-                DataType::Utf8 | DataType::LargeUtf8 => f.as_ref().clone().with_data_type(DataType::Utf8View),
-                _ => f.as_ref().clone(),
-            })
-            .collect::<Vec<_>>(),
+        schema.fields().iter().map(|f| as_string_view(f)).collect::<Vec<_>>(),
         schema.metadata().clone(),
     )
 }
@@ -153,10 +159,9 @@ fn with_string_views(schema: &Schema) -> Schema {
 /// A batch under the output's schema: strings from iceberg's reader become views; when only
 /// rows are counted, the batch keeps its row count and no column.
 fn shaped(batch: RecordBatch, output: &SchemaRef) -> iceberg::Result<RecordBatch> {
-    let arrow = |e: arrow_schema::ArrowError| iceberg::Error::new(iceberg::ErrorKind::Unexpected, e.to_string());
     if output.fields().is_empty() {
         let options = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
-        return RecordBatch::try_new_with_options(output.clone(), vec![], &options).map_err(arrow);
+        return Ok(RecordBatch::try_new_with_options(output.clone(), vec![], &options)?);
     }
     let columns = batch
         .columns()
@@ -166,9 +171,8 @@ fn shaped(batch: RecordBatch, output: &SchemaRef) -> iceberg::Result<RecordBatch
             true => Ok(column.clone()),
             false => arrow_cast::cast(column, field.data_type()),
         })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(arrow)?;
-    RecordBatch::try_new(output.clone(), columns).map_err(arrow)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(output.clone(), columns)?)
 }
 
 fn parquet_error(e: parquet::errors::ParquetError) -> iceberg::Error {

@@ -5,7 +5,7 @@
 
 use std::{any::Any, fmt, sync::Arc};
 
-use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use arrow_schema::{Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::{
     catalog::Session,
@@ -30,7 +30,11 @@ use iceberg::{
 
 use weather_common::lakehouse;
 
-use crate::{Metrics, files::Reading, history::Entry};
+use crate::{
+    Metrics,
+    files::{self, Reading},
+    history::Entry,
+};
 
 pub fn external(e: iceberg::Error) -> DataFusionError {
     DataFusionError::External(Box::new(e))
@@ -63,13 +67,7 @@ fn without_metadata(schema: &Schema) -> Schema {
         schema
             .fields()
             .iter()
-            .map(|f| {
-                let field = f.as_ref().clone().with_metadata(Default::default());
-                match f.data_type() {
-                    DataType::Utf8 | DataType::LargeUtf8 => field.with_data_type(DataType::Utf8View),
-                    _ => field,
-                }
-            })
+            .map(|f| files::as_string_view(f).with_metadata(Default::default()))
             .collect::<Vec<_>>(),
     )
 }
@@ -116,25 +114,24 @@ impl TableProvider for IcebergTable {
             None => self.schema.as_ref().clone(),
         });
         // An empty projection (`count(*)`) still needs rows: read the narrowest column.
-        let read: Vec<Field> = match output.fields().len() {
-            0 => vec![self.schema.field(0).clone()],
-            _ => output.fields().iter().map(|f| f.as_ref().clone()).collect(),
+        let read: Vec<&Field> = match output.fields().len() {
+            0 => vec![self.schema.field(0)],
+            _ => output.fields().iter().map(AsRef::as_ref).collect(),
         };
         let iceberg_schema = self.table.metadata().current_schema();
         let columns = read
-            .iter()
+            .into_iter()
             .map(|f| {
                 let id = iceberg_schema.field_by_name(f.name()).map(|c| c.id);
                 id.map(|id| (id, f.clone()))
                     .ok_or_else(|| DataFusionError::Plan(format!("no column {} in the table", f.name())))
             })
             .collect::<Result<Vec<_>>>()?;
-        let read: Vec<String> = read.iter().map(|f| f.name().clone()).collect();
         let predicate = filters
             .iter()
             .filter_map(|f| predicate(&self.table, f))
             .reduce(Predicate::and);
-        let mut builder = self.table.scan().select(read.clone());
+        let mut builder = self.table.scan().select(columns.iter().map(|(_, f)| f.name().clone()));
         if let Some(predicate) = &predicate {
             builder = builder.with_filter(predicate.clone());
         }
@@ -172,7 +169,6 @@ impl TableProvider for IcebergTable {
         Ok(Arc::new(IcebergScan {
             table: self.table.clone(),
             output: output.clone(),
-            read,
             columns,
             predicate,
             filter,
@@ -424,9 +420,8 @@ fn datum(ty: &PrimitiveType, expr: &Expr) -> Option<Datum> {
 struct IcebergScan {
     table: Table,
     output: SchemaRef,
-    /// Columns read from the files (one, when the query needs only the row count).
-    read: Vec<String>,
-    /// The same with their field ids and types.
+    /// Columns read from the files, with their field ids (one, when the query needs only the
+    /// row count).
     columns: Vec<(i32, Field)>,
     predicate: Option<Predicate>,
     /// The predicate and the hours of day, as EXPLAIN and the query's page show them.
@@ -439,8 +434,14 @@ struct IcebergScan {
 impl fmt::Debug for IcebergScan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IcebergScan")
-            .field("read", &self.read)
+            .field("read", &self.column_names())
             .finish_non_exhaustive()
+    }
+}
+
+impl IcebergScan {
+    fn column_names(&self) -> Vec<&str> {
+        self.columns.iter().map(|(_, f)| f.name().as_str()).collect()
     }
 }
 
@@ -452,7 +453,7 @@ impl DisplayAs for IcebergScan {
             "IcebergScan: table={}, files={files} of {}, columns=[{}], predicate=[{}]",
             self.table.identifier(),
             self.total_files,
-            self.read.join(", "),
+            self.column_names().join(", "),
             self.filter.as_deref().unwrap_or("none"),
         )
     }
@@ -489,7 +490,7 @@ impl ExecutionPlan for IcebergScan {
         let mut statistics = Statistics::new_unknown(&self.output);
         let files = tasks.iter().map(|t| FileRows {
             records: t.record_count,
-            whole: t.start == 0 && t.length == t.file_size_in_bytes,
+            whole: files::whole_file(t),
             deletes: !t.deletes.is_empty(),
         });
         if let Some(rows) = exact_rows(files, self.predicate.is_some()) {

@@ -31,7 +31,6 @@ const READINGS_PER_COMMIT: usize = 3_000;
 struct Harness {
     _postgres: Postgres,
     s3: S3Server,
-    catalog_url: String,
     config: CatalogConfig,
     table: WeatherTable,
     committed: Checkpoints,
@@ -44,7 +43,7 @@ impl Harness {
         let catalog_url = postgres.create_database("iceberg").await.expect("catalog database");
         let s3 = S3Server::start().await.expect("moto");
         let config = CatalogConfig {
-            url: catalog_url.clone(),
+            url: catalog_url,
             name: "weather".into(),
             warehouse: "s3://warehouse/".into(),
             storage: HashMap::from([
@@ -61,7 +60,6 @@ impl Harness {
         Self {
             _postgres: postgres,
             s3,
-            catalog_url,
             config,
             table,
             committed: Checkpoints::new(),
@@ -110,7 +108,7 @@ impl Harness {
                     &self.s3.endpoint,
                 ])
                 .args(extra)
-                .env("CATALOG_URL", &self.catalog_url)
+                .env("CATALOG_URL", &self.config.url)
                 .env("AWS_ACCESS_KEY_ID", "test")
                 .env("AWS_SECRET_ACCESS_KEY", "test"),
             Duration::from_secs(60),
@@ -138,7 +136,7 @@ async fn trinos_python_client_gets_what_pyiceberg_reads() {
         .args([
             script,
             &format!("http://{addr}"),
-            &harness.catalog_url,
+            &harness.config.url,
             &harness.s3.endpoint,
             "2026-01-08",
             "14",
