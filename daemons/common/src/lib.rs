@@ -6,6 +6,8 @@
 pub mod consumer;
 #[cfg(feature = "kafka")]
 pub mod dead_letters;
+#[cfg(feature = "iceberg")]
+pub mod file_totals;
 pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;

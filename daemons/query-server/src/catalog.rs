@@ -71,11 +71,11 @@ impl SchemaProvider for IcebergSchema {
         let Some((ident, location)) = self.tables.iter().find(|(t, _)| t.name == base) else {
             return Ok(None);
         };
-        let table = self.loaded.table(ident, location).await.map_err(external)?;
+        let loaded = self.loaded.table(ident, location).await.map_err(external)?;
         Ok(Some(match suffix {
-            None => Arc::new(IcebergTable::new(table, self.metrics.clone())?),
-            Some("snapshots") => snapshots(&table).await?,
-            Some("files") => files(&table).await?,
+            Some("snapshots") => snapshots(&loaded.table).await?,
+            Some("files") => files(&loaded.table).await?,
+            None => Arc::new(IcebergTable::new(loaded, self.metrics.clone())),
             Some(_) => return Ok(None),
         }))
     }

@@ -8,7 +8,6 @@ use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use datafusion::{
     catalog::SchemaProvider,
-    datasource::TableProvider,
     execution::{
         SendableRecordBatchStream,
         disk_manager::{DiskManagerBuilder, DiskManagerMode},
@@ -34,9 +33,8 @@ use crate::{
     functions,
     history::Entry,
     protocol::{ErrorCode, Failure},
-    scan::IcebergTable,
     statements::{Meta, like_match, meta, words},
-    tables::{self, Tables},
+    tables::{self, Loaded, Tables},
 };
 
 /// Who asks, and where unqualified names point (`X-Trino-Catalog`, `X-Trino-Schema`).
@@ -280,8 +278,7 @@ impl Engine {
             .load_table(&ident)
             .await
             .map_err(|_| table_not_found(&ident))?;
-        let provider = IcebergTable::new(table, self.metrics.clone()).map_err(failure)?;
-        let schema = provider.schema();
+        let schema = Loaded::new(table).map_err(iceberg_failure)?.schema;
         let column = |values: Vec<String>| Arc::new(StringArray::from(values)) as ArrayRef;
         let fields = schema.fields();
         RecordBatch::try_new(

@@ -16,10 +16,11 @@ use arrow_array::{RecordBatch, RecordBatchOptions};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use futures::{StreamExt, TryStreamExt, stream::BoxStream};
 use iceberg::{
-    arrow::{ArrowFileReader, ArrowReader},
-    io::{FileIO, FileMetadata},
+    arrow::ArrowFileReader,
+    io::FileMetadata,
     scan::FileScanTask,
     spec::{DataFileFormat, Transform},
+    table::Table,
 };
 use parquet::arrow::{
     PARQUET_FIELD_ID_META_KEY, ParquetRecordBatchStreamBuilder, ProjectionMask,
@@ -32,9 +33,8 @@ pub type Batches = BoxStream<'static, iceberg::Result<RecordBatch>>;
 /// What a scan reads of each file, the same for all of them.
 #[derive(Clone)]
 pub struct Reading {
-    pub file_io: FileIO,
-    /// iceberg's reader, for the files that are not plain.
-    pub iceberg: ArrowReader,
+    /// Its FileIO reads the files; its reader reads those that are not plain.
+    pub table: Table,
     pub batch_size: usize,
     /// The columns read, with their field ids, in the order the output has them.
     pub columns: Vec<(i32, Field)>,
@@ -47,9 +47,13 @@ impl Reading {
     pub async fn file(self, task: FileScanTask) -> iceberg::Result<Batches> {
         let batches = match self.plain(&task).await? {
             Some(batches) => batches,
+            // Built only for a file that needs it: building one reads the CPU count from the
+            // OS (its cgroup files) each time.
             None => self
-                .iceberg
-                .clone()
+                .table
+                .reader_builder()
+                .with_batch_size(self.batch_size)
+                .build()
                 .read(futures::stream::iter([Ok(task)]).boxed())?
                 .stream(),
         };
@@ -71,7 +75,7 @@ impl Reading {
         if !whole || identity {
             return Ok(None);
         }
-        let input = self.file_io.new_input(&task.data_file_path)?;
+        let input = self.table.file_io().new_input(&task.data_file_path)?;
         let mut reader = ArrowFileReader::new(
             FileMetadata {
                 size: task.file_size_in_bytes,

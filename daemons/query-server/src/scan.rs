@@ -5,7 +5,7 @@
 
 use std::{any::Any, fmt, sync::Arc};
 
-use arrow_schema::{Field, Schema, SchemaRef};
+use arrow_schema::{Field, SchemaRef};
 use async_trait::async_trait;
 use datafusion::{
     catalog::Session,
@@ -34,6 +34,7 @@ use crate::{
     Metrics,
     files::{self, Reading},
     history::Entry,
+    tables::Loaded,
 };
 
 pub fn external(e: iceberg::Error) -> DataFusionError {
@@ -44,32 +45,14 @@ pub fn external(e: iceberg::Error) -> DataFusionError {
 /// snapshot, whatever is committed meanwhile.
 #[derive(Debug)]
 pub struct IcebergTable {
-    table: Table,
-    schema: SchemaRef,
+    loaded: Loaded,
     metrics: Arc<Metrics>,
 }
 
 impl IcebergTable {
-    pub fn new(table: Table, metrics: Arc<Metrics>) -> Result<Self> {
-        let schema = iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema()).map_err(external)?;
-        Ok(Self {
-            table,
-            schema: Arc::new(without_metadata(&schema)),
-            metrics,
-        })
+    pub fn new(loaded: Loaded, metrics: Arc<Metrics>) -> Self {
+        Self { loaded, metrics }
     }
-}
-
-/// The schema without iceberg's field-id metadata, which DataFusion would carry into results,
-/// and with strings as string views.
-fn without_metadata(schema: &Schema) -> Schema {
-    Schema::new(
-        schema
-            .fields()
-            .iter()
-            .map(|f| files::as_string_view(f).with_metadata(Default::default()))
-            .collect::<Vec<_>>(),
-    )
 }
 
 #[async_trait]
@@ -79,7 +62,7 @@ impl TableProvider for IcebergTable {
     }
 
     fn schema(&self) -> SchemaRef {
-        self.schema.clone()
+        self.loaded.schema.clone()
     }
 
     fn table_type(&self) -> TableType {
@@ -93,7 +76,7 @@ impl TableProvider for IcebergTable {
         Ok(filters
             .iter()
             .map(|f| {
-                if predicate(&self.table, f).is_some() || hour_of_day(&self.table, f).is_some() {
+                if predicate(&self.loaded.table, f).is_some() || hour_of_day(&self.loaded.table, f).is_some() {
                     TableProviderFilterPushDown::Inexact
                 } else {
                     TableProviderFilterPushDown::Unsupported
@@ -110,15 +93,15 @@ impl TableProvider for IcebergTable {
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let output = Arc::new(match projection {
-            Some(p) => self.schema.project(p)?,
-            None => self.schema.as_ref().clone(),
+            Some(p) => self.loaded.schema.project(p)?,
+            None => self.loaded.schema.as_ref().clone(),
         });
         // An empty projection (`count(*)`) still needs rows: read the narrowest column.
         let read: Vec<&Field> = match output.fields().len() {
-            0 => vec![self.schema.field(0)],
+            0 => vec![self.loaded.schema.field(0)],
             _ => output.fields().iter().map(AsRef::as_ref).collect(),
         };
-        let iceberg_schema = self.table.metadata().current_schema();
+        let iceberg_schema = self.loaded.table.metadata().current_schema();
         let columns = read
             .into_iter()
             .map(|f| {
@@ -129,17 +112,24 @@ impl TableProvider for IcebergTable {
             .collect::<Result<Vec<_>>>()?;
         let predicate = filters
             .iter()
-            .filter_map(|f| predicate(&self.table, f))
+            .filter_map(|f| predicate(&self.loaded.table, f))
             .reduce(Predicate::and);
-        let mut builder = self.table.scan().select(columns.iter().map(|(_, f)| f.name().clone()));
+        let mut builder = self
+            .loaded
+            .table
+            .scan()
+            .select(columns.iter().map(|(_, f)| f.name().clone()));
         if let Some(predicate) = &predicate {
             builder = builder.with_filter(predicate.clone());
         }
         let scan = builder.build().map_err(external)?;
         // The snapshot's file count only feeds EXPLAIN and the metrics: read beside the planning.
         let (mut tasks, total_files) =
-            futures::try_join!(planned_files(&scan), data_files(&self.table)).map_err(external)?;
-        let hours: Vec<HourOfDay> = filters.iter().filter_map(|f| hour_of_day(&self.table, f)).collect();
+            futures::try_join!(planned_files(&scan), self.loaded.data_files()).map_err(external)?;
+        let hours: Vec<HourOfDay> = filters
+            .iter()
+            .filter_map(|f| hour_of_day(&self.loaded.table, f))
+            .collect();
         tasks.retain(|task| hours.iter().all(|h| h.may_match(task)));
         self.metrics.files_scanned.inc_by(tasks.len() as u64);
         self.metrics
@@ -167,7 +157,7 @@ impl TableProvider for IcebergTable {
         }
         let partitions = state.config().target_partitions().clamp(1, tasks.len().max(1));
         Ok(Arc::new(IcebergScan {
-            table: self.table.clone(),
+            table: self.loaded.table.clone(),
             output: output.clone(),
             columns,
             predicate,
@@ -187,24 +177,6 @@ impl TableProvider for IcebergTable {
 /// The files `scan` reads, as iceberg plans them.
 pub async fn planned_files(scan: &TableScan) -> iceberg::Result<Vec<FileScanTask>> {
     scan.plan_files().await?.try_collect().await
-}
-
-/// Data files of the current snapshot, for reporting how many a scan skipped: as its writer
-/// summed them up (`total-data-files`), else counted from its manifest list.
-async fn data_files(table: &Table) -> iceberg::Result<usize> {
-    let Some(snapshot) = table.metadata().current_snapshot() else {
-        return Ok(0);
-    };
-    let total = snapshot.summary().additional_properties.get("total-data-files");
-    if let Some(total) = total.and_then(|t| t.parse().ok()) {
-        return Ok(total);
-    }
-    let list = table.manifest_list_reader(snapshot).load().await?;
-    Ok(list
-        .entries()
-        .iter()
-        .map(|m| (m.added_files_count.unwrap_or(0) + m.existing_files_count.unwrap_or(0)) as usize)
-        .sum())
 }
 
 /// What a planned file says about the rows a scan of it gives.
@@ -503,8 +475,7 @@ impl ExecutionPlan for IcebergScan {
         let tasks = self.groups.get(partition).cloned().unwrap_or_default();
         let batch_size = context.session_config().batch_size();
         let reading = Reading {
-            file_io: self.table.file_io().clone(),
-            iceberg: self.table.reader_builder().with_batch_size(batch_size).build(),
+            table: self.table.clone(),
             batch_size,
             columns: self.columns.clone(),
             output: self.output.clone(),
