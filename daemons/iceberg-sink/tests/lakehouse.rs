@@ -344,6 +344,22 @@ async fn maintenance_keeps_every_reading_exactly_once_and_the_metadata_small() {
         pyiceberg_check(&harness.catalog_url, "weather", &harness.s3.endpoint, "default.weather").expect("pyiceberg");
     assert_eq!(found["rows"], 30_000, "{found}");
     assert_eq!(found["distinct_ts"], 30_000, "{found}");
+    assert_totals_true(&found);
+}
+
+/// The current snapshot's summary counts the data files the table has: maintenance snapshots
+/// record the totals, and the appends after them (which add to the totals before) stay true.
+fn assert_totals_true(found: &serde_json::Value) {
+    assert_eq!(
+        found["snapshot_summary"]["total-data-files"].as_str(),
+        Some(found["files"].to_string().as_str()),
+        "{found}"
+    );
+    assert_eq!(
+        found["snapshot_summary"]["total-delete-files"].as_str(),
+        Some("0"),
+        "{found}"
+    );
 }
 
 /// Maintenance that meets other sinks' appends while it compacts lists its rewrite again on
@@ -390,6 +406,7 @@ async fn maintenance_lands_on_top_of_concurrent_appends() {
     let found =
         pyiceberg_check(&harness.catalog_url, "weather", &harness.s3.endpoint, "default.weather").expect("pyiceberg");
     assert_eq!(found["rows"], 12_000, "{found}");
+    assert_totals_true(&found);
 }
 
 /// Files nothing references, as a sink killed between writing and committing leaves them, are

@@ -29,7 +29,7 @@ use iceberg::{
 use super::plan::{Manifest, Partitions, Policy, RewritePlan};
 use crate::catalog::swap;
 use crate::manifests::{manifests_of, partition_key};
-use weather_common::lakehouse::CatalogRows;
+use weather_common::{file_totals::FileTotals, lakehouse::CatalogRows};
 
 /// A rewrite committed by [`rewrite_manifests`].
 pub struct Rewrite {
@@ -255,6 +255,7 @@ async fn list_rewrite(
         merged.push(writer.write_manifest_file().await?);
     }
     let after = merged.len() + others.len();
+    let totals = FileTotals::counted(merged.iter().chain(&others));
 
     let list_path = format!("{metadata_dir}/snap-{snapshot_id}-0-{}.avro", uuid::Uuid::new_v4());
     written.push(list_path.clone());
@@ -267,11 +268,13 @@ async fn list_rewrite(
     list.add_manifests(merged.into_iter().chain(others))?;
     list.close().await?;
 
-    // The same rows as before; the Kafka checkpoints travel with the table's state.
+    // The same rows as before; the Kafka checkpoints travel with the table's state. The file
+    // totals are what readers show and count against (Trino's `$snapshots`, the query-server).
     let mut properties = checkpoints_of(&base.metadata_ref());
     if let Some(total) = current.summary().additional_properties.get("total-records") {
         properties.insert("total-records".into(), total.clone());
     }
+    properties.extend(totals.iter().flat_map(FileTotals::properties));
     let snapshot = Snapshot::builder()
         .with_snapshot_id(snapshot_id)
         .with_parent_snapshot_id(Some(current.snapshot_id()))
