@@ -13,6 +13,7 @@ use datafusion::{
 };
 use futures::TryStreamExt;
 use iceberg::{Catalog, TableIdent, spec::PrimitiveLiteral, table::Table};
+use weather_common::file_totals::TOTAL_DATA_FILES;
 
 use crate::{
     Metrics,
@@ -195,7 +196,7 @@ pub async fn summary(catalog: &dyn Catalog, name: &[&str; 2]) -> iceberg::Result
     Ok(TableSummary {
         name: name.join("."),
         snapshot_id: snapshot.map(|s| s.snapshot_id()),
-        files: property("total-data-files"),
+        files: property(TOTAL_DATA_FILES),
         rows: property("total-records"),
         last_commit: snapshot.and_then(|s| chrono::DateTime::from_timestamp_millis(s.timestamp_ms())),
     })
