@@ -106,6 +106,21 @@ def main() -> None:
         if not math.isclose(avg, theirs[city], rel_tol=1e-12, abs_tol=1e-9):
             fail(f"average of {city}: query-server says {avg}, PyIceberg {theirs[city]}")
     report["cities"] = len(ours)
+    plan = run(
+        "EXPLAIN SELECT city, AVG(CAST(temperature AS DOUBLE)) FROM iceberg.default.weather GROUP BY city"
+    )[0][0]
+    report["grouped_plan"] = [line.strip() for line in plan.splitlines() if "Aggregate" in line]
+
+    # Grouped with a filter between the grouping and the scan.
+    warm_sql = "SELECT city, count(*), max(temperature) FROM iceberg.default.weather WHERE temperature > 15 GROUP BY city"
+    warm = run(warm_sql)
+    plan = run("EXPLAIN " + warm_sql)[0][0]
+    report["filtered_grouped_plan"] = [line.strip() for line in plan.splitlines() if "DictionaryAggregate" in line]
+    grouped = data.filter(pc.greater(data["temperature"], 15)).group_by("city").aggregate(
+        [("temperature", "count"), ("temperature", "max")]
+    )
+    theirs = zip(grouped["city"].to_pylist(), grouped["temperature_count"].to_pylist(), grouped["temperature_max"].to_pylist())
+    same("per-city count and max above 15", sorted(tuple(r) for r in warm), sorted(theirs))
 
     start = datetime.fromisoformat(f"{day}T{hour:02d}:00:00").replace(tzinfo=timezone.utc)
     end = start + timedelta(hours=1)

@@ -9,7 +9,7 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use datafusion::{
     catalog::SchemaProvider,
     execution::{
-        SendableRecordBatchStream,
+        SendableRecordBatchStream, SessionStateBuilder,
         disk_manager::{DiskManagerBuilder, DiskManagerMode},
         runtime_env::RuntimeEnvBuilder,
     },
@@ -31,6 +31,7 @@ use crate::{
     catalog::{CATALOG, IcebergCatalog, IcebergSchema},
     errors::{failure, iceberg_failure, not_found_schema, table_not_found},
     functions,
+    grouping::GroupOnDictionary,
     history::Entry,
     protocol::{ErrorCode, Failure},
     statements::{Meta, like_match, meta, words},
@@ -148,7 +149,13 @@ impl Engine {
             .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
             .build_arc()
             .map_err(failure)?;
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .with_physical_optimizer_rule(Arc::new(GroupOnDictionary))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         let layout = self.tables.layout().await?;
         let mut schemas = HashMap::new();
         for stored in &layout.namespaces {

@@ -1,4 +1,5 @@
-//! Reading one planned data file: with the Parquet reader directly, strings as string views,
+//! Reading one planned data file: with the Parquet reader directly, strings as string views
+//! (or as the Parquet dictionary's keys, for the column a scan groups by: `grouping.rs`),
 //! when the file is plain enough to need nothing of what iceberg's reader adds; else with
 //! iceberg's reader, its strings then turned into views.
 //!
@@ -88,7 +89,8 @@ impl Reading {
         let Some(roots) = roots(metadata.schema(), &self.columns) else {
             return Ok(None);
         };
-        let options = ArrowReaderOptions::new().with_schema(Arc::new(with_string_views(metadata.schema())));
+        let options =
+            ArrowReaderOptions::new().with_schema(Arc::new(as_read(metadata.schema(), &roots, &self.columns)));
         let metadata = ArrowReaderMetadata::try_new(metadata.metadata().clone(), options).map_err(parquet_error)?;
         let builder = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, metadata);
         let mask = ProjectionMask::roots(builder.parquet_schema(), roots.iter().copied());
@@ -135,8 +137,14 @@ fn in_output_order(roots: &[usize]) -> Vec<usize> {
 fn same_type(file: &DataType, wanted: &DataType) -> bool {
     match (file, wanted) {
         (DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View, DataType::Utf8View) => true,
+        (DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View, wanted) => *wanted == string_dictionary(),
         _ => file == wanted,
     }
+}
+
+/// A string column read as the Parquet dictionary's keys and values (see `grouping.rs`).
+pub fn string_dictionary() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
 }
 
 /// Whether `task` reads its whole file (iceberg plans a file from 0 to its size), not a split.
@@ -152,12 +160,19 @@ pub fn as_string_view(field: &Field) -> Field {
     }
 }
 
-/// `schema` with its top-level strings read as string views.
-fn with_string_views(schema: &Schema) -> Schema {
-    Schema::new_with_metadata(
-        schema.fields().iter().map(|f| as_string_view(f)).collect::<Vec<_>>(),
-        schema.metadata().clone(),
-    )
+/// The `file`'s schema as the Parquet reader is asked to give it: its top-level strings as
+/// string views, or as a dictionary where the column read at that root asks for one.
+fn as_read(file: &Schema, roots: &[usize], columns: &[(i32, Field)]) -> Schema {
+    let fields = file.fields().iter().enumerate().map(|(position, f)| {
+        let wanted = roots.iter().zip(columns).find(|(root, _)| **root == position);
+        match wanted {
+            Some((_, (_, w))) if *w.data_type() == string_dictionary() => {
+                f.as_ref().clone().with_data_type(string_dictionary())
+            }
+            _ => as_string_view(f),
+        }
+    });
+    Schema::new_with_metadata(fields.collect::<Vec<_>>(), file.metadata().clone())
 }
 
 /// A batch under the output's schema: strings from iceberg's reader become views; when only
@@ -227,14 +242,28 @@ mod tests {
     }
 
     #[test]
-    fn strings_are_read_as_views_and_the_rest_as_the_file_has_it() {
+    fn strings_are_read_as_views_or_dictionaries_and_the_rest_as_the_file_has_it() {
         let file = Schema::new(vec![
             with_id("city", DataType::Utf8, 1),
             with_id("temperature", DataType::Float64, 2),
+            with_id("station", DataType::Utf8, 3),
         ]);
-        let read = with_string_views(&file);
+        let column = |id: i32, data_type: DataType| (id, Field::new("x", data_type, true));
+        let views = [column(1, DataType::Utf8View), column(2, DataType::Float64)];
+        let read = as_read(&file, &[0, 1], &views);
         assert_eq!(read.field(0).data_type(), &DataType::Utf8View);
         assert_eq!(read.field(0).metadata(), file.field(0).metadata(), "the field id stays");
         assert_eq!(read.field(1), file.field(1));
+        // The station, asked for as a dictionary, in second place.
+        let dictionary = [column(1, DataType::Utf8View), column(3, string_dictionary())];
+        let read = as_read(&file, &[0, 2], &dictionary);
+        assert_eq!(read.field(0).data_type(), &DataType::Utf8View);
+        assert_eq!(read.field(2).data_type(), &string_dictionary());
+        assert_eq!(read.field(2).metadata(), file.field(2).metadata());
+        assert_eq!(
+            roots(&file, &dictionary),
+            Some(vec![0, 2]),
+            "a string column may be read as a dictionary"
+        );
     }
 }

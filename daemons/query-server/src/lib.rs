@@ -16,6 +16,7 @@ pub mod engine;
 pub mod errors;
 pub mod files;
 pub mod functions;
+pub mod grouping;
 pub mod history;
 pub mod protocol;
 pub mod queries;

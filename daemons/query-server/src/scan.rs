@@ -5,7 +5,7 @@
 
 use std::{any::Any, fmt, sync::Arc};
 
-use arrow_schema::{Field, SchemaRef};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::{
     catalog::Session,
@@ -389,7 +389,8 @@ fn datum(ty: &PrimitiveType, expr: &Expr) -> Option<Datum> {
 }
 
 /// Reads the files a scan planned, one group of files per DataFusion partition.
-struct IcebergScan {
+#[derive(Clone)]
+pub struct IcebergScan {
     table: Table,
     output: SchemaRef,
     /// Columns read from the files, with their field ids (one, when the query needs only the
@@ -414,6 +415,35 @@ impl fmt::Debug for IcebergScan {
 impl IcebergScan {
     fn column_names(&self) -> Vec<&str> {
         self.columns.iter().map(|(_, f)| f.name().as_str()).collect()
+    }
+
+    /// This scan with its string column at `index` read as a dictionary
+    /// ([`files::string_dictionary`]): only for a plan that reads it as one (`grouping.rs`),
+    /// as its type is no longer the table's.
+    pub fn with_dictionary(&self, index: usize) -> Option<Self> {
+        let field = self.output.fields().get(index)?;
+        let (_, column) = self.columns.get(index)?;
+        if column.name() != field.name() || *field.data_type() != DataType::Utf8View {
+            return None;
+        }
+        let dictionary = field.as_ref().clone().with_data_type(files::string_dictionary());
+        let mut fields: Vec<Field> = self.output.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields[index] = dictionary.clone();
+        let output = Arc::new(Schema::new_with_metadata(fields, self.output.metadata().clone()));
+        let mut columns = self.columns.clone();
+        columns[index].1 = dictionary;
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(output.clone()),
+            self.properties.partitioning.clone(),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        Some(Self {
+            output,
+            columns,
+            properties: Arc::new(properties),
+            ..self.clone()
+        })
     }
 }
 

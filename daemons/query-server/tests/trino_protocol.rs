@@ -164,6 +164,15 @@ async fn trinos_python_client_gets_what_pyiceberg_reads() {
         plan.contains(&format!("files={COMMITS} of {}", COMMITS * 4)),
         "the range scan is not pruned to one hour: {plan}"
     );
+    // Grouped by the city's Parquet dictionary keys (`grouping.rs`), and finished by DataFusion.
+    let grouped = report["grouped_plan"].to_string();
+    assert!(
+        grouped.contains("DictionaryAggregate: mode=Partial, gby=[city]")
+            && grouped.contains("AggregateExec: mode=Final"),
+        "{grouped}"
+    );
+    let filtered = report["filtered_grouped_plan"].to_string();
+    assert!(filtered.contains("filter=temperature@1 > 15"), "{filtered}");
     let errors = &report["errors"];
     assert_eq!(errors["SELECT nosuch FROM iceberg.default.weather"], "COLUMN_NOT_FOUND");
     assert_eq!(errors["SELECT * FROM iceberg.default.nosuch"], "TABLE_NOT_FOUND");
