@@ -13,7 +13,9 @@
 use std::{any::Any, collections::HashMap, fmt, sync::Arc};
 
 use arrow_array::{
-    Array, ArrayRef, DictionaryArray, RecordBatch, StringArray, builder::StringViewBuilder, cast::AsArray,
+    Array, ArrayRef, DictionaryArray, RecordBatch, StringArray,
+    builder::{ArrayBuilder, StringViewBuilder},
+    cast::AsArray,
     types::Int32Type,
 };
 use arrow_schema::{DataType, SchemaRef};
@@ -260,7 +262,8 @@ impl Grouping {
         let batch = match &self.filter {
             Some(filter) => {
                 let keep = filter.evaluate(batch)?.into_array(batch.num_rows())?;
-                filtered = filter_record_batch(batch, keep.as_boolean())?;
+                let keep = keep.as_boolean_opt().ok_or_else(|| internal(keep.data_type()))?;
+                filtered = filter_record_batch(batch, keep)?;
                 &filtered
             }
             None => batch,
@@ -309,8 +312,8 @@ impl Grouping {
 struct Groups {
     index: HashMap<Box<str>, usize>,
     null: Option<usize>,
+    /// Each group's value, by group index.
     values: StringViewBuilder,
-    len: usize,
     bytes: usize,
     /// The dictionary of the last batch, and the group of each of its keys seen so far.
     dictionary: Option<ArrayRef>,
@@ -322,7 +325,7 @@ const UNSEEN: usize = usize::MAX;
 
 impl Groups {
     fn len(&self) -> usize {
-        self.len
+        self.values.len()
     }
 
     /// Each row's group in `rows`, the column's values added as groups where new. The rows'
@@ -371,18 +374,17 @@ impl Groups {
         if let Some(group) = self.index.get(value) {
             return *group;
         }
+        let group = self.len();
         self.values.append_value(value);
         self.bytes += value.len() + size_of::<(Box<str>, usize)>();
-        self.index.insert(value.into(), self.len);
-        self.len += 1;
-        self.len - 1
+        self.index.insert(value.into(), group);
+        group
     }
 
     fn null(&mut self) -> usize {
         *self.null.get_or_insert_with(|| {
             self.values.append_null();
-            self.len += 1;
-            self.len - 1
+            self.values.len() - 1
         })
     }
 
@@ -395,12 +397,14 @@ impl Groups {
 
     fn size(&self) -> usize {
         // Each group's string twice (the index and the values) and its view.
-        2 * self.bytes + self.len * 16 + self.keys.capacity() * size_of::<usize>()
+        2 * self.bytes + self.len() * 16 + self.keys.capacity() * size_of::<usize>()
     }
 }
 
+/// A column of a type the plan rules out: the group column not a dictionary of strings, or
+/// the filter not a boolean.
 fn internal(data_type: &DataType) -> DataFusionError {
-    DataFusionError::Internal(format!("DictionaryAggregate read a {data_type} group column"))
+    DataFusionError::Internal(format!("DictionaryAggregate was given a {data_type} column"))
 }
 
 #[cfg(test)]
